@@ -1,0 +1,68 @@
+"""Planning: decide for every module whether and how to quantize it, with a reason."""
+
+from __future__ import annotations
+
+from anyquant.config import MethodConfig, make_config
+from anyquant.errors import AnyquantError
+from anyquant.model.modelmap import LINEAR, ModelMap
+from anyquant.plan.plan import KEEP, QUANTIZE, Decision, Plan, _matches, check_patterns
+from anyquant.plan.rules import RULES
+
+__all__ = ["build_plan", "Plan", "Decision", "QUANTIZE", "KEEP"]
+
+# Rules whose "keep" protects correctness: an override may not force these modules to quantize.
+SAFETY_CODES = {"already_quantized", "not_linear"}
+
+
+def build_plan(
+    model_map: ModelMap,
+    config: MethodConfig,
+    compute_dtype: str,
+    overrides: list[tuple[str, str]] | None = None,
+) -> Plan:
+    decisions: list[Decision] = []
+    for m in model_map.modules.values():
+        for rule in RULES:
+            d = rule(m, model_map, config, compute_dtype)
+            if d is not None:
+                decisions.append(d)
+                break
+    plan = Plan(config.method, config.to_dict(), compute_dtype, decisions)
+    if overrides:
+        apply_overrides(plan, model_map, config, overrides)
+    from anyquant.methods.registry import handler_for
+
+    finalize = getattr(handler_for(config.method), "finalize", None)
+    if finalize is not None:
+        finalize(plan, model_map, config)
+    return plan
+
+
+def apply_overrides(plan: Plan, model_map: ModelMap, config: MethodConfig, overrides) -> None:
+    from anyquant.methods.registry import handler_for
+
+    names = [d.name for d in plan.decisions]
+    check_patterns(overrides, names)
+    by_name = {d.name: d for d in plan.decisions}
+    for pattern, action in overrides:
+        if action not in (KEEP, QUANTIZE, config.method):
+            raise AnyquantError(
+                f"plan override {pattern!r} -> {action!r}: expected 'keep', 'quantize' or "
+                f"{config.method!r} (one method per run)"
+            )
+        for name in names:
+            if not _matches(pattern, name):
+                continue
+            d = by_name[name]
+            if action == KEEP:
+                d.action, d.method, d.options = KEEP, None, {}
+                d.reason_code, d.reason = "user_keep", f"kept by override {pattern!r}"
+                continue
+            if d.reason_code in SAFETY_CODES or d.kind != LINEAR:
+                # Quantize-overrides are broad patterns; skipping norms/embeddings they match is expected.
+                continue
+            ok, options, code, reason = handler_for(config.method).fit(model_map.modules[name], config)
+            if not ok:
+                raise AnyquantError(f"plan override {pattern!r} asks to quantize {name}, but {reason}")
+            d.action, d.method, d.options = QUANTIZE, config.method, options
+            d.reason_code, d.reason = "user_quantize", f"quantized by override {pattern!r}"

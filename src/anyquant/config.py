@@ -1,0 +1,127 @@
+"""One frozen, validated config per method, with a JSON round trip (type + version)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from anyquant.errors import AnyquantError
+
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    method: ClassVar[str] = ""
+    bits: ClassVar[int] = 0
+    calibrated: ClassVar[bool] = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "version": CONFIG_VERSION, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "MethodConfig":
+        d = dict(d)
+        method = d.pop("method", None)
+        d.pop("version", None)
+        cls = config_class(method)
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class BnB4bitConfig(MethodConfig):
+    """bitsandbytes 4-bit (NF4 / FP4): block-wise absmax, optional double quantization."""
+
+    block_size: int = 64
+    double_quant: bool = True
+    quant_type: ClassVar[str] = ""
+    bits: ClassVar[int] = 4
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise AnyquantError(
+                f"{self.method}: block_size={self.block_size} is not one bitsandbytes supports; "
+                "use 64 (default) or another power of two from 32 to 4096"
+            )
+
+
+@dataclass(frozen=True)
+class NF4Config(BnB4bitConfig):
+    method: ClassVar[str] = "nf4"
+    quant_type: ClassVar[str] = "nf4"
+
+
+@dataclass(frozen=True)
+class FP4Config(BnB4bitConfig):
+    method: ClassVar[str] = "fp4"
+    quant_type: ClassVar[str] = "fp4"
+
+
+@dataclass(frozen=True)
+class Int8Config(MethodConfig):
+    """bitsandbytes LLM.int8: row-wise int8 with fp16 outlier columns above `threshold`."""
+
+    threshold: float = 6.0
+    method: ClassVar[str] = "int8"
+    bits: ClassVar[int] = 8
+
+    def __post_init__(self) -> None:
+        if not self.threshold >= 0:
+            raise AnyquantError(f"int8: threshold must be >= 0, got {self.threshold}")
+
+
+@dataclass(frozen=True)
+class Int4Config(MethodConfig):
+    """Round-to-nearest int4, group-wise along input features; asymmetric by default."""
+
+    group_size: int = 128
+    symmetric: bool = False
+    method: ClassVar[str] = "int4"
+    bits: ClassVar[int] = 4
+
+    def __post_init__(self) -> None:
+        if self.group_size <= 0 or self.group_size % 8:
+            raise AnyquantError(
+                f"{self.method}: group_size={self.group_size} must be a positive multiple of 8 "
+                "(32, 64 or 128 are the usual choices)"
+            )
+
+
+_CONFIGS: dict[str, type[MethodConfig]] = {}
+
+
+def register_config(cls: type[MethodConfig]) -> type[MethodConfig]:
+    _CONFIGS[cls.method] = cls
+    return cls
+
+
+for _c in (NF4Config, FP4Config, Int8Config, Int4Config):
+    register_config(_c)
+
+
+def known_methods() -> list[str]:
+    return sorted(_CONFIGS)
+
+
+def config_class(method: str | None) -> type[MethodConfig]:
+    if method not in _CONFIGS:
+        raise AnyquantError(
+            f"unknown method {method!r}; known methods: {', '.join(known_methods())}"
+        )
+    return _CONFIGS[method]
+
+
+def make_config(method: str, **options: Any) -> MethodConfig:
+    """Build a method's config from CLI/API options; options set to None take the default,
+    options the method does not have are refused by name."""
+    cls = config_class(method)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise AnyquantError(
+            f"{method}: option(s) {', '.join(unknown)} do not apply; "
+            f"{method} takes: {', '.join(sorted(fields)) or 'no options'}"
+        )
+    return cls(**given)

@@ -1,0 +1,86 @@
+"""nf4 / fp4 / int8 through bitsandbytes: its numerics and kernels, our planning and checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from anyquant.config import BnB4bitConfig, Int8Config
+from anyquant.methods.registry import register
+from anyquant.model.modelmap import ModuleInfo
+
+
+def _bnb():
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:  # a dependency, but say what to do if an environment lacks it
+        raise ImportError("bitsandbytes is required for nf4/fp4/int8: pip install bitsandbytes") from e
+    return bnb
+
+
+class BnB4bit:
+    format = "bitsandbytes"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def fit(self, info: ModuleInfo, config: BnB4bitConfig):
+        return True, {}, "quantize", f"{self.name}, block size {config.block_size}" + (
+            ", double quantization" if config.double_quant else "")
+
+    def quantize_linear(self, linear: nn.Linear, options: dict[str, Any], config: BnB4bitConfig,
+                        compute_dtype: torch.dtype) -> nn.Module:
+        bnb = _bnb()
+        device = linear.weight.device
+        q = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            compute_dtype=compute_dtype, compress_statistics=config.double_quant,
+            quant_type=config.quant_type, quant_storage=torch.uint8, device="meta",
+        )
+        # bitsandbytes quantizes a Params4bit when it is moved to a real device.
+        q.weight = bnb.nn.Params4bit(
+            linear.weight.detach().to(compute_dtype if compute_dtype != torch.float32 else torch.float32),
+            requires_grad=False, quant_type=config.quant_type, blocksize=config.block_size,
+            compress_statistics=config.double_quant, quant_storage=torch.uint8,
+        ).to(device)
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
+        return q
+
+    def bits_per_weight(self, info: ModuleInfo, options, config: BnB4bitConfig) -> float:
+        if config.double_quant:
+            # 8-bit absmax per block, plus one fp32 scale per 256 blocks
+            return 4 + 8 / config.block_size + 32 / (config.block_size * 256)
+        return 4 + 32 / config.block_size
+
+
+class BnBInt8:
+    name = "int8"
+    format = "bitsandbytes"
+
+    def fit(self, info: ModuleInfo, config: Int8Config):
+        return True, {}, "quantize", f"LLM.int8, outlier threshold {config.threshold}"
+
+    def quantize_linear(self, linear: nn.Linear, options, config: Int8Config, compute_dtype) -> nn.Module:
+        bnb = _bnb()
+        device = linear.weight.device
+        q = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            has_fp16_weights=False, threshold=config.threshold, device="meta",
+        )
+        q.weight = bnb.nn.Int8Params(
+            linear.weight.detach().to(torch.float16), requires_grad=False, has_fp16_weights=False
+        ).to(device)
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
+        return q
+
+    def bits_per_weight(self, info: ModuleInfo, options, config) -> float:
+        return 8 + 32 / max(1, info.in_features or 1)
+
+
+register(BnB4bit("nf4"))
+register(BnB4bit("fp4"))
+register(BnBInt8())

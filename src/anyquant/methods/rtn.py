@@ -1,0 +1,82 @@
+"""int4: round-to-nearest, group-wise, asymmetric; the primitives do the math."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from anyquant.config import Int4Config
+from anyquant.methods.registry import register
+from anyquant.model.modelmap import ModuleInfo
+from anyquant.runtime.int4_linear import Int4Linear
+
+MIN_GROUP = 32
+
+
+def fit_group_size(in_features: int, requested: int) -> int | None:
+    """The requested group size if it divides in_features, else the largest halving of it
+    (down to 32) that does: smaller groups cost a few more bits but keep the layer 4-bit."""
+    g = requested
+    while g >= MIN_GROUP:
+        if in_features % g == 0:
+            return g
+        g //= 2
+    return None
+
+
+class Int4RTN:
+    name = "int4"
+    format = "compressed-tensors"
+
+    def fit(self, info: ModuleInfo, config: Int4Config):
+        g = fit_group_size(info.in_features or 0, config.group_size)
+        if g is None:
+            return (False, {}, "shape_unsupported",
+                    f"in_features={info.in_features} is not divisible by group size {config.group_size} "
+                    f"or any halving of it down to {MIN_GROUP}")
+        if g != config.group_size:
+            return (True, {"group_size": g}, "group_size_fallback",
+                    f"in_features={info.in_features} not divisible by {config.group_size}; group size {g}")
+        return True, {"group_size": g}, "quantize", f"int4 round-to-nearest, group size {g}"
+
+    def finalize(self, plan, model_map, config: Int4Config) -> None:
+        """One group size for the whole model: transformers' compressed-tensors loader applies a
+        single group size per checkpoint in practice (mixed sizes fail to dequantize), so the
+        largest halving of the requested size that divides every quantized layer is used,
+        and the plan says so."""
+        todo = plan.to_quantize()
+        if not todo:
+            return
+        g = config.group_size
+        while g >= MIN_GROUP and any((model_map.modules[d.name].in_features or 0) % g for d in todo):
+            g //= 2
+        if g < MIN_GROUP:  # cannot happen: fit() only admits layers some halving divides
+            raise AssertionError("no common group size")
+        if g != config.group_size:
+            odd = sum(1 for d in todo if (model_map.modules[d.name].in_features or 0) % config.group_size)
+            plan.notes.append(
+                f"int4: group size {g} instead of {config.group_size}: {odd} of {len(todo)} layers have "
+                f"in_features not divisible by {config.group_size}; one group size per checkpoint "
+                "keeps it loadable by transformers and vLLM"
+            )
+        for d in todo:
+            d.options = {"group_size": g}
+            if g != config.group_size:
+                d.reason_code = "group_size_fallback"
+                d.reason = f"int4 round-to-nearest, group size {g} (model-wide: see plan notes)"
+
+    def qparams(self, linear: nn.Linear, group_size: int, config: Int4Config, **_):
+        """Hook for calibrated methods: return (scale, zero) or None for plain min-max."""
+        return None
+
+    def quantize_linear(self, linear: nn.Linear, options, config: Int4Config, compute_dtype) -> nn.Module:
+        g = options.get("group_size", config.group_size)
+        qparams = self.qparams(linear, g, config)
+        return Int4Linear.from_float(linear, g, config.symmetric, qparams=qparams, dtype=compute_dtype)
+
+    def bits_per_weight(self, info: ModuleInfo, options, config: Int4Config, scale_bits: int = 32) -> float:
+        g = options.get("group_size", config.group_size)
+        return 4 + scale_bits / g + (0 if config.symmetric else 4 / g)
+
+
+register(Int4RTN())

@@ -1,0 +1,168 @@
+"""quantize(): load → inspect → plan → quantize module by module → verify.
+
+No weight changes until the plan is complete and validated (patterns, shapes, F5).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from anyquant.config import MethodConfig, make_config
+from anyquant.errors import AlreadyQuantizedError, AnyquantError
+from anyquant.methods import primitives as P
+from anyquant.methods.registry import dequantize_linear, dequantize_modules, handler_for, set_submodule
+from anyquant.model.load import SourceInfo, check_finite, load_model
+from anyquant.model.modelmap import ModelMap, build_model_map
+from anyquant.numerics.dtype import choose_compute_dtype, dtype_name
+from anyquant.plan import Plan, build_plan
+from anyquant.plan.plan import load_overrides
+from anyquant.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizeResult:
+    model: nn.Module
+    plan: Plan
+    config: MethodConfig
+    report: dict[str, Any]
+    source: SourceInfo
+    tokenizer: Any = None
+    model_map: ModelMap | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def probe_inputs(model: nn.Module, seq_len: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Small deterministic inputs built from the config (the probe issue extends this to VLMs)."""
+    config = getattr(model, "config", None)
+    vocab = None
+    for cfg in (config, getattr(config, "text_config", None)):
+        vocab = vocab or getattr(cfg, "vocab_size", None)
+    if not vocab:
+        raise AnyquantError(
+            f"{type(model).__name__}: cannot build probe inputs (no vocab_size in its config)"
+        )
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, int(vocab), (1, seq_len), generator=g)
+    return {"input_ids": ids.to(_device_of(model))}
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def probe_logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**inputs)
+    logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+    if hasattr(logits, "last_hidden_state"):
+        logits = logits.last_hidden_state
+    return logits.float()
+
+
+def quantize(
+    model: nn.Module | str | Path,
+    method: str | MethodConfig = "nf4",
+    *,
+    dtype: str = "auto",
+    plan: str | Path | Plan | None = None,
+    overrides: list[tuple[str, str]] | None = None,
+    trust_remote_code: bool = False,
+    requantize: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> QuantizeResult:
+    """Quantize a model (an nn.Module, quantized in place, or a model directory / "default").
+
+    options are the method's config fields (group_size=64, double_quant=False, ...)."""
+    t0 = time.perf_counter()
+    config = method if isinstance(method, MethodConfig) else make_config(method, **options)
+    handler = handler_for(config.method)
+    tokenizer = None
+    if isinstance(model, (str, Path)):
+        model, tokenizer, info = load_model(model, trust_remote_code=trust_remote_code, requantize=requantize)
+    else:
+        info = SourceInfo(path=None, fingerprint=f"in-memory:{type(model).__name__}")
+    notes: list[str] = []
+
+    mmap = build_model_map(model)
+    if mmap.quantized_tensors:
+        if not requantize:
+            raise AlreadyQuantizedError(
+                f"model already holds quantized tensors (first: {mmap.quantized_tensors[0]}); "
+                "pass requantize=True / --requantize to dequantize first"
+            )
+        dequantize_modules(model)
+        notes.append(f"source was already quantized ({len(mmap.quantized_tensors)} tensors); dequantized first")
+        mmap = build_model_map(model)
+    elif info.quantization_config and requantize:
+        notes.append(f"source was already quantized ({info.quantization_config.get('quant_method')}); dequantized first")
+    check_finite(model)
+
+    device = _device_of(model)
+    compute_dtype = choose_compute_dtype(dtype, device)
+    ov = list(overrides or [])
+    if isinstance(plan, (str, Path)):
+        ov = load_overrides(plan) + ov
+    the_plan = plan if isinstance(plan, Plan) else build_plan(mmap, config, dtype_name(compute_dtype), ov)
+    if not the_plan.to_quantize():
+        raise AnyquantError(
+            f"{config.method}: the plan quantizes no module (all {len(the_plan.decisions)} kept); "
+            "see `anyquant plan` for the reasons"
+        )
+
+    model.to(compute_dtype)
+    inputs = probe_inputs(model)
+    float_logits = probe_logits(model, inputs)
+
+    per_layer: dict[str, float] = {}
+    bits = 0.0
+    qparams = 0
+    todo = the_plan.to_quantize()
+    with progress_bar(f"quantizing ({config.method})", total=len(todo), enabled=progress) as advance:
+        for d in todo:
+            linear = model.get_submodule(d.name)
+            if not isinstance(linear, nn.Linear):
+                raise AnyquantError(f"plan says quantize {d.name}, but it is a {type(linear).__name__}, not nn.Linear")
+            q = handler.quantize_linear(linear, d.options, config, compute_dtype)
+            deq = dequantize_linear(q)
+            per_layer[d.name] = P.relative_error(linear.weight.detach(), deq.weight.to(linear.weight.device))
+            n = linear.weight.numel()
+            bits += handler.bits_per_weight(mmap.modules[d.name], d.options, config) * n
+            qparams += n
+            set_submodule(model, d.name, q)
+            advance()
+
+    q_logits = probe_logits(model, inputs)
+    if not torch.isfinite(q_logits).all():
+        raise AnyquantError(
+            f"{config.method}: the quantized model's outputs on probe inputs are not finite; "
+            "nothing was saved (try --dtype float32 or keep the offending modules)"
+        )
+    report = {
+        "method": config.method,
+        "config": config.to_dict(),
+        "compute_dtype": dtype_name(compute_dtype),
+        "modules_quantized": len(todo),
+        "modules_kept": len(the_plan.kept()),
+        "params_quantized": qparams,
+        "params_total": mmap.total_params,
+        "bits_per_quantized_weight_estimate": bits / max(1, qparams),
+        "probe_logits_relative_error": P.relative_error(float_logits, q_logits),
+        "per_layer_weight_error": per_layer,
+        "quantize_seconds": time.perf_counter() - t0,
+        "notes": notes,
+    }
+    model.eval()
+    return QuantizeResult(model, the_plan, config, report, info, tokenizer, mmap, notes)

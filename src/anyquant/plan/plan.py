@@ -1,0 +1,113 @@
+"""The Plan: one decision per module, as data (JSON round trip, reviewable, overridable)."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anyquant.errors import AnyquantError
+
+QUANTIZE, KEEP = "quantize", "keep"
+PLAN_VERSION = 1
+
+
+@dataclass
+class Decision:
+    name: str
+    kind: str
+    component: str
+    action: str
+    method: str | None
+    dtype: str
+    reason_code: str
+    reason: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    method: str
+    config: dict[str, Any]
+    compute_dtype: str
+    decisions: list[Decision]
+    notes: list[str] = field(default_factory=list)
+
+    def to_quantize(self) -> list[Decision]:
+        return [d for d in self.decisions if d.action == QUANTIZE]
+
+    def kept(self) -> list[Decision]:
+        return [d for d in self.decisions if d.action == KEEP]
+
+    def get(self, name: str) -> Decision | None:
+        for d in self.decisions:
+            if d.name == name:
+                return d
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": PLAN_VERSION,
+            "method": self.method,
+            "config": self.config,
+            "compute_dtype": self.compute_dtype,
+            "decisions": [asdict(d) for d in self.decisions],
+            "notes": list(self.notes),
+        }
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Plan":
+        return Plan(
+            method=d["method"],
+            config=d["config"],
+            compute_dtype=d["compute_dtype"],
+            decisions=[Decision(**x) for x in d["decisions"]],
+            notes=list(d.get("notes", [])),
+        )
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    return name == pattern
+
+
+def load_overrides(path: str | Path) -> list[tuple[str, str]]:
+    """Read a plan file: either {"overrides": [[pattern, action], ...]} / {"overrides": {pattern: action}},
+    or a plan written by `anyquant plan --json` (then each decision is an exact-name override).
+
+    Order matters: later entries win over earlier ones for the same module."""
+    path = Path(path)
+    if not path.exists():
+        raise AnyquantError(f"--plan {path}: no such file")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AnyquantError(f"--plan {path}: not valid JSON ({e})") from e
+    if isinstance(data, dict) and "decisions" in data:
+        return [(d["name"], d["action"] if d["action"] == KEEP else (d.get("method") or QUANTIZE)) for d in data["decisions"]]
+    ov = data.get("overrides") if isinstance(data, dict) else data
+    if isinstance(ov, dict):
+        return list(ov.items())
+    if isinstance(ov, list) and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in ov):
+        return [(str(a), str(b)) for a, b in ov]
+    raise AnyquantError(
+        f"--plan {path}: expected {{\"overrides\": {{\"<name or re:pattern>\": \"keep\" | \"<method>\"}}}} "
+        "or the output of `anyquant plan --json`"
+    )
+
+
+def check_patterns(overrides: list[tuple[str, str]], names: list[str]) -> None:
+    """A pattern that matches nothing is an error, never a silent no-op."""
+    for pattern, _ in overrides:
+        if not any(_matches(pattern, n) for n in names):
+            probe = pattern[3:] if pattern.startswith("re:") else pattern
+            close = difflib.get_close_matches(probe, names, n=3, cutoff=0.3)
+            hint = f"; closest module names: {', '.join(close)}" if close else ""
+            raise AnyquantError(
+                f"plan override {pattern!r} matches no module{hint} "
+                "(exact names match whole module names; prefix a regular expression with 're:')"
+            )
