@@ -82,9 +82,11 @@ def dequantize_modules(model: nn.Module) -> nn.Module:
             set_submodule(model, name, lin)
     if hasattr(model, "config") and hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    for attr in ("hf_quantizer", "is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
+    # transformers marks a model it loaded quantized and then refuses dtype casts on it; the
+    # modules are float now, so the marks are wrong.
+    for attr in ("hf_quantizer", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
         if attr in model.__dict__:
-            delattr(model, attr)
+            setattr(model, attr, None if attr in ("hf_quantizer", "quantization_method") else False)
     return model
 
 

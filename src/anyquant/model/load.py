@@ -141,20 +141,21 @@ def load_model(
     trust_remote_code: bool = False,
     requantize: bool = False,
     dtype: torch.dtype | None = None,
+    refuse_quantized: bool = True,
 ) -> tuple[torch.nn.Module, Any, SourceInfo]:
     """Load a model directory (or `default`), returning (model, tokenizer or None, SourceInfo).
 
     Refuses already-quantized sources unless `requantize`; then dequantizes and records it."""
     path = resolve_source(source)
     info = inspect_files(path)
-    if not requantize:
+    if refuse_quantized and not requantize:
         refuse_if_quantized(info)
     if info.config.get("auto_map") and not trust_remote_code:
         raise AnyquantError(
             f"{path}: the model's config.json names custom modeling code (auto_map); "
             "pass --trust-remote-code to run it, after reading that code"
         )
-    if requantize and info.quantized_tensors and not info.quantization_config:
+    if requantize and refuse_quantized and info.quantized_tensors and not info.quantization_config:
         raise AnyquantError(
             f"{path}: cannot dequantize {info.quantized_tensors[0]}: the checkpoint has integer "
             "weights but no quantization_config saying how to turn them back into floats; "
@@ -177,7 +178,7 @@ def _from_pretrained(path, info, trust_remote_code, dtype, requantize):
         from transformers import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
-    if qc and qc.get("quant_method") == "anyquant":
+    if (path / "anyquant.json").exists():
         from anyquant.formats.io import load_quantized
 
         model = load_quantized(path, trust_remote_code=trust_remote_code)

@@ -25,6 +25,8 @@ def build_plan(
         for rule in RULES:
             d = rule(m, model_map, config, compute_dtype)
             if d is not None:
+                if m.in_features is not None and m.out_features is not None:
+                    d.shape = [m.out_features, m.in_features]
                 decisions.append(d)
                 break
     plan = Plan(config.method, config.to_dict(), compute_dtype, decisions)

