@@ -78,7 +78,8 @@ def run_demo(out: Path, methods: list[str], max_tokens: int = 8192, source: str 
         per_layer[method] = result.report["per_layer_weight_error"]
         sizes[method] = stored["bytes_by_component"]
         del model, result
-    Console().print(format_table(rows, COLUMNS, title=f"anyquant demo: {src.name}, {windows.numel()} held-out Wikipedia tokens"))
+    # Wide enough for every column whatever the terminal (CI logs are not terminals).
+    Console(width=160).print(format_table(rows, COLUMNS, title=f"anyquant demo: {src.name}, {windows.numel()} held-out Wikipedia tokens"))
     notes = [f"source: {src}", f"evaluation: {windows.shape[0]} windows of {windows.shape[1]} tokens, BOS first; "
              "KL is KL(float || quantized) per predicted token"]
     report = write_report(out / "report.html", f"anyquant demo — {src.name}", rows, COLUMNS,
