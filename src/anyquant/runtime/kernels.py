@@ -29,18 +29,46 @@ KERNELS = ("reference", "triton_gemv", "triton_gemm", "torch_int4", "gemlite")
 
 # Measured order of preference on sm_90 (H100), per batch-size bucket; see the module doc.
 # Buckets: 1, 2..16, 17+. Every GPU kernel also needs compute capability >= 8.0.
+# H100, 2026-11-23, us per matmul (32 layers' matrices of one shape in one CUDA graph):
+#   batch 1   torch_int4 4.8 / 6.8 / 18.2 / 17.8 for (N, K) = (1024, 4096) / (4096, 4096) /
+#             (4096, 14336) / (14336, 4096); triton_gemv 5.1 / 9.2 / 26.5 / 25.1; gemlite 5.2 /
+#             9.0 / 22.0 / 21.9 (and gemlite's batch-1 path has 1e-2 to 4e-2 relative error).
+#   batch 16  triton_gemm 9.3 / 13.8 / 33.5 / 31.0; gemlite 6.1 / 13.5 / 37.7 / 37.5;
+#             torch_int4 7.9 / 21.3 / 69.3 / 66.6; bf16 8.4 / 16.5 / 45.2 / 42.3.
 _PREFERENCE = {
-    1: ("triton_gemv", "torch_int4", "gemlite", "triton_gemm"),
+    1: ("torch_int4", "triton_gemv", "triton_gemm", "gemlite"),
     16: ("triton_gemm", "gemlite", "torch_int4"),
     None: ("triton_gemm", "gemlite", "torch_int4"),
 }
+# Where gemlite measured faster at batch 2..16: small out_features (k_proj / v_proj).
+_SMALL_N_PREFERENCE_16 = ("gemlite", "triton_gemm", "torch_int4")
+_SMALL_N = 2048
 
 # Triton launch configurations per (N, K), measured on an H100 (benchmarks/speed_gpu.py --tune).
 # gemv: (BLOCK_N, BLOCK_K, num_warps, num_stages); gemm: (BLOCK_M, BLOCK_N, SPLIT_K, warps, stages).
-_GEMV_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {}
-_GEMV_DEFAULT = (8, 512, 4, 3)
-_GEMM_CFG: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}
-_GEMM_DEFAULT = (16, 32, 1, 4, 3)
+# "il" is the interleaved layout (in_features a multiple of 8 * group_size: every Llama shape);
+# the plain kernels read the saved layout directly and serve the other shapes.
+# gemv_il: (BLOCK_N, num_warps, PREFETCH); gemv: (BLOCK_N, BLOCK_K, num_warps, num_stages);
+# gemm / gemm_il: (BLOCK_M, BLOCK_N, SPLIT_K, num_warps, num_stages).
+_GEMV_IL_CFG: dict[tuple[int, int], tuple[int, int, int]] = {
+    (1024, 4096): (1, 1, 1), (4096, 4096): (2, 1, 1), (4096, 14336): (2, 1, 1), (14336, 4096): (2, 1, 1),
+}
+_GEMV_IL_DEFAULT = (2, 1, 1)
+_GEMV_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {
+    (1024, 4096): (2, 1024, 4, 3), (4096, 4096): (8, 1024, 4, 3),
+    (4096, 14336): (8, 1024, 4, 3), (14336, 4096): (16, 1024, 4, 1),
+}
+_GEMV_DEFAULT = (8, 1024, 4, 3)
+_GEMM_IL_CFG: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
+    (1024, 4096): (16, 32, 4, 4, 2), (4096, 4096): (16, 32, 2, 4, 2),
+    (4096, 14336): (16, 32, 2, 4, 2), (14336, 4096): (16, 64, 1, 4, 2),
+}
+_GEMM_IL_DEFAULT = (16, 32, 2, 4, 2)
+_GEMM_CFG: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
+    (1024, 4096): (16, 32, 8, 4, 3), (4096, 4096): (16, 64, 4, 4, 4),
+    (4096, 14336): (16, 64, 4, 4, 4), (14336, 4096): (16, 64, 4, 4, 4),
+}
+_GEMM_DEFAULT = (16, 64, 4, 4, 4)
 
 
 def reference_forward(module, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +119,10 @@ def choose_kernel(module, x: torch.Tensor) -> str:
     if x.device.type != "cuda":
         return "reference"
     batch = x.numel() // x.shape[-1]
-    for name in _PREFERENCE[_bucket(batch)]:
+    order = _PREFERENCE[_bucket(batch)]
+    if _bucket(batch) == 16 and module.out_features <= _SMALL_N:
+        order = _SMALL_N_PREFERENCE_16
+    for name in order:
         if supports(name, module, x):
             return name
     return "reference"
@@ -109,7 +140,14 @@ def _cached(module, key, build):
 def _pack_triton(module, device):
     from anyquant.runtime import triton_int4
 
+    if triton_int4.interleave_ok(module.in_features, module.group_size):
+        return triton_int4.repack_interleaved(module, device)
     return triton_int4.repack_meta(module, device)
+
+
+def _interleaved(module) -> bool:
+    k, g = module.in_features, module.group_size
+    return k % (8 * g) == 0 and g & (g - 1) == 0
 
 
 def _pack_torch_int4(module, device, dtype):
@@ -152,16 +190,20 @@ def _run_triton_gemv(module, x2):
     from anyquant.runtime import triton_int4
 
     packed = _cached(module, ("triton", str(x2.device)), lambda: _pack_triton(module, x2.device))
-    cfg = _GEMV_CFG.get((module.out_features, module.in_features), _GEMV_DEFAULT)
-    return triton_int4.gemv(x2, packed, module.group_size, cfg)
+    shape = (module.out_features, module.in_features)
+    if _interleaved(module):
+        return triton_int4.gemv_il(x2, packed, module.group_size, _GEMV_IL_CFG.get(shape, _GEMV_IL_DEFAULT))
+    return triton_int4.gemv(x2, packed, module.group_size, _GEMV_CFG.get(shape, _GEMV_DEFAULT))
 
 
 def _run_triton_gemm(module, x2):
     from anyquant.runtime import triton_int4
 
     packed = _cached(module, ("triton", str(x2.device)), lambda: _pack_triton(module, x2.device))
-    cfg = _GEMM_CFG.get((module.out_features, module.in_features), _GEMM_DEFAULT)
-    return triton_int4.gemm(x2, packed, module.group_size, cfg)
+    shape = (module.out_features, module.in_features)
+    if _interleaved(module):
+        return triton_int4.gemm_il(x2, packed, module.group_size, _GEMM_IL_CFG.get(shape, _GEMM_IL_DEFAULT))
+    return triton_int4.gemm(x2, packed, module.group_size, _GEMM_CFG.get(shape, _GEMM_DEFAULT))
 
 
 def _run_torch_int4(module, x2):

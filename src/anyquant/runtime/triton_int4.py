@@ -91,6 +91,153 @@ def _int4_gemm_kernel(
         tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
 
 
+# ---- v2: interleaved layout, no int->float conversions ------------------------------------
+# Weights are re-laid out once so that, inside each block of 8 groups (8 * GROUP input columns),
+# word kw of a row holds nibble j = column j * GROUP + kw: the 8 nibbles of a word belong to 8
+# different groups and every nibble position j reads a contiguous slice of x. A nibble becomes a
+# float with one shift and one and/or (it is placed in mantissa bits 16..19 of 1.0, giving
+# f = 1 + u / 128 exactly), and one FMA turns it into s * (u - zu) exactly:
+#     s * (u - zu) = f * (128 s) - (128 + zu) s
+# so each weight costs 2 integer and 2 float instructions (int->float conversion runs at a
+# quarter of the integer rate on Hopper and was the bottleneck of the kernels above).
+
+@triton.jit
+def _nibble_as_float(w, J: tl.constexpr):
+    if J < 4:
+        v = (w << (16 - 4 * J)) & 0xF0000
+    elif J == 4:
+        v = w & 0xF0000
+    else:
+        v = (w >> (4 * J - 16)) & 0xF0000
+    return (v | 0x3F800000).to(tl.float32, bitcast=True)   # 1 + u / 128
+
+
+@triton.jit
+def _int4_gemv_il_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+    N, K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_w = tl.arange(0, GROUP)
+    NB: tl.constexpr = K // (8 * GROUP)
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * (K // 8) + offs_w[None, :]
+    acc = tl.zeros([BLOCK_N, GROUP], dtype=tl.float32)
+    w_next = tl.load(w_rows, mask=mask_n[:, None], other=0, eviction_policy="evict_first")
+    for b in range(NB):
+        w = w_next
+        if PREFETCH:
+            w_next = tl.load(w_rows + (b + 1) * GROUP, mask=mask_n[:, None] & (b + 1 < NB), other=0,
+                             eviction_policy="evict_first")
+        else:
+            if b + 1 < NB:
+                w_next = tl.load(w_rows + (b + 1) * GROUP, mask=mask_n[:, None], other=0,
+                                 eviction_policy="evict_first")
+        for j in tl.static_range(8):
+            g = b * 8 + j
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+            xj = tl.load(x_ptr + g * GROUP + offs_w).to(tl.float32)
+            f = _nibble_as_float(w, j)
+            wv = f * (s * 128.0)[:, None] - ((z + 128.0) * s)[:, None]     # s * (u - zu)
+            acc += wv * xj[None, :]
+    y = tl.sum(acc, axis=1)
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _int4_gemm_il_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+    M, N, stride_xm, stride_ym, K: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_w = tl.arange(0, GROUP)
+    N_ITER: tl.constexpr = K // (8 * GROUP) // SPLIT_K
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * (K // 8) + offs_w[None, :]
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_w[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for bi in range(N_ITER):
+        b = bi * SPLIT_K + pid_k
+        w = tl.load(w_rows + b * GROUP, mask=mask_n[:, None], other=0, eviction_policy="evict_first")
+        for j in tl.static_range(8):
+            g = b * 8 + j
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+            xj = tl.load(x_rows + g * GROUP, mask=mask_m[:, None], other=0.0)
+            f = _nibble_as_float(w, j)
+            wq = (f * 128.0 - (z + 128.0)[:, None]).to(xj.dtype)          # u - zu, exact
+            acc += tl.dot(xj, tl.trans(wq), out_dtype=tl.float32) * s[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
+
+
+def interleave_ok(in_features: int, group_size: int) -> bool:
+    return in_features % (8 * group_size) == 0 and group_size & (group_size - 1) == 0
+
+
+def repack_interleaved(module, device: torch.device) -> dict:
+    """Weights in the v2 layout plus the [K/g, N] metadata (see above)."""
+    n, k, g = module.out_features, module.in_features, module.group_size
+    u = module.codes().to(device).to(torch.int64) + 8                        # [N, K], 0..15
+    u = u.reshape(n, k // (8 * g), 8, g).permute(0, 1, 3, 2)                 # [N, B, kw, j]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=device)
+    w = (u << shifts).sum(dim=-1)                                            # [N, B, kw]
+    w = torch.where(w >= 2**31, w - 2**32, w).to(torch.int32).reshape(n, k // 8).contiguous()
+    del u
+    meta = repack_meta(module, device)
+    meta["w"] = w
+    return meta
+
+
+def gemv_il(x2: torch.Tensor, packed: dict, group_size: int, cfg: tuple[int, int, int]) -> torch.Tensor:
+    """x2: [1, K] -> [1, N]. cfg = (BLOCK_N, num_warps, PREFETCH)."""
+    w, s, z = packed["w"], packed["scale_t"], packed["zero_t"]
+    n, k = w.shape[0], x2.shape[1]
+    block_n, warps, prefetch = cfg
+    x2 = x2.contiguous()
+    y = torch.empty(1, n, device=x2.device, dtype=x2.dtype)
+    _int4_gemv_il_kernel[(triton.cdiv(n, block_n),)](
+        x2, w, s, z, y, n, k, GROUP=group_size, BLOCK_N=block_n, PREFETCH=bool(prefetch),
+        num_warps=warps, num_stages=1,
+    )
+    return y
+
+
+def gemm_il(x2: torch.Tensor, packed: dict, group_size: int, cfg: tuple[int, int, int, int, int]) -> torch.Tensor:
+    """x2: [M, K] -> [M, N]. cfg = (BLOCK_M, BLOCK_N, SPLIT_K, num_warps, num_stages)."""
+    w, s, z = packed["w"], packed["scale_t"], packed["zero_t"]
+    n, k = w.shape[0], x2.shape[1]
+    m = x2.shape[0]
+    block_m, block_n, split_k, warps, stages = cfg
+    block_m = max(16, min(block_m, triton.next_power_of_2(m)))
+    while (k // (8 * group_size)) % split_k:
+        split_k -= 1
+    x2 = x2.contiguous()
+    if split_k == 1:
+        y = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
+    else:
+        y = torch.zeros(m, n, device=x2.device, dtype=torch.float32)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
+    _int4_gemm_il_kernel[grid](
+        x2, w, s, z, y, m, n, x2.stride(0), y.stride(0), k,
+        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split_k,
+        num_warps=warps, num_stages=stages,
+    )
+    return y if split_k == 1 else y.to(x2.dtype)
+
+
 def repack_meta(module, device: torch.device) -> dict:
     """Scale and unsigned zero point laid out [K/g, N] for the kernels above."""
     scale = module.weight_scale.to(device)
@@ -107,7 +254,7 @@ def gemv(x2: torch.Tensor, packed: dict, group_size: int, cfg: tuple[int, int, i
     w, s, z = packed["w"], packed["scale_t"], packed["zero_t"]
     n, k = w.shape[0], x2.shape[1]
     block_n, block_k, warps, stages = cfg
-    block_k = min(block_k, k)
+    block_k = min(block_k, triton.next_power_of_2(k))
     while k % block_k or block_k < group_size:
         block_k //= 2
         if block_k < group_size:
