@@ -162,21 +162,35 @@ def test_compare_upcasts_half_precision_logits(tiny_llama):
 # ---------------------------------------------------------------- memory
 
 
-def test_track_peak_memory_sees_a_block_allocation():
-    with track_peak_memory() as mem:
-        big = torch.ones(50_000_000, dtype=torch.float32)  # 200 MB, pages touched
-    assert mem.peak_bytes > 150e6
+_PEAK_SCRIPT = """
+import time, torch
+from anyquant.eval.memory import track_peak_memory, peak_rss_bytes
+with track_peak_memory() as mem:
+    big = torch.ones(50_000_000, dtype=torch.float32)  # 200 MB, pages touched
+del big
+# Freed before the block ends: only the sampler thread can have seen it. The sleep spans
+# several 20 ms sampling intervals so the test does not race the sampler.
+with track_peak_memory() as transient:
+    big = torch.ones(50_000_000, dtype=torch.float32)
+    time.sleep(0.3)
     del big
+print(mem.peak_bytes, transient.peak_bytes, mem.cuda_peak_bytes is None or mem.cuda_peak_bytes >= 0, peak_rss_bytes())
+"""
 
-    # Freed before the block ends: only the sampler thread can have seen it. The sleep spans
-    # several 20 ms sampling intervals so the test does not race the sampler.
-    with track_peak_memory() as transient:
-        big = torch.ones(50_000_000, dtype=torch.float32)
-        time.sleep(0.15)
-        del big
-    assert transient.peak_bytes > 150e6
-    assert mem.cuda_peak_bytes is None or mem.cuda_peak_bytes >= 0
-    assert peak_rss_bytes() > 150e6
+
+def test_track_peak_memory_sees_a_block_allocation():
+    # A fresh process: RSS is a process-wide number, and after other tests the allocator may
+    # serve 200 MB from pages it already holds, which no RSS-based tracker can see.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    block, transient, cuda_ok, peak = out.stdout.split()
+    assert int(block) > 150e6
+    assert int(transient) > 150e6
+    assert cuda_ok == "True"
+    assert int(peak) > 150e6
 
 
 def test_dir_size_bytes(tmp_path):
