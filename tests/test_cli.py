@@ -58,7 +58,7 @@ def test_not_a_model_dir(tmp_path):
 
 def test_unknown_method(tiny_llama, tmp_path):
     assert_bad_input(run("quantize", tiny_llama, "--method", "int3", "--out", tmp_path / "o"),
-                     "int3", "known methods: fp4, int4, int8, nf4")
+                     "int3", "known methods: awq, fp4, gptq, hqq, int4, int8, nf4")
     assert not (tmp_path / "o").exists()
 
 

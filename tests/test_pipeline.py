@@ -119,7 +119,7 @@ def test_overrides_keep_and_unmatched_pattern(tiny_llama):
 
 
 def test_unknown_method_lists_known():
-    with pytest.raises(AnyquantError, match="known methods: fp4, int4, int8, nf4"):
+    with pytest.raises(AnyquantError, match="known methods: awq, fp4, gptq, hqq, int4, int8, nf4"):
         anyquant.quantize(torch.nn.Linear(2, 2), "int3")
 
 

@@ -13,6 +13,11 @@ __version__ = "0.1.0"
 __all__ = ["inspect", "plan", "quantize", "save", "load", "evaluate", "known_methods", "__version__"]
 
 
+# Import the `anyquant.plan` subpackage now: importing it later (inside a function) would
+# rebind the package attribute `plan` from the function below to the subpackage.
+import anyquant.plan as _plan_subpackage  # noqa: E402,F401
+
+
 def _as_model(model, trust_remote_code: bool = False):
     if isinstance(model, (str, Path)):
         from anyquant.model.load import load_model
@@ -29,8 +34,11 @@ def inspect(model, *, trust_remote_code: bool = False):
     return build_model_map(_as_model(model, trust_remote_code))
 
 
-def plan(model, method: str = "nf4", *, dtype: str = "auto", overrides=None, trust_remote_code: bool = False, **options):
-    """The Plan anyquant would follow: one decision per module, each with a reason."""
+def plan(model, method: str = "nf4", *, dtype: str = "auto", overrides=None, trust_remote_code: bool = False,
+         include_vision: bool = False, only=None, **options):
+    """The Plan anyquant would follow: one decision per module, each with a reason.
+
+    Runs one probe forward first (weights read outside their module's forward)."""
     from anyquant.config import make_config
     from anyquant.model.modelmap import build_model_map
     from anyquant.numerics.dtype import choose_compute_dtype, dtype_name
@@ -39,7 +47,14 @@ def plan(model, method: str = "nf4", *, dtype: str = "auto", overrides=None, tru
     m = _as_model(model, trust_remote_code)
     cfg = make_config(method, **options)
     dev = next((p.device for p in m.parameters()), "cpu")
-    return build_plan(build_model_map(m), cfg, dtype_name(choose_compute_dtype(dtype, dev)), overrides)
+    from anyquant.numerics.probe import run_probe
+    from anyquant.pipeline import probe_inputs
+
+    facts, _, notes = run_probe(m, probe_inputs(m))
+    p = build_plan(build_model_map(m), cfg, dtype_name(choose_compute_dtype(dtype, dev)), overrides, facts,
+                   include_vision=include_vision, only=only)
+    p.notes = notes + p.notes
+    return p
 
 
 def quantize(model, method: str = "nf4", **options: Any):

@@ -1,4 +1,4 @@
-"""Command line: inspect | plan | quantize | eval | demo. Bad input: one line on stderr, exit 2."""
+"""Command line: inspect | plan | quantize | eval | doctor | demo. Bad input: one line on stderr, exit 2."""
 
 from __future__ import annotations
 
@@ -79,6 +79,8 @@ def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", 
          dtype: str = typer.Option("auto", "--dtype"),
          plan_file: Optional[Path] = typer.Option(None, "--plan", help="overrides (JSON)"),
          keep: List[str] = typer.Option([], "--keep", help="module name or re:pattern to keep in float"),
+         only: List[str] = typer.Option([], "--only", help="quantize only Linear layers matching this name or re:pattern"),
+         include_vision: bool = typer.Option(False, "--include-vision", help="also quantize the vision tower's Linear layers"),
          json_out: bool = typer.Option(False, "--json"),
          trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
          requantize: bool = typer.Option(False, "--requantize")):
@@ -94,7 +96,13 @@ def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", 
     cfg = make_config(method, **_method_options(method, group_size))
     model, _, _ = load_model(source, trust_remote_code=trust_remote_code, requantize=requantize)
     ov = (load_overrides(plan_file) if plan_file else []) + [(k, "keep") for k in keep]
-    p = build_plan(build_model_map(model), cfg, dtype_name(choose_compute_dtype(dtype)), ov)
+    from anyquant.numerics.probe import run_probe
+    from anyquant.pipeline import probe_inputs
+
+    facts, _, probe_notes = run_probe(model, probe_inputs(model))
+    p = build_plan(build_model_map(model), cfg, dtype_name(choose_compute_dtype(dtype)), ov, facts,
+                   include_vision=include_vision, only=only)
+    p.notes = probe_notes + p.notes
     if json_out:
         typer.echo(json.dumps(p.to_dict(), indent=2))
         return
@@ -130,8 +138,11 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
              dtype: str = typer.Option("auto", "--dtype", help="auto|bfloat16|float16|float32"),
              plan_file: Optional[Path] = typer.Option(None, "--plan", help="overrides (JSON)"),
              keep: List[str] = typer.Option([], "--keep", help="module name or re:pattern to keep in float"),
+             only: List[str] = typer.Option([], "--only", help="quantize only Linear layers matching this name or re:pattern"),
+             include_vision: bool = typer.Option(False, "--include-vision", help="also quantize the vision tower's Linear layers"),
              trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
              requantize: bool = typer.Option(False, "--requantize", help="dequantize an already-quantized source first"),
+             calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file for awq/gptq (default: the bundled news corpus)"),
              force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
              verbose: bool = typer.Option(False, "--verbose", "-v")):
     """Quantize SOURCE with METHOD and write a loadable model directory to OUT."""
@@ -143,8 +154,8 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
     src = resolve_source(source)
     check_output_dir(out, src, force)  # fail before the slow part
     ov = [(k, "keep") for k in keep]
-    result = run(src, method, dtype=dtype, plan=plan_file, overrides=ov,
-                 trust_remote_code=trust_remote_code, requantize=requantize,
+    result = run(src, method, dtype=dtype, plan=plan_file, overrides=ov, only=only, include_vision=include_vision,
+                 trust_remote_code=trust_remote_code, requantize=requantize, calib=calib,
                  **_method_options(method, group_size))
     path = save(result, out, force=force)
     r = result.report
@@ -187,6 +198,23 @@ def demo(out: Path = typer.Option(Path("out/demo"), "--out"),
     from anyquant.demo import run_demo
 
     run_demo(out, [m.strip() for m in methods.split(",") if m.strip()], max_tokens)
+
+
+@app.command()
+@_fails_cleanly
+def doctor(source: str = SourceArg,
+           bnb_config: Optional[Path] = typer.Option(None, "--bnb-config", help="your BitsAndBytesConfig as JSON (may add \"dtype\")"),
+           trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+           json_out: bool = typer.Option(False, "--json")):
+    """Predict which failure (F1-F5) a transformers + bitsandbytes config hits here; print a corrected config."""
+    _setup_logging(False)
+    from anyquant.doctor import diagnose, print_report, read_bnb_config
+
+    data = diagnose(source, read_bnb_config(bnb_config), trust_remote_code=trust_remote_code)
+    if json_out:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    print_report(data, typer.echo)
 
 
 def main() -> None:  # pragma: no cover

@@ -88,6 +88,65 @@ class Int4Config(MethodConfig):
             )
 
 
+@dataclass(frozen=True)
+class HQQConfig(Int4Config):
+    """Half-quadratic optimisation of each group's zero point (then scale) against an lp-norm
+    (p < 1) of the weight error, on the int4 grid of Int4Config; calibration-free."""
+
+    iters: int = 20
+    lp_norm: float = 0.7
+    method: ClassVar[str] = "hqq"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.symmetric:
+            raise AnyquantError("hqq: optimises the zero point; symmetric=True leaves nothing to optimise (use int4)")
+        if not (0 < self.lp_norm <= 1) or self.iters < 1:
+            raise AnyquantError(f"hqq: need 0 < lp_norm <= 1 and iters >= 1, got {self.lp_norm}, {self.iters}")
+
+
+@dataclass(frozen=True)
+class CalibratedInt4Config(Int4Config):
+    """Shared by awq and gptq: calibration set size (sequences x tokens). 128 x 512 is the
+    usual GPU setting; the CPU default is smaller."""
+
+    n_samples: int = 32
+    seq_len: int = 512
+    calibrated: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_samples < 1 or self.seq_len < 2:
+            raise AnyquantError(f"{self.method}: need n_samples >= 1 and seq_len >= 2, got {self.n_samples}, {self.seq_len}")
+
+
+@dataclass(frozen=True)
+class AWQConfig(CalibratedInt4Config):
+    """Activation-aware per-input-channel scales s = mean|x|^alpha, alpha on a grid in [0, 1]."""
+
+    grid: int = 20
+    method: ClassVar[str] = "awq"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.grid < 1:
+            raise AnyquantError(f"awq: grid={self.grid} must be >= 1")
+
+
+@dataclass(frozen=True)
+class GPTQConfig(CalibratedInt4Config):
+    """GPTQ: Hessian 2 X^T X from calibration inputs, dampening, optional activation order."""
+
+    damp: float = 0.01
+    act_order: bool = False
+    method: ClassVar[str] = "gptq"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (0 < self.damp < 1):
+            raise AnyquantError(f"gptq: damp={self.damp} must be in (0, 1)")
+
+
 _CONFIGS: dict[str, type[MethodConfig]] = {}
 
 
@@ -96,7 +155,7 @@ def register_config(cls: type[MethodConfig]) -> type[MethodConfig]:
     return cls
 
 
-for _c in (NF4Config, FP4Config, Int8Config, Int4Config):
+for _c in (NF4Config, FP4Config, Int8Config, Int4Config, HQQConfig, AWQConfig, GPTQConfig):
     register_config(_c)
 
 

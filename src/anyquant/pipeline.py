@@ -20,7 +20,9 @@ from anyquant.methods import primitives as P
 from anyquant.methods.registry import dequantize_linear, dequantize_modules, handler_for, set_submodule
 from anyquant.model.load import SourceInfo, check_finite, load_model
 from anyquant.model.modelmap import ModelMap, build_model_map
-from anyquant.numerics.dtype import choose_compute_dtype, dtype_name
+from anyquant.numerics.capabilities import detect_capabilities
+from anyquant.numerics.dtype import dtype_name
+from anyquant.numerics.policy import check_consistency, choose_policy
 from anyquant.plan import Plan, build_plan
 from anyquant.plan.plan import load_overrides
 from anyquant.progress import progress_bar
@@ -52,7 +54,9 @@ def probe_inputs(model: nn.Module, seq_len: int = 32, seed: int = 0) -> dict[str
         )
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, int(vocab), (1, seq_len), generator=g)
-    return {"input_ids": ids.to(_device_of(model))}
+    from anyquant.numerics.probe import vision_probe_inputs
+
+    return {"input_ids": ids.to(_device_of(model)), **vision_probe_inputs(model, g)}
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -81,6 +85,10 @@ def quantize(
     trust_remote_code: bool = False,
     requantize: bool = False,
     progress: bool = True,
+    calib: str | Path | torch.Tensor | None = None,
+    checkpoint_dir: str | Path | None = "auto",
+    include_vision: bool = False,
+    only: list[str] | None = None,
     **options: Any,
 ) -> QuantizeResult:
     """Quantize a model (an nn.Module, quantized in place, or a model directory / "default").
@@ -111,31 +119,50 @@ def quantize(
     check_finite(model)
 
     device = _device_of(model)
-    compute_dtype = choose_compute_dtype(dtype, device)
+    # dtype policy: device capabilities + a float32 probe of activation ranges (fp16 overflow)
+    policy = choose_policy(model, dtype, detect_capabilities(device), probe_inputs(model))
+    compute_dtype = policy.compute_dtype
     ov = list(overrides or [])
     if isinstance(plan, (str, Path)):
         ov = load_overrides(plan) + ov
-    the_plan = plan if isinstance(plan, Plan) else build_plan(mmap, config, dtype_name(compute_dtype), ov)
+    from anyquant.numerics.probe import run_probe
+
+    facts, inputs, probe_notes = run_probe(model, probe_inputs(model))  # before any weight changes
+    notes += probe_notes
+    the_plan = plan if isinstance(plan, Plan) else build_plan(
+        mmap, config, dtype_name(compute_dtype), ov, facts, include_vision=include_vision, only=only)
     if not the_plan.to_quantize():
         raise AnyquantError(
             f"{config.method}: the plan quantizes no module (all {len(the_plan.decisions)} kept); "
             "see `anyquant plan` for the reasons"
         )
 
-    model.to(compute_dtype)
-    inputs = probe_inputs(model)
+    inputs = {k: v.to(compute_dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in inputs.items()}
+    policy.apply(model, inputs)  # compute dtype; float32 regions and disagreeing modules get casts at their boundaries
     float_logits = probe_logits(model, inputs)
 
     per_layer: dict[str, float] = {}
     bits = 0.0
     qparams = 0
     todo = the_plan.to_quantize()
-    with progress_bar(f"quantizing ({config.method})", total=len(todo), enabled=progress) as advance:
+    calibration = None
+    todo_loop = todo
+    if hasattr(handler, "quantize_model"):  # calibrated: block by block over the whole model
+        calibration = _quantize_calibrated(handler, model, the_plan, config, compute_dtype, calib, tokenizer,
+                                           info, checkpoint_dir, progress, notes)
+        per_layer = calibration.pop("per_layer_weight_error")
         for d in todo:
+            n = model.get_submodule(d.name).out_features * model.get_submodule(d.name).in_features
+            bits += handler.bits_per_weight(mmap.modules[d.name], d.options, config) * n
+            qparams += n
+        todo_loop = []
+    with progress_bar(f"quantizing ({config.method})", total=len(todo_loop), enabled=progress) as advance:
+        for d in todo_loop:
             linear = model.get_submodule(d.name)
             if not isinstance(linear, nn.Linear):
                 raise AnyquantError(f"plan says quantize {d.name}, but it is a {type(linear).__name__}, not nn.Linear")
-            q = handler.quantize_linear(linear, d.options, config, compute_dtype)
+            q = handler.quantize_linear(linear, d.options, config, policy.dtype_for(d.name))
             deq = dequantize_linear(q)
             per_layer[d.name] = P.relative_error(linear.weight.detach(), deq.weight.to(linear.weight.device))
             n = linear.weight.numel()
@@ -150,10 +177,12 @@ def quantize(
             f"{config.method}: the quantized model's outputs on probe inputs are not finite; "
             "nothing was saved (try --dtype float32 or keep the offending modules)"
         )
+    policy.consistency = check_consistency(model, inputs)  # every boundary agrees, or names the module
     report = {
         "method": config.method,
         "config": config.to_dict(),
         "compute_dtype": dtype_name(compute_dtype),
+        "dtype_policy": policy.to_dict(),
         "modules_quantized": len(todo),
         "modules_kept": len(the_plan.kept()),
         "params_quantized": qparams,
@@ -163,6 +192,58 @@ def quantize(
         "per_layer_weight_error": per_layer,
         "quantize_seconds": time.perf_counter() - t0,
         "notes": notes,
+        "probe": facts.to_dict(),
     }
+    if calibration is not None:
+        report["calibration"] = calibration
     model.eval()
     return QuantizeResult(model, the_plan, config, report, info, tokenizer, mmap, notes)
+
+
+def _quantize_calibrated(handler, model, plan, config, compute_dtype, calib, tokenizer, info, checkpoint_dir,
+                         progress, notes) -> dict[str, Any]:
+    """Calibration token batches (from --calib text, default the news corpus), then the handler's
+    block-by-block `quantize_model`. Checkpoints ("auto") live under the cache, keyed by source
+    fingerprint + config + plan + calibration tokens, and are removed once the run completes."""
+    import shutil
+
+    from anyquant.calib.runner import calibration_ids
+
+    if isinstance(calib, torch.Tensor):
+        ids = calib.long()
+    else:
+        if tokenizer is None:
+            raise AnyquantError(
+                f"{config.method} needs calibration tokens: pass calib=<LongTensor [n, seq]> for an in-memory "
+                "model, or quantize a model directory (its tokenizer is used)"
+            )
+        if calib is None:
+            from anyquant.calib.text import calibration_text
+
+            text = calibration_text()
+        else:
+            p = Path(calib).expanduser()
+            if not p.is_file():
+                raise AnyquantError(f"--calib {calib}: no such file (a UTF-8 text file is expected)")
+            text = p.read_text(encoding="utf-8", errors="replace")
+        ids = calibration_ids(tokenizer, text, config.n_samples, config.seq_len)
+    auto = checkpoint_dir == "auto"
+    if auto:
+        if info.path is None:
+            checkpoint_dir = None  # in-memory model: no stable identity to resume against
+        else:
+            from anyquant.model.default import cache_dir
+
+            checkpoint_dir = cache_dir() / "calib-checkpoints"
+    creport = handler.quantize_model(model, plan, config, compute_dtype, ids, progress=progress,
+                                     checkpoint_dir=checkpoint_dir,
+                                     fingerprint=info.fingerprint if info.path is not None else None)
+    if creport.get("resumed_blocks"):
+        notes.append(f"{config.method}: resumed {creport['resumed_blocks']} finished block(s) from "
+                     f"{creport['checkpoint_dir']}")
+    for fb in creport.get("fallbacks", []):
+        notes.append(f"{fb['layer']}: fell back to round-to-nearest: {fb['reason']}")
+    notes.extend(creport.get("notes", []))
+    if auto and creport.get("checkpoint_dir"):
+        shutil.rmtree(creport["checkpoint_dir"], ignore_errors=True)
+    return creport

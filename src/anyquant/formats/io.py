@@ -129,9 +129,12 @@ def load_quantized(directory: str | Path, *, trust_remote_code: bool = False) ->
 
         for auto in _auto_classes():
             try:
-                return auto.from_pretrained(directory, trust_remote_code=trust_remote_code).eval()
+                model = auto.from_pretrained(directory, trust_remote_code=trust_remote_code).eval()
             except ValueError:
                 continue
+            from anyquant.methods.bnb import keep_compute_dtype
+
+            return keep_compute_dtype(model)
         raise AnyquantError(f"{directory}: transformers could not load this bitsandbytes checkpoint")
     return _load_int4(directory, manifest, trust_remote_code)
 

@@ -20,6 +20,21 @@ def _bnb():
     return bnb
 
 
+def keep_compute_dtype(module: nn.Module) -> nn.Module:
+    """Turn off bitsandbytes' AVX512-BF16 CPU path in every Linear4bit under `module`.
+
+    On CPUs with AVX512-BF16, Linear4bit repacks its weight at the first eval-mode, no-grad
+    forward and from then on computes in bfloat16, whatever compute dtype was chosen: the same
+    model then gives different logits before and after that first call (and the repacking
+    asserts out_features % 32 == 0 and in_features % block size == 0, so narrower layers
+    crash). anyquant's dtype policy chose the compute dtype; it holds for every call."""
+    bnb = _bnb()
+    for m in module.modules():
+        if isinstance(m, bnb.nn.Linear4bit) and hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return module
+
+
 class BnB4bit:
     format = "bitsandbytes"
 
@@ -47,6 +62,7 @@ class BnB4bit:
         ).to(device)
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
+        keep_compute_dtype(q)
         return q
 
     def bits_per_weight(self, info: ModuleInfo, options, config: BnB4bitConfig) -> float:

@@ -42,6 +42,7 @@ def handler_for(method: str) -> MethodHandler:
 def _load_builtin() -> None:
     if not _HANDLERS:
         from anyquant.methods import bnb, rtn  # noqa: F401  (registration side effect)
+        from anyquant.methods import awq, gptq, hqq  # noqa: F401
 
 
 def dequantize_linear(module: nn.Module) -> nn.Linear | None:

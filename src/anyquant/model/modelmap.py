@@ -6,6 +6,7 @@ custom architectures (F4) break tools that do. Tied parameters are found by iden
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -68,6 +69,17 @@ class ModelMap:
     quantized_tensors: list[str]
     total_params: int
     vocab_size: int | None
+    # `_keep_in_fp32_modules` (and `_strict`) patterns the model's own code declares, prefixed
+    # with the submodule that declares them; matched on whole dotted name components.
+    keep_fp32: list[str] = field(default_factory=list)
+    # Component roots found from config sub-configs and module structure ("" = whole model).
+    component_roots: dict[str, str | None] = field(default_factory=dict)
+
+    def keep_fp32_pattern(self, name: str) -> str | None:
+        for p in self.keep_fp32:
+            if re.search(r"(^|\.)" + re.escape(p) + r"($|\.)", name):
+                return p
+        return None
 
     def linears(self) -> list[ModuleInfo]:
         return [m for m in self.modules.values() if m.kind == LINEAR]
@@ -85,6 +97,8 @@ class ModelMap:
                 c: {"modules": dict(k), "params": params[c]} for c, k in sorted(comps.items())
             },
             "tied": self.tied,
+            "component_roots": self.component_roots,
+            "keep_in_fp32_modules": self.keep_fp32,
             "quantized_tensors": self.quantized_tensors,
         }
 
@@ -102,16 +116,132 @@ def _text_vocab_size(config: Any) -> int | None:
     return None
 
 
-def _component(name: str, module: nn.Module, kind: str, vocab: int | None, tied_to_embedding: bool) -> str:
-    lname = name.lower()
-    parts = lname.split(".")
-    if any(h in p for p in parts for h in _PROJECTOR_HINTS):
-        return PROJECTOR
-    if any(h in p for p in parts for h in _VISION_HINTS):
-        return VISION
-    if kind == LINEAR and (tied_to_embedding or (vocab and getattr(module, "out_features", None) == vocab)):
+def _sub_config(config: Any, kinds: tuple[str, ...]) -> Any:
+    """A sub-config whose attribute name contains one of `kinds` (vision_config, text_config, ...)."""
+    if config is None:
+        return None
+    items = config.items() if isinstance(config, dict) else vars(config).items()
+    for key, value in items:
+        if any(k in key.lower() for k in kinds) and (
+            isinstance(value, dict) or hasattr(value, "to_dict")
+        ):
+            return value
+    return None
+
+
+def _cfg_get(cfg: Any, *keys: str) -> Any:
+    for k in keys:
+        v = cfg.get(k) if isinstance(cfg, dict) else getattr(cfg, k, None)
+        if v:
+            return v
+    return None
+
+
+def _within(name: str, root: str | None) -> bool:
+    return root is not None and (root == "" or name == root or name.startswith(root + "."))
+
+
+def _highest_ancestor_without(name: str, avoid: list[str]) -> str:
+    """The highest ancestor of `name` (or itself) whose subtree contains none of `avoid`."""
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        cand = ".".join(parts[:i])
+        if not any(_within(a, cand) for a in avoid):
+            return cand
+    return name
+
+
+@dataclass
+class _Components:
+    vision_root: str | None = None
+    language_root: str | None = ""
+    text_hidden: int | None = None
+    vision_hidden: int | None = None
+    vocab: int | None = None
+    repeated: tuple[str, ...] = ()  # names of nn.ModuleList containers (stacks of blocks)
+
+
+def find_components(model: nn.Module, config: Any, vocab: int | None) -> _Components:
+    """Vision tower, language model: from config sub-configs and module structure.
+
+    The vision tower is the highest ancestor of the patch embedding (a convolution taking the
+    vision config's image channels) that does not hold the token embedding; the language model
+    is the highest ancestor of the token embedding (a 2-D weight with `vocab` rows, owned by a
+    non-Linear module) that does not hold the vision tower. Module names serve as a hint only
+    when the config names no vision sub-config."""
+    vcfg = _sub_config(config, ("vision", "visual"))
+    tcfg = _sub_config(config, ("text_config", "llm_config", "language_config")) or config
+    comps = _Components(vocab=vocab)
+    comps.text_hidden = _cfg_get(tcfg, "hidden_size", "n_embd", "d_model", "embed_dim") if tcfg is not None else None
+    named = list(model.named_modules())
+    embeds = [
+        n for n, m in named
+        if n and not isinstance(m, nn.Linear) and vocab
+        and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
+        and m.weight.shape[0] == vocab
+    ]
+    patch = None
+    if vcfg is not None:
+        comps.vision_hidden = _cfg_get(vcfg, "hidden_size", "embed_dim", "width", "d_model")
+        channels = _cfg_get(vcfg, "num_channels", "in_channels", "in_chans") or 3
+        patch = next(
+            (n for n, m in named if isinstance(m, nn.modules.conv._ConvNd) and m.in_channels == channels),
+            None,
+        )
+    if patch is None:  # hint: names only when structure says nothing
+        patch = next(
+            (n for n, _ in named if n and any(h in p for p in n.lower().split(".") for h in _VISION_HINTS)),
+            None,
+        )
+    comps.repeated = tuple(n for n, m in named if n and isinstance(m, nn.ModuleList))
+    if patch is not None:
+        comps.vision_root = _highest_ancestor_without(patch, embeds)
+    if embeds and comps.vision_root is not None:
+        comps.language_root = _highest_ancestor_without(embeds[0], [comps.vision_root])
+    return comps
+
+
+def _component(name: str, module: nn.Module, kind: str, comps: _Components, tied_to_embedding: bool) -> str:
+    parts = name.lower().split(".")
+    projector_hint = any(h in p for p in parts for h in _PROJECTOR_HINTS)
+    if _within(name, comps.vision_root):
+        th, vh = comps.text_hidden, comps.vision_hidden
+        # A projector inside the vision tower (GLM-4V's GLU): a Linear outside the stack of
+        # vision blocks that reads or writes the language model's width.
+        in_blocks = any(_within(name, r) and name != r for r in comps.repeated)
+        touches_text = kind == LINEAR and not in_blocks and th and vh and th != vh and th in (
+            getattr(module, "in_features", None), getattr(module, "out_features", None))
+        return PROJECTOR if (touches_text or projector_hint) else VISION
+    # A Linear inside a stack of blocks is never the head, even when its width happens to equal
+    # the vocabulary size (a tiny Llama with intermediate_size == vocab_size).
+    in_stack = any(_within(name, r) and name != r for r in comps.repeated)
+    if kind == LINEAR and not in_stack and (
+            tied_to_embedding or (comps.vocab and getattr(module, "out_features", None) == comps.vocab)):
         return HEAD
+    if comps.vision_root is not None and not _within(name, comps.language_root):
+        # Outside the vision tower and the embedding's subtree: a projector/resampler, unless it
+        # sits in a sibling subtree that holds a stack of blocks (ChatGLM keeps `embedding`,
+        # `encoder` and `vision` side by side under `transformer`).
+        parent = comps.language_root.rpartition(".")[0] if comps.language_root else ""
+        rest = name[len(parent) + 1:] if parent else name
+        top = (parent + "." if parent else "") + rest.split(".")[0]
+        if not any(_within(r, top) for r in comps.repeated):
+            return PROJECTOR
+        return LANGUAGE
+    if projector_hint:
+        return PROJECTOR
     return LANGUAGE
+
+
+def _keep_fp32_patterns(model: nn.Module) -> list[str]:
+    out: list[str] = []
+    for name, mod in model.named_modules():
+        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+            for p in sorted(getattr(mod, attr, None) or []):
+                full = f"{name}.{p}" if name else p
+                if full not in out:
+                    out.append(full)
+    return out
 
 
 def own_parameters(module: nn.Module):
@@ -132,6 +262,7 @@ def build_model_map(model: nn.Module) -> ModelMap:
         id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)
     }
 
+    comps = find_components(model, config, vocab)
     modules: dict[str, ModuleInfo] = {}
     quantized_tensors: list[str] = []
     qtypes = quantized_linear_types()
@@ -155,7 +286,7 @@ def build_model_map(model: nn.Module) -> ModelMap:
         modules[name] = ModuleInfo(
             name=name,
             kind=kind,
-            component=_component(name, mod, kind, vocab, tied_emb),
+            component=_component(name, mod, kind, comps, tied_emb),
             type=type(mod).__name__,
             params=sum(p.numel() for _, p in mod.named_parameters(recurse=False)),
             dtypes=sorted({str(p.dtype).replace("torch.", "") for _, p in own}),
@@ -173,4 +304,6 @@ def build_model_map(model: nn.Module) -> ModelMap:
         quantized_tensors=quantized_tensors,
         total_params=total,
         vocab_size=vocab,
+        keep_fp32=_keep_fp32_patterns(model),
+        component_roots={VISION: comps.vision_root, LANGUAGE: comps.language_root},
     )

@@ -1,4 +1,6 @@
-"""Compute dtype choice per device. The numerics issue extends this into a full policy."""
+"""Dtype names and the probe-free compute dtype choice (`anyquant plan`).
+
+The full policy (probe, float16 overflow, float32 regions, consistency) is numerics/policy.py."""
 
 from __future__ import annotations
 
@@ -21,7 +23,11 @@ def choose_compute_dtype(requested: str | None, device: torch.device | str = "cp
         if requested not in DTYPES:
             raise AnyquantError(f"--dtype {requested}: expected one of auto, {', '.join(DTYPES)}")
         return DTYPES[requested]
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    from anyquant.numerics.capabilities import detect_capabilities
+
+    caps = detect_capabilities(device)
+    if caps.prefer_float32:
+        return torch.float32
+    if caps.bf16:
+        return torch.bfloat16
+    return torch.float16 if caps.fp16 else torch.float32

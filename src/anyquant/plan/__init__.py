@@ -6,12 +6,12 @@ from anyquant.config import MethodConfig, make_config
 from anyquant.errors import AnyquantError
 from anyquant.model.modelmap import LINEAR, ModelMap
 from anyquant.plan.plan import KEEP, QUANTIZE, Decision, Plan, _matches, check_patterns
-from anyquant.plan.rules import RULES
+from anyquant.plan.rules import RULES, PlanContext
 
-__all__ = ["build_plan", "Plan", "Decision", "QUANTIZE", "KEEP"]
+__all__ = ["build_plan", "Plan", "Decision", "QUANTIZE", "KEEP", "PlanContext"]
 
 # Rules whose "keep" protects correctness: an override may not force these modules to quantize.
-SAFETY_CODES = {"already_quantized", "not_linear"}
+SAFETY_CODES = {"already_quantized", "not_linear", "weight_read_outside_forward", "keep_in_fp32_modules"}
 
 
 def build_plan(
@@ -19,17 +19,31 @@ def build_plan(
     config: MethodConfig,
     compute_dtype: str,
     overrides: list[tuple[str, str]] | None = None,
+    facts=None,
+    *,
+    include_vision: bool = False,
+    only: list[str] | None = None,
 ) -> Plan:
+    """Rules (first that decides wins) -> --only -> overrides (plan file, then --keep; later
+    wins). Safety rules (SAFETY_CODES) are never overridden towards quantizing.
+
+    `facts` is the probe's ProbeFacts (anyquant.numerics.probe); without it, weights read
+    outside their module's forward cannot be detected and the plan says so in its notes."""
+    ctx = PlanContext(facts=facts, include_vision=include_vision, only=list(only or []))
     decisions: list[Decision] = []
     for m in model_map.modules.values():
         for rule in RULES:
-            d = rule(m, model_map, config, compute_dtype)
+            d = rule(m, model_map, config, compute_dtype, ctx)
             if d is not None:
                 if m.in_features is not None and m.out_features is not None:
                     d.shape = [m.out_features, m.in_features]
                 decisions.append(d)
                 break
     plan = Plan(config.method, config.to_dict(), compute_dtype, decisions)
+    if facts is None:
+        plan.notes.append("no probe forward ran: weights read outside their module's forward were not checked")
+    if ctx.only:
+        apply_only(plan, ctx.only)
     if overrides:
         apply_overrides(plan, model_map, config, overrides)
     from anyquant.methods.registry import handler_for
@@ -38,6 +52,16 @@ def build_plan(
     if finalize is not None:
         finalize(plan, model_map, config)
     return plan
+
+
+def apply_only(plan: Plan, patterns: list[str]) -> None:
+    """--only: quantize only Linear layers matching a pattern; keep the others. Restricts what
+    the rules chose; never forces a module the rules kept (use a plan file for that)."""
+    check_patterns([(p, "only") for p in patterns], [d.name for d in plan.decisions])
+    for d in plan.to_quantize():
+        if not any(_matches(p, d.name) for p in patterns):
+            d.action, d.method, d.options = KEEP, None, {}
+            d.reason_code, d.reason = "not_selected", "not selected by --only"
 
 
 def apply_overrides(plan: Plan, model_map: ModelMap, config: MethodConfig, overrides) -> None:
@@ -61,6 +85,9 @@ def apply_overrides(plan: Plan, model_map: ModelMap, config: MethodConfig, overr
                 d.reason_code, d.reason = "user_keep", f"kept by override {pattern!r}"
                 continue
             if d.reason_code in SAFETY_CODES or d.kind != LINEAR:
+                if not pattern.startswith("re:") and d.kind == LINEAR:
+                    raise AnyquantError(f"plan override {pattern!r} asks to quantize {name}, which must stay "
+                                        f"in float: {d.reason}")
                 # Quantize-overrides are broad patterns; skipping norms/embeddings they match is expected.
                 continue
             ok, options, code, reason = handler_for(config.method).fit(model_map.modules[name], config)

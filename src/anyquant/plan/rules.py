@@ -6,6 +6,7 @@ but never over a safety rule (a module that cannot be quantized stays kept, with
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 from anyquant.config import MethodConfig
@@ -14,47 +15,77 @@ from anyquant.model.modelmap import (
 )
 from anyquant.plan.plan import KEEP, QUANTIZE, Decision
 
-Rule = Callable[[ModuleInfo, ModelMap, MethodConfig, str], "Decision | None"]
+
+@dataclass
+class PlanContext:
+    """What rules may read besides the module and the ModelMap: the probe's facts (None when
+    no probe ran: then no rule may assume a module is safe from them) and planning flags."""
+
+    facts: object | None = None  # anyquant.numerics.probe.ProbeFacts
+    include_vision: bool = False
+    only: list[str] = field(default_factory=list)
+
+
+Rule = Callable[[ModuleInfo, ModelMap, MethodConfig, str, PlanContext], "Decision | None"]
 
 
 def _keep(m: ModuleInfo, dtype: str, code: str, reason: str) -> Decision:
     return Decision(m.name, m.kind, m.component, KEEP, None, dtype, code, reason)
 
 
-def rule_not_linear(m, mm, cfg, dtype):
+def rule_not_linear(m, mm, cfg, dtype, ctx):
     if m.kind != LINEAR:
         what = "embedding" if m.kind == EMBEDDING else m.kind
         return _keep(m, dtype, f"not_linear", f"{what} module: only Linear layers are quantized")
     return None
 
 
-def rule_already_quantized(m, mm, cfg, dtype):
+def rule_already_quantized(m, mm, cfg, dtype, ctx):
     if m.quantized:
         return _keep(m, dtype, "already_quantized", f"already quantized ({m.type}); never quantized twice")
     return None
 
 
-def rule_head(m, mm, cfg, dtype):
+def rule_keep_in_fp32(m, mm, cfg, dtype, ctx):
+    pattern = mm.keep_fp32_pattern(m.name)
+    if pattern is not None:
+        return _keep(m, dtype, "keep_in_fp32_modules",
+                     f"the model's code lists {pattern!r} in _keep_in_fp32_modules: kept in float")
+    return None
+
+
+def rule_weight_read_outside_forward(m, mm, cfg, dtype, ctx):
+    facts = ctx.facts
+    if facts is not None and m.kind == LINEAR and m.name in getattr(facts, "outside_reads", {}):
+        return _keep(m, dtype, "weight_read_outside_forward",
+                     f"weight read outside its module's forward by {facts.reader_text(m.name)}: "
+                     "a quantized module would hand that code packed integers")
+    return None
+
+
+def rule_head(m, mm, cfg, dtype, ctx):
     if m.component == HEAD:
         tied = f" (tied to {', '.join(m.tied_with)})" if m.tied_with else ""
         return _keep(m, dtype, "output_head", f"output head{tied}: its error goes straight into the logits")
     return None
 
 
-def rule_tied(m, mm, cfg, dtype):
+def rule_tied(m, mm, cfg, dtype, ctx):
     if m.tied_with:
         return _keep(m, dtype, "tied_weight", f"weight shared with {', '.join(m.tied_with)}: quantizing it would change both")
     return None
 
 
-def rule_vision(m, mm, cfg, dtype):
+def rule_vision(m, mm, cfg, dtype, ctx):
+    if m.component == VISION and ctx.include_vision:
+        return None  # --include-vision: its Linear layers are quantized (convolutions never are)
     if m.component in (VISION, PROJECTOR):
         return _keep(m, dtype, f"{m.component.replace(' ', '_')}_float",
                      f"{m.component}: kept in float by default (small share of weights, sensitive)")
     return None
 
 
-def rule_shape(m, mm, cfg, dtype):
+def rule_shape(m, mm, cfg, dtype, ctx):
     from anyquant.methods.registry import handler_for
 
     ok, options, code, reason = handler_for(cfg.method).fit(m, cfg)
@@ -63,4 +94,7 @@ def rule_shape(m, mm, cfg, dtype):
     return Decision(m.name, m.kind, m.component, QUANTIZE, cfg.method, dtype, code, reason, options)
 
 
-RULES: list[Rule] = [rule_not_linear, rule_already_quantized, rule_head, rule_tied, rule_vision, rule_shape]
+RULES: list[Rule] = [
+    rule_not_linear, rule_already_quantized, rule_keep_in_fp32, rule_weight_read_outside_forward,
+    rule_head, rule_tied, rule_vision, rule_shape,
+]

@@ -1,0 +1,430 @@
+"""Block-by-block calibration runner.
+
+1. Find the decoder blocks from the module tree: the longest nn.ModuleList whose children all
+   have one type (no per-architecture table, no fx tracing).
+2. Capture the first block's inputs (positional and keyword arguments) with a forward
+   pre-hook that stops the model there.
+3. For every block: record its float outputs, the outputs of its RTN-quantized copy ("before"),
+   run the method's algorithm on it (in place), record the quantized outputs ("after"), and
+   feed those to the next block.
+4. After each block its tensors and report entry go to a checkpoint directory keyed by source
+   fingerprint + config + plan + calibration data; a re-run (after kill -9) loads the finished
+   blocks instead of recomputing them, so it gives the same result.
+
+Algorithms implement `quantize_block(ctx)` (see BlockContext) and replace the block's planned
+nn.Linear modules with Int4Linear themselves, through calib.guard.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from anyquant.calib.guard import Fallback, guarded, rtn_grid
+from anyquant.errors import AnyquantError
+from anyquant.methods.registry import set_submodule
+from anyquant.progress import progress_bar
+from anyquant.runtime.int4_linear import Int4Linear
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[tuple, dict]  # (args, kwargs) of one block call
+
+
+class _Stop(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The longest nn.ModuleList of identically typed modules: the decoder blocks."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            if len({type(c) for c in mod}) == 1 and (best is None or len(mod) > len(best[1])):
+                best = (name, mod)
+    if best is None:
+        raise AnyquantError(
+            f"{type(model).__name__}: no list of repeated blocks found in the module tree; "
+            "calibrated methods need decoder blocks (use int4 or hqq, which need none)"
+        )
+    return best
+
+
+def _detach(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, tuple):
+        return tuple(_detach(v) for v in x)
+    if isinstance(x, list):
+        return [_detach(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _detach(v) for k, v in x.items()}
+    return x
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, first_block: nn.Module, calib_ids: torch.Tensor, batch_size: int) -> list[Batch]:
+    """Run the model on calibration batches up to the first block; keep what the block receives."""
+    captured: list[Batch] = []
+
+    def pre_hook(_mod, args, kwargs):
+        kw = dict(kwargs)
+        if "past_key_values" in kw:
+            kw["past_key_values"] = None
+        if "use_cache" in kw:
+            kw["use_cache"] = False
+        captured.append((_detach(args), _detach(kw)))
+        raise _Stop
+
+    h = first_block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        device = next(model.parameters()).device
+        for i in range(0, calib_ids.shape[0], batch_size):
+            try:
+                model(input_ids=calib_ids[i:i + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    if len(captured) == 0:
+        raise AnyquantError("calibration: the model never called its first block")
+    return captured
+
+
+def hidden_of(batch: Batch) -> torch.Tensor:
+    args, kwargs = batch
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_hidden(batch: Batch, h: torch.Tensor) -> Batch:
+    args, kwargs = batch
+    if args:
+        return (h,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+def run_block(block: nn.Module, batch: Batch) -> torch.Tensor:
+    args, kwargs = batch
+    out = block(*args, **kwargs)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+@torch.no_grad()
+def block_outputs(block: nn.Module, batches: list[Batch]) -> list[torch.Tensor]:
+    return [run_block(block, b) for b in batches]
+
+
+def relative_error(ref: list[torch.Tensor], approx: list[torch.Tensor]) -> float:
+    """||ref - approx|| / ||ref|| over all batches, counting only positions finite in both."""
+    num = den = 0.0
+    for r, a in zip(ref, approx):
+        r, a = r.double(), a.double()
+        ok = torch.isfinite(r) & torch.isfinite(a)
+        num += float(((r - a)[ok] ** 2).sum())
+        den += float((r[ok] ** 2).sum())
+    return (num / den) ** 0.5 if den > 0 else float("nan")
+
+
+@dataclass
+class LinearProbe:
+    """Which planned linears of a block read the same input tensor (in call order), and which
+    module produced that tensor (None when an operation outside any module did)."""
+
+    groups: list[list[str]]
+    producers: list[str | None]
+
+
+def _first_sample(batch: Batch) -> Batch:
+    """The batch cut to its first sequence (every tensor whose leading dim is the batch size)."""
+    bs = hidden_of(batch).shape[0]
+    if bs == 1:
+        return batch
+
+    def cut(x):
+        if isinstance(x, torch.Tensor):
+            return x[:1] if x.dim() > 0 and x.shape[0] == bs else x
+        if isinstance(x, (tuple, list)):
+            return type(x)(cut(v) for v in x)
+        if isinstance(x, dict):
+            return {k: cut(v) for k, v in x.items()}
+        return x
+
+    return cut(batch[0]), cut(batch[1])
+
+
+@torch.no_grad()
+def probe_block(block: nn.Module, batch: Batch, planned: list[str]) -> LinearProbe:
+    out_by_id: dict[int, str] = {}
+    keep: list[torch.Tensor] = []  # hold every tensor seen, so ids are not reused during the probe
+    order: list[tuple[str, int]] = []
+    hooks = []
+    planned_set = set(planned)
+    for name, mod in block.named_modules():
+        if not name:
+            continue
+        if name in planned_set:
+            def pre(m, args, _n=name):
+                if args and isinstance(args[0], torch.Tensor):
+                    keep.append(args[0])
+                    order.append((_n, id(args[0])))
+            hooks.append(mod.register_forward_pre_hook(pre))
+
+        def post(m, args, out, _n=name):
+            if isinstance(out, torch.Tensor):
+                keep.append(out)
+                out_by_id.setdefault(id(out), _n)
+        hooks.append(mod.register_forward_hook(post))
+    try:
+        run_block(block, _first_sample(batch))
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: dict[int, list[str]] = {}
+    for n, tid in order:
+        if n not in groups.setdefault(tid, []):
+            groups[tid].append(n)
+    seen = {n for n, _ in order}
+    missing = [n for n in planned if n not in seen]
+    gl = list(groups.values()) + [[n] for n in missing]
+    prods = [out_by_id.get(tid) for tid in groups] + [None] * len(missing)
+    return LinearProbe(gl, prods)
+
+
+# --------------------------------------------------------------------------- block context
+
+
+@dataclass
+class BlockContext:
+    """What an algorithm gets for one block. It replaces `linears` (names relative to `block`)
+    with Int4Linear via `self.install`, which goes through the guard."""
+
+    block: nn.Module
+    name: str
+    linears: dict[str, dict[str, Any]]  # relative name -> plan options
+    batches: list[Batch]
+    config: Any
+    compute_dtype: torch.dtype
+    fallbacks: list[Fallback] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    weight_errors: dict[str, float] = field(default_factory=dict)
+
+    def group_size(self, rel: str) -> int:
+        return int(self.linears[rel].get("group_size", self.config.group_size))
+
+    def install(self, rel: str, algorithm: Callable[[], tuple], inputs: dict | None = None,
+                weight: torch.Tensor | None = None) -> None:
+        from anyquant.methods import primitives as P
+
+        lin = self.block.get_submodule(rel)
+        w = lin.weight.detach() if weight is None else weight
+        g = self.group_size(rel)
+        (codes, scale, zero), fb = guarded(f"{self.name}.{rel}", w, g, self.config.symmetric,
+                                           self.compute_dtype, algorithm, inputs)
+        if fb is not None:
+            self.fallbacks.append(fb)
+        deq = P.dequantize(codes, scale, zero, g)
+        self.weight_errors[f"{self.name}.{rel}"] = P.relative_error(w, deq)
+        q = Int4Linear.from_codes(codes, scale, zero, g, lin.bias, self.config.symmetric, self.compute_dtype)
+        set_submodule(self.block, rel, q)
+
+
+def rtn_block(block: nn.Module, linears: dict[str, dict], group_size: int, symmetric: bool,
+              compute_dtype: torch.dtype) -> None:
+    for rel, opts in linears.items():
+        lin = block.get_submodule(rel)
+        g = int(opts.get("group_size", group_size))
+        codes, scale, zero = rtn_grid(lin.weight.detach(), g, symmetric, compute_dtype)
+        set_submodule(block, rel, Int4Linear.from_codes(codes, scale, zero, g, lin.bias, symmetric, compute_dtype))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_key(fingerprint: str, config: dict, compute_dtype: str, plan_items: list, calib_ids: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"source": fingerprint, "config": config, "dtype": compute_dtype, "plan": plan_items},
+                        sort_keys=True).encode())
+    h.update(calib_ids.detach().cpu().contiguous().numpy().tobytes())
+    h.update(str(tuple(calib_ids.shape)).encode())
+    return h.hexdigest()[:20]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """For in-memory models: a hash of every parameter's shape and leading values."""
+    h = hashlib.sha256()
+    for n, p in model.named_parameters():
+        h.update(n.encode() + str(tuple(p.shape)).encode())
+        h.update(p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    return "params:" + h.hexdigest()[:20]
+
+
+def _save_block(directory: Path, i: int, block: nn.Module, entry: dict) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+    tmp = directory / f".block_{i:04d}.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, directory / f"block_{i:04d}.safetensors")
+    tmpj = directory / f".block_{i:04d}.json.tmp"
+    tmpj.write_text(json.dumps(entry, indent=1))
+    os.replace(tmpj, directory / f"block_{i:04d}.json")  # the commit marker: written last
+
+
+def _load_block(directory: Path, i: int, block: nn.Module, linears: dict[str, dict], config,
+                compute_dtype: torch.dtype) -> dict | None:
+    from safetensors.torch import load_file
+
+    meta = directory / f"block_{i:04d}.json"
+    if not meta.exists():
+        return None
+    entry = json.loads(meta.read_text())
+    for rel, opts in linears.items():
+        lin = block.get_submodule(rel)
+        g = int(opts.get("group_size", config.group_size))
+        shell = Int4Linear(lin.in_features, lin.out_features, g, lin.bias is not None, config.symmetric,
+                           compute_dtype, lin.weight.device)
+        set_submodule(block, rel, shell)
+    device = next(block.buffers()).device
+    state = {k: v.to(device) for k, v in load_file(str(directory / f"block_{i:04d}.safetensors")).items()}
+    block.load_state_dict(state, strict=True)
+    return entry
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@torch.no_grad()
+def run(
+    model: nn.Module,
+    plan,
+    config,
+    compute_dtype: torch.dtype,
+    calib_ids: torch.Tensor,
+    quantize_block: Callable[[BlockContext], None],
+    *,
+    progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    fingerprint: str | None = None,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Quantize every planned linear inside the decoder blocks; return the report section.
+    Planned linears outside the blocks are left to the caller (returned as `outside`)."""
+    from anyquant.numerics.dtype import dtype_name
+
+    blocks_name, blocks = find_blocks(model)
+    todo = {d.name: d.options for d in plan.to_quantize()}
+    per_block: list[dict[str, dict]] = []
+    inside: set[str] = set()
+    for i in range(len(blocks)):
+        prefix = f"{blocks_name}.{i}." if blocks_name else f"{i}."
+        mine = {n[len(prefix):]: o for n, o in todo.items() if n.startswith(prefix)}
+        per_block.append(mine)
+        inside.update(prefix + r for r in mine)
+    outside = sorted(set(todo) - inside)
+
+    ckdir = None
+    if checkpoint_dir is not None:
+        fp = fingerprint or model_fingerprint(model)
+        key = checkpoint_key(fp, config.to_dict(), dtype_name(compute_dtype),
+                             sorted([n, o] for n, o in todo.items()), calib_ids)
+        ckdir = Path(checkpoint_dir) / key
+
+    batches = capture_inputs(model, blocks[0], calib_ids, batch_size)
+    entries: list[dict] = []
+    fallbacks: list[dict] = []
+    notes: list[str] = []
+    weight_errors: dict[str, float] = {}
+    resumed = 0
+    with progress_bar(f"{config.method}: block by block", total=len(blocks), enabled=progress) as advance:
+        for i, block in enumerate(blocks):
+            bname = f"{blocks_name}.{i}" if blocks_name else str(i)
+            linears = per_block[i]
+            entry = _load_block(ckdir, i, block, linears, config, compute_dtype) if ckdir else None
+            if entry is not None:
+                resumed += 1
+                entry["resumed"] = True
+                outs = block_outputs(block, batches)
+            else:
+                ref = block_outputs(block, batches)
+                if linears:
+                    rtn = copy.deepcopy(block)
+                    rtn_block(rtn, linears, config.group_size, config.symmetric, compute_dtype)
+                    before = relative_error(ref, block_outputs(rtn, batches))
+                    del rtn
+                    ctx = BlockContext(block, bname, linears, batches, config, compute_dtype)
+                    quantize_block(ctx)
+                    left = [r for r in linears if isinstance(block.get_submodule(r), nn.Linear)]
+                    if left:
+                        raise AssertionError(f"{config.method} left {left} of {bname} unquantized")
+                    entry = {"block": bname, "linears": len(linears), "output_error_rtn": before,
+                             "fallbacks": [f.as_dict() for f in ctx.fallbacks], "notes": ctx.notes,
+                             "weight_errors": ctx.weight_errors}
+                else:
+                    entry = {"block": bname, "linears": 0, "output_error_rtn": 0.0, "fallbacks": [],
+                             "notes": [], "weight_errors": {}}
+                outs = block_outputs(block, batches)
+                entry["output_error"] = relative_error(ref, outs)
+                del ref
+                if ckdir is not None:
+                    _save_block(ckdir, i, block, entry)
+                entry["resumed"] = False
+            log.info("%s: output error rtn %.4g -> %s %.4g%s", bname, entry["output_error_rtn"], config.method,
+                     entry["output_error"], " (from checkpoint)" if entry["resumed"] else "")
+            fallbacks += entry["fallbacks"]
+            notes += [f"{bname}: {n}" for n in entry["notes"]]
+            weight_errors.update(entry["weight_errors"])
+            entries.append(entry)
+            batches = [with_hidden(b, o) for b, o in zip(batches, outs)]
+            del outs
+            advance()
+    return {
+        "blocks": entries,
+        "fallbacks": fallbacks,
+        "notes": notes,
+        "per_layer_weight_error": weight_errors,
+        "outside_blocks": outside,
+        "resumed_blocks": resumed,
+        "checkpoint_dir": str(ckdir) if ckdir else None,
+        "calibration": {"sequences": int(calib_ids.shape[0]), "tokens_per_sequence": int(calib_ids.shape[1])},
+    }
+
+
+def calibration_ids(tokenizer, text: str, n_samples: int, seq_len: int) -> torch.Tensor:
+    """n_samples rows of seq_len tokens (BOS first where the tokenizer has one) from `text`."""
+    from anyquant.eval.metrics import token_windows
+
+    ids = token_windows(tokenizer, text, max_tokens=n_samples * seq_len, window=seq_len)
+    if ids.shape[0] < n_samples:
+        log.warning("calibration text gives %d sequences of %d tokens, fewer than the %d asked for",
+                    ids.shape[0], seq_len, n_samples)
+    return ids[:n_samples]
+
+
+def quantize_model_blockwise(model, plan, config, compute_dtype, calib_ids, quantize_block, progress=True,
+                             checkpoint_dir=None, fingerprint=None, batch_size: int = 8) -> dict[str, Any]:
+    """The calibrated methods' `quantize_model`: blocks through `run`, then planned linears
+    outside the blocks (rare: the plan keeps heads and embeddings) by round-to-nearest, noted."""
+    report = run(model, plan, config, compute_dtype, calib_ids, quantize_block, progress=progress,
+                 checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, batch_size=batch_size)
+    outside = {n: d.options for n, d in ((d.name, d) for d in plan.to_quantize()) if n in set(report["outside_blocks"])}
+    if outside:
+        rtn_block(model, outside, config.group_size, config.symmetric, compute_dtype)
+        report["notes"].append(
+            f"{len(outside)} planned linear(s) outside the decoder blocks quantized by round-to-nearest "
+            f"(no calibrated inputs there): {', '.join(sorted(outside))[:300]}")
+    return report

@@ -1,0 +1,300 @@
+"""`anyquant doctor`: predict which failure class (F1–F5) a transformers + bitsandbytes
+`BitsAndBytesConfig` will hit on this device, and print a corrected config.
+
+The model is loaded once on the CPU in float32 (never onto a GPU) and probed: one forward with
+hooks records activation ranges (F3) and weights read outside their module's forward (F2).
+Skip patterns (F4) are matched with transformers' own `should_convert_module`, so the verdict
+is the one transformers will reach. Already-quantized checkpoints (F5) are read from the
+safetensors headers without loading.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from anyquant.errors import AnyquantError
+from anyquant.numerics.capabilities import DeviceCapabilities, detect_capabilities
+from anyquant.numerics.dtype import DTYPES, dtype_name
+from anyquant.numerics.policy import FP16_MARGIN, FP16_MAX, overflow_regions, probe_ranges
+
+log = logging.getLogger(__name__)
+
+FROM_PRETRAINED_KEYS = ("dtype", "torch_dtype")  # accepted in the JSON next to the bnb fields
+
+
+def _finding(cls: str, module: str, message: str) -> dict[str, str]:
+    return {"class": cls, "module": module, "message": message}
+
+
+def _dtype_str(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, torch.dtype):
+        return dtype_name(v)
+    s = str(v).replace("torch.", "")
+    return {"half": "float16", "bf16": "bfloat16", "fp16": "float16", "float": "float32"}.get(s, s)
+
+
+def read_bnb_config(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {"load_in_4bit": True}
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AnyquantError(f"--bnb-config {path}: cannot read JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise AnyquantError(f"--bnb-config {path}: expected a JSON object with BitsAndBytesConfig fields")
+    return d
+
+
+def _validate(d: dict[str, Any]):
+    from transformers import BitsAndBytesConfig
+
+    try:
+        return BitsAndBytesConfig(**d)
+    except (TypeError, ValueError) as e:
+        raise AnyquantError(f"BitsAndBytesConfig({d}) is not valid: {e}") from e
+
+
+def should_convert(name: str, patterns: list[str] | None) -> bool:
+    """transformers' own matcher (prefix at a module boundary, regex, or suffix)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    return should_convert_module(name, patterns)
+
+
+def _default_skips(model: nn.Module) -> list[str]:
+    """What transformers skips when llm_int8_skip_modules is None (tied, last, output embedding)."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    try:
+        return sorted(get_keys_to_not_convert(model))
+    except (AttributeError, NotImplementedError, TypeError) as e:  # custom models lack the methods (F4)
+        log.info("get_keys_to_not_convert failed (%s)", e)
+        return []
+
+
+def _remote_code_casts(path: Path) -> list[dict[str, str]]:
+    """Lines in the model's own code that cast tensors to a fixed low-precision dtype (F1)."""
+    pat = re.compile(r"\.to\(\s*(?:dtype\s*=\s*)?torch\.(bfloat16|float16|half)\b|\.(half|bfloat16)\(\s*\)")
+    found = []
+    for f in sorted(path.glob("*.py")):
+        cls = "<module>"
+        for i, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+            m = re.match(r"class\s+(\w+)", line)
+            if m:
+                cls = m.group(1)
+            hit = pat.search(line)
+            if hit and not line.lstrip().startswith("#"):
+                found.append({"class": cls, "where": f"{f.name}:{i}", "dtype": _dtype_str(hit.group(1) or hit.group(2)),
+                              "line": line.strip()})
+    return found
+
+
+def _minimal(names: list[str]) -> list[str]:
+    s = set(names)
+    return sorted(n for n in s if not any(n.startswith(o + ".") for o in s if o != n))
+
+
+def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, trust_remote_code: bool = False,
+             capabilities: DeviceCapabilities | None = None, margin: float = FP16_MARGIN) -> dict[str, Any]:
+    from anyquant.model.load import inspect_files, load_model, resolve_source
+
+    path = resolve_source(source)
+    user = dict(bnb_config or {"load_in_4bit": True})
+    user_dtype = None
+    for k in FROM_PRETRAINED_KEYS:
+        if k in user:
+            user_dtype = _dtype_str(user.pop(k))
+    bnb = _validate(user)
+    four_bit = bool(bnb.load_in_4bit)
+    caps = capabilities or detect_capabilities("cuda" if torch.cuda.is_available() else "cpu")
+    findings: list[dict[str, str]] = []
+    notes: list[str] = []
+    info = inspect_files(path)
+    declared = _dtype_str(info.config.get("dtype") or info.config.get("torch_dtype")) or "float32"
+    model_dtype = user_dtype or declared
+    compute = _dtype_str(bnb.bnb_4bit_compute_dtype) if four_bit else "float16"  # LLM.int8 computes in fp16
+    method = ("nf4" if bnb.bnb_4bit_quant_type == "nf4" else "fp4") if four_bit else "int8"
+
+    # F5: already quantized; nothing else matters
+    if info.quantization_config or info.quantized_tensors:
+        qm = (info.quantization_config or {}).get("quant_method", "unknown")
+        first = info.quantized_tensors[0] if info.quantized_tensors else "(quantization_config in config.json)"
+        findings.append(_finding("F5", first.split(" ")[0].rsplit(".", 1)[0] if info.quantized_tensors else "",
+                                 f"checkpoint is already quantized ({qm}; first tensor {first}): loading it with "
+                                 "another BitsAndBytesConfig re-quantizes integer data or fails"))
+        return _result(path, caps, findings, user, user_dtype, None, method, trust_remote_code, notes,
+                       extra={"already_quantized": True})
+
+    model, _, _ = load_model(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    from anyquant.pipeline import probe_inputs
+
+    inputs = probe_inputs(model)
+    # F1, measured: one forward in the dtype the user would load with (CPU computes all three)
+    from anyquant.numerics.policy import DtypeBoundaryError, check_consistency, fix_boundaries
+
+    f1_modules: set[str] = set()
+    if model_dtype in DTYPES and model_dtype != "float32":
+        dt = DTYPES[model_dtype]
+        model.to(dt)
+        cast = {k: v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+        try:
+            for m in check_consistency(model, cast):
+                f1_modules.add(m["module"])
+                findings.append(_finding("F1", m["module"], f"with dtype={model_dtype}: inputs {m['inputs']} meet "
+                                         f"parameters {m['params']} ({m['type']})"))
+        except DtypeBoundaryError as e:
+            f1_modules.add(e.module)
+            findings.append(_finding("F1", e.module or "<model>", f"with dtype={model_dtype} the forward fails: {e}"))
+        model.float()
+    casts = fix_boundaries(model, inputs)  # so that the probe runs in float32 (remote code casting)
+    for name, what in casts.items():
+        if name not in f1_modules:
+            findings.append(_finding("F1", name, f"dtypes disagree at this module's boundary in float32: {what}"))
+    ranges = probe_ranges(model, inputs)
+    limit = FP16_MAX * margin
+    regions, values = overflow_regions(ranges, limit)
+    absmax = max((r.out_absmax or 0.0 for r in ranges.values()), default=0.0)
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    linear_set = set(linears)
+
+    # F3: float16 somewhere on the path of an overflowing activation
+    fp16_path = compute == "float16" or model_dtype == "float16"
+    if values and fp16_path:
+        for region, why in regions.items():
+            inside = [v for v in values if not region or v["module"] == region or v["module"].startswith(region + ".")]
+            listing = ", ".join(f"{v['module']} {v['where']} {v['absmax']:.4g}" for v in inside[:4])
+            which = "bnb_4bit_compute_dtype=float16" if compute == "float16" and four_bit else (
+                "LLM.int8 (computes in float16)" if not four_bit else f"dtype={model_dtype}")
+            findings.append(_finding("F3", region or "<model>",
+                                     f"{which}: activations exceed the float16 range ({FP16_MAX:.0f}) here: "
+                                     f"{listing}; outputs become inf/NaN"))
+
+    # F1: a dtype the device does not compute natively; remote code that casts to a fixed dtype
+    for what, dt in (("bnb_4bit_compute_dtype" if four_bit else "LLM.int8 compute", compute), ("dtype", model_dtype)):
+        if dt in DTYPES and not caps.supports(DTYPES[dt]):
+            findings.append(_finding("F1", "<model>", f"{what}={dt}: {caps.name} ({caps.device_type}) has no native {dt}"))
+    remote_casts = _remote_code_casts(path)
+    for c in remote_casts:
+        if c["dtype"] != model_dtype or c["dtype"] != compute:
+            findings.append(_finding("F1", c["class"],
+                                     f"remote code casts to {c['dtype']} at {c['where']} ({c['line']!r}) while the "
+                                     f"model runs in {model_dtype} with {compute} compute: its neighbours' dtypes "
+                                     "will disagree; use one dtype for dtype and compute dtype"))
+
+    # F2: weights read outside their module's forward break when that Linear is quantized
+    f2_keep: list[str] = []
+    try:
+        from anyquant.numerics.probe import probe_weight_reads
+    except ImportError:
+        notes.append("F2 not checked: anyquant.numerics.probe is not available")
+    else:
+        facts = probe_weight_reads(model, inputs)
+        for name, readers in sorted(facts.outside_reads.items()):
+            if name in linear_set and should_convert(name, bnb.llm_int8_skip_modules):
+                f2_keep.append(name)
+                findings.append(_finding("F2", name, f"weight read outside its own forward by "
+                                         f"{facts.reader_text(name)}: quantizing it breaks that reader"))
+
+    # F4: skip patterns that transformers does not match
+    skips = list(bnb.llm_int8_skip_modules or [])
+    matched: list[str] = []
+    for p in skips:
+        hit = [n for n in linears if not should_convert(n, [p])]
+        mods = [n for n, _ in model.named_modules() if n and not should_convert(n, [p])]
+        if hit:
+            matched += _minimal(mods)
+            continue
+        near = [n for n in linears if p.strip(".") in n or p.split(".")[-1] in n.split(".")[-1]]
+        hint = f"; did you mean {', '.join(near[:4])}{' ...' if len(near) > 4 else ''}?" if near else ""
+        findings.append(_finding("F4", p, f"llm_int8_skip_modules entry {p!r} matches no Linear module in transformers "
+                                 f"(prefix at a module boundary, regex, or suffix){hint}; it is silently ignored"))
+        matched += near
+    defaults = _default_skips(model)
+    dropped = [d for d in defaults if should_convert(d, skips)]
+    if skips and dropped:
+        notes.append(f"a custom llm_int8_skip_modules replaces transformers' default skips, so {', '.join(dropped)} "
+                     "would be quantized; added back below")
+
+    # corrected config
+    if caps.prefer_float32:
+        good = "float32"
+        why = f"{caps.name}: no native low-precision compute; float32"
+    elif caps.bf16:
+        good, why = "bfloat16", "bfloat16 (float32's range: no float16 overflow)"
+    elif caps.fp16 and not values:
+        good, why = "float16", f"float16 (activations peak at {absmax:.4g}, within range)"
+    else:
+        good = "float32"
+        why = "float32 (no bfloat16 on this device and float16 overflows)" if values else "float32"
+    forced = sorted({c["dtype"] for c in remote_casts})
+    if len(forced) == 1 and forced[0] != good:
+        where_ = ", ".join(c["where"] for c in remote_casts[:3])
+        if caps.supports(DTYPES[forced[0]]) and not (forced[0] == "float16" and values):
+            good, why = forced[0], f"{forced[0]}: the model's code casts to it ({where_}); one dtype everywhere"
+        else:
+            notes.append(f"the model's code casts to {forced[0]} ({where_}), which this device cannot use safely: "
+                         f"in transformers no dtype avoids the mismatch; patch that line to cast to the module's "
+                         f"weight dtype, or use anyquant (it puts a cast at that boundary)")
+    keep = list(matched) + f2_keep
+    if skips or keep:
+        keep += defaults
+    if not four_bit and values and good != "float32":
+        # LLM.int8 casts inputs to float16 whatever the dtype: keep Linears fed with overflowing values
+        over_in = [v["module"] for v in values if v["where"] == "input" and v["module"] in linear_set]
+        keep += over_in
+        if over_in:
+            notes.append(f"LLM.int8 computes in float16: {', '.join(over_in)} kept unquantized (inputs over range)")
+    fixed = dict(user)
+    if four_bit:
+        fixed["bnb_4bit_compute_dtype"] = good
+    if keep:
+        fixed["llm_int8_skip_modules"] = _minimal(keep)
+    _validate(fixed)
+    return _result(path, caps, findings, fixed, good, why, method, trust_remote_code, notes,
+                   extra={"activation_absmax": absmax, "float16_overflow": values[:10],
+                          "float32_regions": regions, "user_config": {**user, **({"dtype": user_dtype} if user_dtype else {})}})
+
+
+def _result(path, caps, findings, fixed, dtype, why, method, trust_remote_code, notes, extra) -> dict[str, Any]:
+    cmd = f"anyquant quantize {path} --method {method} --dtype auto --out {path.name}-{method}"
+    if trust_remote_code:
+        cmd += " --trust-remote-code"
+    return {
+        "source": str(path),
+        "device": caps.to_dict(),
+        "findings": findings,
+        "bnb_config": fixed,
+        "from_pretrained": {"dtype": dtype} if dtype else {},
+        "dtype_reason": why,
+        "anyquant_command": cmd,
+        "notes": notes,
+        **extra,
+    }
+
+
+def print_report(data: dict[str, Any], echo=print) -> None:
+    dev = data["device"]
+    echo(f"doctor: {data['source']} on {dev['name']} ({dev['device_type']}{', simulated' if dev['simulated'] else ''})")
+    if not data["findings"]:
+        echo("no problems found")
+    for f in data["findings"]:
+        echo(f"  {f['class']}  {f['module']}: {f['message']}")
+    for n in data["notes"]:
+        echo(f"note: {n}")
+    args = ", ".join(f"{k}={v!r}" for k, v in data["bnb_config"].items())
+    echo("\ncorrected config:")
+    echo(f"  quantization_config = BitsAndBytesConfig({args})")
+    if data["from_pretrained"]:
+        dt = data["from_pretrained"]["dtype"]
+        echo(f"  model = AutoModel....from_pretrained({data['source']!r}, quantization_config=quantization_config, "
+             f"dtype=torch.{dt})   # {data['dtype_reason']}")
+    echo(f"\nor with anyquant:\n  {data['anyquant_command']}")

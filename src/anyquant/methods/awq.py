@@ -1,0 +1,175 @@
+"""awq: activation-aware per-input-channel scaling (Lin et al., 2023) before int4 RTN.
+
+For each set of linears that read the same input tensor (found by probing the block with
+hooks, not from a per-architecture table), s = mean|x|^alpha per input channel, alpha on a grid
+in [0, 1); the objective is the summed output error of those linears on the calibration
+activations, sum ||X W^T - (X / s) Q(W s)^T||^2. 1/s is folded into the module that produced X
+(found by probing too: the module whose output tensor *is* X) when it is a Linear or has a
+per-channel weight (a norm), and the fold is then checked numerically: the float block must
+give the same outputs. When no module produced X (an operation between modules did, e.g.
+o_proj's and down_proj's inputs in Llama) or the check fails, the group is not scaled (plain
+RTN) and the report says so. alpha = 0 is on the grid, so on the calibration data the
+objective is never worse than RTN.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from anyquant.calib.guard import nonfinite, rtn_grid
+from anyquant.config import AWQConfig
+from anyquant.methods import primitives as P
+from anyquant.methods.registry import register
+from anyquant.methods.rtn import Int4RTN
+
+MAX_ROWS = 4096  # calibration tokens used in the grid-search objective (all tokens feed mean|x|)
+
+
+class _Done(Exception):
+    pass
+
+
+@torch.no_grad()
+def search_scale(X: torch.Tensor, weights: list[torch.Tensor], xmean: torch.Tensor, group_size: int,
+                 symmetric: bool, grid: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, float, list[float]]:
+    """(best s, best alpha, objective per alpha)."""
+    X = X.float()
+    refs = [X @ w.float().t() for w in weights]
+    best, best_s, best_a, losses = None, None, 0.0, []
+    for k in range(grid):
+        alpha = k / grid
+        s = xmean.clamp_min(1e-4).pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        loss = 0.0
+        for w, y in zip(weights, refs):
+            ws = w.float() * s
+            codes, sc, z = rtn_grid(ws, group_size, symmetric, scale_dtype)
+            wq = P.dequantize(codes, sc, z, group_size) / s
+            loss += float(((X @ wq.t() - y) ** 2).sum())
+        losses.append(loss)
+        if loss == loss and (best is None or loss < best):
+            best, best_s, best_a = loss, s, alpha
+    if best_s is None:
+        raise FloatingPointError("awq: every alpha gave a non-finite loss")
+    return best_s, best_a, losses
+
+
+def _fold_target(block: nn.Module, producer: str | None, channels: int):
+    if producer is None:
+        return None, "its input is made by an operation outside any module (nothing to fold 1/s into)"
+    mod = block.get_submodule(producer)
+    if isinstance(mod, nn.Linear):
+        if mod.out_features == channels:
+            return mod, None
+        return None, f"producer {producer} has {mod.out_features} outputs, not {channels}"
+    w = getattr(mod, "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() == 1 and w.shape[0] == channels:
+        return mod, None
+    return None, f"producer {producer} ({type(mod).__name__}) has no per-channel weight"
+
+
+def _scale_params(mod: nn.Module, s: torch.Tensor, inverse: bool) -> None:
+    f = (1 / s) if inverse else s
+    w = mod.weight.data
+    if w.dim() == 2 and isinstance(mod, nn.Linear):
+        if mod.out_features == s.shape[0] and inverse:  # producer: scale its output rows
+            w.mul_(f.to(w.dtype).unsqueeze(1))
+            if mod.bias is not None:
+                mod.bias.data.mul_(f.to(mod.bias.dtype))
+        else:  # consumer: scale its input columns
+            w.mul_(f.to(w.dtype).unsqueeze(0))
+    else:
+        w.mul_(f.to(w.dtype))
+        b = getattr(mod, "bias", None)
+        if isinstance(b, torch.Tensor):
+            b.data.mul_(f.to(b.dtype))
+
+
+@torch.no_grad()
+def awq_block(ctx) -> None:
+    from anyquant.calib.runner import _first_sample, hidden_of, probe_block, run_block
+
+    block, cfg = ctx.block, ctx.config
+    names = list(ctx.linears)
+    probe = probe_block(block, ctx.batches[0], names)
+    firsts = [g[0] for g in probe.groups]
+    total_tokens = sum(hidden_of(b).shape[0] * hidden_of(b).shape[1] for b in ctx.batches)
+    step = max(1, total_tokens // MAX_ROWS)
+    sums = {n: None for n in firsts}
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in firsts}
+    counts = {n: 0 for n in firsts}
+    hooks = []
+    for n in firsts:
+        def pre(m, args, _n=n):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            a = x.abs().sum(0)
+            sums[_n] = a if sums[_n] is None else sums[_n] + a
+            counts[_n] += x.shape[0]
+            rows[_n].append(x[::step].clone())
+        hooks.append(block.get_submodule(n).register_forward_pre_hook(pre))
+    try:
+        for b in ctx.batches:
+            run_block(block, b)
+    finally:
+        for h in hooks:
+            h.remove()
+    probe_batch = _first_sample(ctx.batches[0])
+    y0 = run_block(block, probe_batch).float()
+    tol = 1e-3 if ctx.compute_dtype == torch.float32 else 3e-2
+    scaled: dict[str, torch.Tensor] = {}
+    for group, producer in zip(probe.groups, probe.producers):
+        X = torch.cat(rows[group[0]])
+        xmean = sums[group[0]] / max(1, counts[group[0]])
+        where = f"{ctx.name}: {'/'.join(group)}"
+        if nonfinite(activations=X, mean_abs=xmean):
+            continue  # the guard in ctx.install reports it per layer and falls back to RTN
+        target, why = _fold_target(block, producer, X.shape[1])
+        if target is None:
+            ctx.notes.append(f"{'/'.join(group)}: not scaled: {why}")
+            continue
+        weights = [block.get_submodule(n).weight for n in group]
+        try:
+            s, alpha, _ = search_scale(X, weights, xmean, ctx.group_size(group[0]), cfg.symmetric, cfg.grid,
+                                       ctx.compute_dtype)
+        except FloatingPointError as e:
+            ctx.notes.append(f"{'/'.join(group)}: not scaled: {e}")
+            continue
+        if alpha == 0.0:
+            continue
+        s = s.to(weights[0].device)
+        for n in group:
+            _scale_params(block.get_submodule(n), s, inverse=False)
+        _scale_params(target, s, inverse=True)
+        y1 = run_block(block, probe_batch).float()
+        err = P.relative_error(y0, y1)
+        if not err < tol:
+            for n in group:
+                _scale_params(block.get_submodule(n), 1 / s, inverse=False)
+            _scale_params(target, 1 / s, inverse=True)
+            ctx.notes.append(f"{'/'.join(group)}: not scaled: folding 1/s into {producer} changed the float "
+                             f"block output by {err:.2g} (its output is used elsewhere, or it is not a plain scale)")
+            continue
+        for n in group:
+            scaled[n] = s
+        del where
+    for n in names:
+        lin = block.get_submodule(n)
+        grp = next(g for g in probe.groups if n in g)
+        X = torch.cat(rows[grp[0]]) if rows.get(grp[0]) else None
+        ctx.install(n, lambda lin=lin, n=n: rtn_grid(lin.weight.detach(), ctx.group_size(n), cfg.symmetric,
+                                                     ctx.compute_dtype),
+                    inputs={"activations": X, "scale": scaled.get(n)})
+
+
+class AWQ(Int4RTN):
+    name = "awq"
+    format = "compressed-tensors"
+
+    def quantize_model(self, model, plan, config: AWQConfig, compute_dtype, calib_ids, progress=True, **kw):
+        from anyquant.calib.runner import quantize_model_blockwise
+
+        return quantize_model_blockwise(model, plan, config, compute_dtype, calib_ids, awq_block, progress, **kw)
+
+
+register(AWQ())

@@ -1,0 +1,170 @@
+"""Probe forward: which parameters are read outside the forward of the module that owns them (F2).
+
+One forward on small inputs runs under a `TorchFunctionMode` that sees every torch function
+call, while forward pre/post hooks on every module keep the stack of running modules. A
+parameter passed to a torch function while none of its owner modules is on that stack is read
+"outside its module's forward" — e.g. `nn.MultiheadAttention` hands `out_proj.weight` to
+`F.multi_head_attention_forward`, a block multiplies a router's weight itself, an output head
+is `x @ embedding.weight.t()`. Replacing such a Linear by a quantized module breaks the reader
+(dtype errors, or silently wrong numbers), so the plan keeps it in float.
+
+No names decide this: only tensor identity and the running-module stack.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+log = logging.getLogger(__name__)
+
+# Only these calls are ignored. Metadata reads count as reads: after quantization
+# `x.to(self.fc.weight.dtype)` would cast to int8/uint8, `.shape` is the packed shape, and
+# anyquant's int4 module has no `.weight` at all.
+_IGNORED = {"__repr__", "__format__", "requires_grad_"}
+
+
+@dataclass
+class ProbeFacts:
+    """What the probe forward saw. `outside_reads`: module name -> names of the modules that were
+    running when its weights were read (\"\" is the model's own top-level forward)."""
+
+    outside_reads: dict[str, list[str]] = field(default_factory=dict)
+    root_type: str = ""
+    ran: bool = False
+
+    def reader_text(self, module_name: str) -> str:
+        readers = self.outside_reads.get(module_name, [])
+        return ", ".join(r if r else f"{self.root_type} (top-level forward)" for r in readers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"outside_reads": self.outside_reads, "ran": self.ran}
+
+
+class _WeightReadMode(TorchFunctionMode):
+    def __init__(self, owners: dict[int, list[str]], stack: list[str], reads: dict[str, set[str]]):
+        super().__init__()
+        self.owners, self.stack, self.reads = owners, stack, reads
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") not in _IGNORED:
+            flat, _ = tree_flatten((args, kwargs))
+            running = set(self.stack)
+            for t in flat:
+                if isinstance(t, nn.Parameter):
+                    names = self.owners.get(id(t))
+                    if names and not running.intersection(names):
+                        reader = self.stack[-1] if self.stack else ""
+                        for n in names:
+                            self.reads[n].add(reader)
+        return func(*args, **kwargs)
+
+
+@torch.no_grad()
+def probe_weight_reads(model: nn.Module, inputs: dict[str, Any]) -> ProbeFacts:
+    """Run `model(**inputs)` once and record every parameter read outside its owner's forward."""
+    owners: dict[int, list[str]] = defaultdict(list)
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for _, p in mod.named_parameters(recurse=False):
+            if mname not in owners[id(p)]:
+                owners[id(p)].append(mname)
+    stack: list[str] = []
+    reads: dict[str, set[str]] = defaultdict(set)
+    handles = []
+
+    def pre(name):
+        def hook(module, args):
+            stack.append(name)
+        return hook
+
+    def post(name):
+        def hook(module, args, output):
+            # always_call: pops on exceptions too; a module called re-entrantly pops its own entry
+            if stack and stack[-1] == name:
+                stack.pop()
+            elif name in stack:
+                del stack[len(stack) - 1 - stack[::-1].index(name)]
+        return hook
+
+    for name, mod in model.named_modules():
+        handles.append(mod.register_forward_pre_hook(pre(name)))
+        handles.append(mod.register_forward_hook(post(name), always_call=True))
+    was_training = model.training
+    model.eval()
+    try:
+        with _WeightReadMode(owners, stack, reads):
+            model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    facts = ProbeFacts(
+        outside_reads={k: sorted(v) for k, v in sorted(reads.items())},
+        root_type=type(model).__name__,
+        ran=True,
+    )
+    for k in facts.outside_reads:
+        log.info("probe: weight of %s read outside its forward by %s", k, facts.reader_text(k))
+    return facts
+
+
+def vision_probe_inputs(model: nn.Module, generator: torch.Generator, batch: int = 1) -> dict[str, torch.Tensor]:
+    """pixel_values for a model whose config has a vision sub-config and whose forward takes
+    them: (batch, channels, size, size) from the vision config, in the model's float dtype."""
+    import inspect as _inspect
+
+    from anyquant.model.modelmap import _cfg_get, _sub_config
+
+    vcfg = _sub_config(getattr(model, "config", None), ("vision", "visual"))
+    if vcfg is None:
+        return {}
+    try:
+        params = _inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    if "pixel_values" not in params:
+        return {}
+    size = _cfg_get(vcfg, "image_size", "img_size") or 224
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    channels = _cfg_get(vcfg, "num_channels", "in_channels", "in_chans") or 3
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = p.dtype if p is not None else torch.float32
+    device = p.device if p is not None else torch.device("cpu")
+    x = torch.randn(batch, int(channels), int(size), int(size), generator=generator)
+    return {"pixel_values": x.to(device=device, dtype=dtype)}
+
+
+def run_probe(model: nn.Module, inputs: dict[str, Any]) -> tuple[ProbeFacts, dict[str, Any], list[str]]:
+    """probe_weight_reads with one documented fallback: if the forward with images fails (many
+    VLMs need image placeholder tokens the synthetic ids lack), probe text-only and say so.
+    Returns (facts, the inputs that ran, notes)."""
+    from anyquant.errors import AnyquantError
+
+    try:
+        return probe_weight_reads(model, inputs), inputs, []
+    except Exception as e:  # noqa: BLE001 — any failure of user/remote code; reported, not hidden
+        if "pixel_values" not in inputs:
+            raise AnyquantError(
+                f"probe forward of {type(model).__name__} failed ({type(e).__name__}: {e}); "
+                "the planner needs one forward to find weights read outside their module"
+            ) from e
+        text_only = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        note = (f"probe forward with images failed ({type(e).__name__}: {str(e)[:200]}); probed text-only: "
+                "weights read only on the image path were not checked (the vision tower and projector "
+                "stay in float by default)")
+        log.warning(note)
+        try:
+            return probe_weight_reads(model, text_only), text_only, [note]
+        except Exception as e2:  # noqa: BLE001
+            raise AnyquantError(
+                f"probe forward of {type(model).__name__} failed ({type(e2).__name__}: {e2})"
+            ) from e2

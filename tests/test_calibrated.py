@@ -1,0 +1,174 @@
+"""hqq, awq, gptq on tiny random Llamas: save/reload, error vs RTN, guard, resume."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import anyquant
+from anyquant.calib import runner
+from tests.conftest import make_tiny_llama
+
+METHODS = ["hqq", "awq", "gptq"]
+CALIB_SEQ = 40  # != the probe's 32 and the test ids' 24, so hooks can tell calibration apart
+
+
+@pytest.fixture(scope="module")
+def outlier_llama(tmp_path_factory):
+    """Tiny Llama whose norms give a few input channels large activations, as trained LLMs have:
+    that is what AWQ's scaling is for (on a plain random model mean|x| is flat)."""
+    path = tmp_path_factory.mktemp("models") / "tiny-llama-outliers"
+    make_tiny_llama(path, layers=2)
+    m = AutoModelForCausalLM.from_pretrained(path)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                idx = torch.randperm(norm.weight.numel(), generator=g)[:8]
+                norm.weight[idx] *= 20
+    m.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib():
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(0, 512, (8, CALIB_SEQ), generator=g)
+
+
+@pytest.fixture(scope="module")
+def saved(outlier_llama, calib, tmp_path_factory):
+    root = tmp_path_factory.mktemp("outs")
+    out = {}
+    for m in METHODS:
+        opts = {} if m == "hqq" else {"n_samples": 8, "seq_len": CALIB_SEQ}
+        r = anyquant.quantize(str(outlier_llama), m, progress=False, calib=calib, checkpoint_dir=None, **opts)
+        out[m] = (r, anyquant.save(r, root / m))
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_reload_same_logits(saved, method, ids):
+    result, path = saved[method]
+    ref = result.model(ids).logits
+    assert torch.isfinite(ref).all()
+    assert result.report["probe_logits_relative_error"] < 0.6  # measured 0.40 (hqq) on this outlier model
+    torch.testing.assert_close(anyquant.load(path)(ids).logits, ref, rtol=0, atol=0)
+    stock = AutoModelForCausalLM.from_pretrained(path)  # compressed-tensors, no anyquant
+    torch.testing.assert_close(stock(ids).logits.float(), ref.float(), rtol=0, atol=1e-5)
+    m = json.loads((path / "anyquant.json").read_text())
+    assert m["method"] == method
+
+
+@pytest.mark.parametrize("method,factor", [("gptq", 0.7), ("awq", 0.9)])
+def test_block_output_error_below_rtn(saved, method, factor):
+    """Measured on the calibration data, block by block (the runner's own before/after)."""
+    result, _ = saved[method]
+    blocks = result.report["calibration"]["blocks"]
+    assert len(blocks) == 2
+    for b in blocks:
+        assert b["output_error"] < factor * b["output_error_rtn"], b
+
+
+def test_hqq_weight_error_below_rtn(saved, outlier_llama):
+    from anyquant.methods import primitives as P
+
+    float_model = AutoModelForCausalLM.from_pretrained(outlier_llama)
+    errs = saved["hqq"][0].report["per_layer_weight_error"]
+    for name, e in errs.items():
+        w = float_model.get_submodule(name).weight.detach()
+        assert e <= P.relative_error(w, P.fake_quantize(w, 4, 128)) + 1e-7, name
+
+
+def test_probe_finds_shared_inputs_and_producers(outlier_llama):
+    m = AutoModelForCausalLM.from_pretrained(outlier_llama)
+    name, blocks = runner.find_blocks(m)
+    assert name == "model.layers"
+    batches = runner.capture_inputs(m, blocks[0], torch.randint(0, 512, (2, 16)), 2)
+    names = [n for n, mod in blocks[0].named_modules() if isinstance(mod, torch.nn.Linear)]
+    p = runner.probe_block(blocks[0], batches[0], names)
+    by = {tuple(g): prod for g, prod in zip(p.groups, p.producers)}
+    assert by[("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")] == "input_layernorm"
+    assert by[("mlp.gate_proj", "mlp.up_proj")] == "post_attention_layernorm"
+    assert by[("self_attn.o_proj",)] is None and by[("mlp.down_proj",)] is None
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_guard_nan_activation_falls_back_to_rtn(outlier_llama, calib, ids, method):
+    model = AutoModelForCausalLM.from_pretrained(outlier_llama)
+
+    def inject(mod, args, out):
+        if out.shape[1] == CALIB_SEQ:  # calibration batches only
+            out = out.clone()
+            out[0, 0, 0] = float("nan")
+            return out
+
+    h = model.model.layers[1].mlp.act_fn.register_forward_hook(inject)
+    try:
+        r = anyquant.quantize(model, method, progress=False, calib=calib, n_samples=8, seq_len=CALIB_SEQ)
+    finally:
+        h.remove()
+    fbs = r.report["calibration"]["fallbacks"]
+    assert [f["layer"] for f in fbs] == ["model.layers.1.mlp.down_proj"]
+    assert "non-finite" in fbs[0]["reason"]
+    assert any("model.layers.1.mlp.down_proj: fell back to round-to-nearest" in n for n in r.notes)
+    assert torch.isfinite(r.model(ids).logits).all()
+    for mod in r.model.modules():
+        for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
+            if t.is_floating_point():
+                assert torch.isfinite(t).all()
+
+
+def test_resume_after_interruption_gives_same_result(tmp_path, calib, ids, monkeypatch):
+    src = make_tiny_llama(tmp_path / "src", layers=3, seed=2)
+    ck = tmp_path / "ck"
+    opts = dict(progress=False, calib=calib, n_samples=8, seq_len=CALIB_SEQ)
+    full = anyquant.quantize(str(src), "gptq", checkpoint_dir=None, **opts)
+
+    real_save = runner._save_block
+
+    def save_then_die(directory, i, block, entry):
+        real_save(directory, i, block, entry)
+        if i == 0:
+            raise KeyboardInterrupt("simulated kill after block 1")
+
+    monkeypatch.setattr(runner, "_save_block", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        anyquant.quantize(str(src), "gptq", checkpoint_dir=ck, **opts)
+    monkeypatch.setattr(runner, "_save_block", real_save)
+    again = anyquant.quantize(str(src), "gptq", checkpoint_dir=ck, **opts)
+    cal = again.report["calibration"]
+    assert cal["resumed_blocks"] == 1
+    assert [b["resumed"] for b in cal["blocks"]] == [True, False, False]
+    assert any("resumed 1 finished block" in n for n in again.notes)
+    torch.testing.assert_close(again.model(ids).logits, full.model(ids).logits, rtol=0, atol=0)
+    # a different config, plan or calibration set is a different key: nothing to resume from
+    k = runner.checkpoint_key("fp", {"method": "gptq"}, "float32", [], calib)
+    assert k != runner.checkpoint_key("fp", {"method": "gptq", "act_order": True}, "float32", [], calib)
+    assert k != runner.checkpoint_key("fp", {"method": "gptq"}, "float32", [], calib[:4])
+    assert k != runner.checkpoint_key("fp2", {"method": "gptq"}, "float32", [], calib)
+
+
+def test_gptq_act_order_group_64(tiny_llama, calib, ids):
+    for g, act in ((64, True),):
+        r = anyquant.quantize(str(tiny_llama), "gptq", progress=False, calib=calib, checkpoint_dir=None,
+                              n_samples=8, seq_len=CALIB_SEQ, group_size=g, act_order=act)
+        assert {d.options["group_size"] for d in r.plan.to_quantize()} == {g}
+        assert torch.isfinite(r.model(ids).logits).all()
+        for b in r.report["calibration"]["blocks"]:
+            assert b["output_error"] < b["output_error_rtn"]
+
+
+def test_configs():
+    from anyquant.config import MethodConfig, make_config
+    from anyquant.errors import AnyquantError
+
+    for m in METHODS:
+        c = make_config(m, group_size=64)
+        assert MethodConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    assert make_config("gptq").calibrated and make_config("awq").calibrated and not make_config("hqq").calibrated
+    with pytest.raises(AnyquantError, match="symmetric"):
+        make_config("hqq", symmetric=True)
+    with pytest.raises(AnyquantError, match="damp"):
+        make_config("gptq", damp=2.0)

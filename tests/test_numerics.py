@@ -1,0 +1,223 @@
+"""Numerics guard: device capabilities, the dtype policy (F1, F3), consistency, `anyquant doctor`."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from anyquant.errors import AnyquantError
+from anyquant.numerics.capabilities import ENV, detect_capabilities, simulate, simulated_device
+from anyquant.numerics.policy import check_consistency, choose_policy
+from tests.fixtures_numerics import make_overflow_llama
+
+NO_BF16 = simulated_device(bf16=False)
+WITH_BF16 = simulated_device(bf16=True)
+
+
+@pytest.fixture(scope="module")
+def overflow_dir(tmp_path_factory):
+    return make_overflow_llama(tmp_path_factory.mktemp("numerics") / "overflow-llama")
+
+
+@pytest.fixture(scope="module")
+def escape_dir(tmp_path_factory):
+    return make_overflow_llama(tmp_path_factory.mktemp("numerics") / "escape-llama", escape=True)
+
+
+@pytest.fixture
+def ids():
+    return {"input_ids": torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))}
+
+
+def load(path, dtype=torch.float32, **kw):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).eval()
+
+
+@torch.no_grad()
+def finite(model, ids):
+    return bool(torch.isfinite(model(**ids).logits).all())
+
+
+def test_capabilities(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    cpu = detect_capabilities("cpu")
+    assert cpu.device_type == "cpu" and cpu.prefer_float32 and not cpu.simulated
+    assert not NO_BF16.supports(torch.bfloat16) and NO_BF16.supports(torch.float16)
+    assert simulate(cpu, "bf16=0,prefer_float32=0").bf16 is False
+    monkeypatch.setenv(ENV, "bf16=0,prefer_float32=false")
+    caps = detect_capabilities("cpu")
+    assert caps.simulated and not caps.bf16 and not caps.prefer_float32
+    monkeypatch.setenv(ENV, "bogus=1")
+    with pytest.raises(AnyquantError, match="bf16"):
+        detect_capabilities("cpu")
+
+
+def test_fixture_overflows_in_plain_transformers_float16(overflow_dir, ids):
+    assert not finite(load(overflow_dir, torch.float16), ids)  # what users of plain transformers get
+    assert finite(load(overflow_dir, torch.bfloat16), ids)
+    assert finite(load(overflow_dir, torch.float32), ids)
+
+
+def test_auto_picks_bfloat16_where_supported(overflow_dir, ids):
+    m = load(overflow_dir)
+    p = choose_policy(m, "auto", WITH_BF16, ids)
+    assert p.compute_dtype == torch.bfloat16 and not p.fp32_modules
+    p.apply(m)
+    assert finite(m, ids)
+    assert choose_policy(load(overflow_dir), "auto", detect_capabilities("cpu") if not os.environ.get(ENV)
+                         else simulate(detect_capabilities("cpu"), {"prefer_float32": True}), ids).compute_dtype == torch.float32
+
+
+def test_no_bf16_keeps_overflowing_module_in_float32(overflow_dir, ids):
+    m = load(overflow_dir)
+    p = choose_policy(m, "auto", NO_BF16, ids)
+    assert p.compute_dtype == torch.float16
+    assert list(p.fp32_modules) == ["model.layers.1.mlp"]
+    assert p.overflow[0]["module"] == "model.layers.1.mlp.down_proj" and p.overflow[0]["absmax"] > 65504
+    assert "model.layers.1.mlp" in p.reason and "65504" in p.reason
+    assert p.dtype_for("model.layers.1.mlp.down_proj") == torch.float32
+    assert p.dtype_for("model.layers.0.mlp.down_proj") == torch.float16
+    p.apply(m)
+    assert m.model.layers[1].mlp.down_proj.weight.dtype == torch.float32
+    assert m.model.layers[0].mlp.down_proj.weight.dtype == torch.float16
+    assert finite(m, ids)
+    assert check_consistency(m, ids) == []
+    # explicit float16: honoured because the policy can contain the overflow (and says where)
+    p16 = choose_policy(load(overflow_dir), "float16", NO_BF16, ids)
+    assert p16.compute_dtype == torch.float16 and "model.layers.1.mlp" in p16.fp32_modules
+    with pytest.raises(AnyquantError, match="no native bfloat16"):
+        choose_policy(load(overflow_dir), "bfloat16", NO_BF16, ids)
+
+
+def test_uncontainable_overflow_refused_or_float32(escape_dir, ids):
+    with pytest.raises(AnyquantError) as e:
+        choose_policy(load(escape_dir), "float16", NO_BF16, ids)
+    msg = str(e.value)
+    assert "float16 refused" in msg and "model.layers.1.mlp.down_proj" in msg and "e+05" in msg
+    p = choose_policy(load(escape_dir), "auto", NO_BF16, ids)
+    assert p.compute_dtype == torch.float32 and p.overflow
+
+
+def test_consistency_check_names_module(overflow_dir, ids):
+    m = load(overflow_dir)
+    m.model.layers[0].post_attention_layernorm.weight.data = m.model.layers[0].post_attention_layernorm.weight.data.half()
+    mism = check_consistency(m, ids)
+    assert [x["module"] for x in mism] == ["model.layers.0.post_attention_layernorm"]
+    assert mism[0]["params"] == {"weight": "float16"} and mism[0]["inputs"] == ["float32"]
+    m.model.layers[0].mlp.up_proj.half()  # a real dtype error inside the forward
+    with pytest.raises(AnyquantError, match=r"model\.layers\.0\.mlp\.up_proj"):
+        check_consistency(m, ids)
+
+
+def test_pipeline_nf4_without_bf16(overflow_dir, monkeypatch):
+    from anyquant.pipeline import quantize
+
+    monkeypatch.setenv(ENV, "bf16=0,prefer_float32=0")
+    r = quantize(overflow_dir, "nf4", progress=False)
+    dp = r.report["dtype_policy"]
+    assert dp["compute_dtype"] == "float16" and list(dp["float32_modules"]) == ["model.layers.1.mlp"]
+    assert dp["consistency_mismatches"] == [] and dp["device"]["simulated"]
+    q = r.model.model.layers[1].mlp.down_proj
+    assert type(q).__name__ == "Linear4bit" and q.compute_dtype == torch.float32
+    monkeypatch.setenv(ENV, "bf16=1,prefer_float32=0")
+    r = quantize(overflow_dir, "nf4", progress=False)
+    assert r.report["dtype_policy"]["compute_dtype"] == "bfloat16" and not r.report["dtype_policy"]["float32_modules"]
+
+
+def test_doctor_json_f3_and_fixed_config_runs(overflow_dir, tmp_path, ids):
+    from transformers import BitsAndBytesConfig
+
+    naive = {"load_in_4bit": True, "bnb_4bit_compute_dtype": "float16", "bnb_4bit_quant_type": "nf4",
+             "llm_int8_skip_modules": ["mlp.gate"]}
+    cfg = tmp_path / "bnb.json"
+    cfg.write_text(json.dumps({**naive, "dtype": "float16"}))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **{ENV: "bf16=1,prefer_float32=0"})
+    p = subprocess.run([sys.executable, "-m", "anyquant.cli", "doctor", str(overflow_dir), "--bnb-config", str(cfg),
+                        "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    data = json.loads(p.stdout)
+    by_class = {f["class"]: f for f in data["findings"]}
+    assert by_class["F3"]["module"] == "model.layers.1.mlp" and "65504" in by_class["F3"]["message"]
+    assert by_class["F4"]["module"] == "mlp.gate" and "gate_proj" in by_class["F4"]["message"]
+    fixed = data["bnb_config"]
+    assert fixed["bnb_4bit_compute_dtype"] == "bfloat16" and data["from_pretrained"] == {"dtype": "bfloat16"}
+    assert "model.layers.1.mlp.gate_proj" in fixed["llm_int8_skip_modules"] and "lm_head" in fixed["llm_int8_skip_modules"]
+    assert "anyquant quantize" in data["anyquant_command"]
+
+    good = load(overflow_dir, getattr(torch, data["from_pretrained"]["dtype"]), quantization_config=BitsAndBytesConfig(**fixed))
+    assert type(good.model.layers[1].mlp.down_proj).__name__ == "Linear4bit"
+    assert type(good.model.layers[1].mlp.gate_proj).__name__ == "Linear"  # the skip entry now matches
+    assert finite(good, ids)
+    bad = load(overflow_dir, torch.float16, quantization_config=BitsAndBytesConfig(**naive))
+    assert type(bad.model.layers[1].mlp.gate_proj).__name__ == "Linear4bit"  # 'mlp.gate' was ignored
+    assert not finite(bad, ids)
+
+
+def test_doctor_no_bf16_and_already_quantized(overflow_dir, tmp_path, ids):
+    from transformers import BitsAndBytesConfig
+
+    from anyquant.doctor import diagnose
+
+    d = diagnose(overflow_dir, {"load_in_4bit": True, "bnb_4bit_compute_dtype": "bfloat16"}, capabilities=NO_BF16)
+    assert [f["class"] for f in d["findings"]] == ["F1"]  # bf16 compute on a device without it
+    assert d["bnb_config"]["bnb_4bit_compute_dtype"] == "float32"  # fp16 would overflow (F3)
+    BitsAndBytesConfig(**d["bnb_config"])
+    d = diagnose(overflow_dir, {"load_in_4bit": True}, capabilities=WITH_BF16)
+    assert d["findings"] == [] and d["bnb_config"]["bnb_4bit_compute_dtype"] == "bfloat16"
+
+    q = tmp_path / "q"
+    shutil.copytree(overflow_dir, q)
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(4, 4, dtype=torch.uint8)}, str(q / "extra.safetensors"))
+    d = diagnose(q, {"load_in_4bit": True}, capabilities=WITH_BF16)
+    assert d["findings"][0]["class"] == "F5" and "already quantized" in d["findings"][0]["message"]
+    BitsAndBytesConfig(**d["bnb_config"])
+
+
+@pytest.fixture(scope="module")
+def glm_dir(tmp_path_factory):
+    from tests.fixtures_numerics import make_glm4v_like
+
+    return make_glm4v_like(tmp_path_factory.mktemp("numerics") / "glm4v-like")
+
+
+@pytest.mark.parametrize("caps", ["bf16=0,prefer_float32=0", "bf16=1,prefer_float32=0"])
+def test_glm4v_like_remote_cast_never_a_dtype_error(glm_dir, monkeypatch, caps):
+    from anyquant.pipeline import quantize
+
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    px = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    dt = torch.float16 if "bf16=0" in caps else torch.bfloat16
+    if dt == torch.float16:  # plain transformers: the GLM-4V error
+        with pytest.raises(RuntimeError, match=r"Input type \(c10::BFloat16\) and bias type \(c10::Half\)"):
+            load(glm_dir, dt, trust_remote_code=True)(input_ids=ids, pixel_values=px.to(dt))
+    monkeypatch.setenv(ENV, caps)
+    r = quantize(glm_dir, "nf4", trust_remote_code=True, progress=False)
+    dp = r.report["dtype_policy"]
+    assert dp["compute_dtype"] == str(dt).replace("torch.", "") and dp["consistency_mismatches"] == []
+    if dt == torch.float16:
+        assert "vision.patch_embed.proj" in dp["boundary_casts"]
+    with torch.no_grad():
+        out = r.model(input_ids=ids, pixel_values=px.to(dt)).logits
+    assert torch.isfinite(out).all() and type(r.model.model.layers[0].up).__name__ == "Linear4bit"
+
+
+def test_doctor_names_remote_code_cast(glm_dir):
+    from anyquant.doctor import diagnose
+
+    d = diagnose(glm_dir, {"load_in_4bit": True, "bnb_4bit_compute_dtype": "float16", "dtype": "float16"},
+                 trust_remote_code=True, capabilities=NO_BF16)
+    f1 = [f for f in d["findings"] if f["class"] == "F1"]
+    assert any(f["module"] == "Vision" and "modeling_glm4vlike.py" in f["message"] for f in f1)  # static
+    assert any(f["module"] == "vision.patch_embed.proj" and "BFloat16" in f["message"] for f in f1)  # measured
+    assert d["bnb_config"]["bnb_4bit_compute_dtype"] == "float16"  # no bf16 here, no overflow
+    assert any("patch that line" in n for n in d["notes"])
+    d = diagnose(glm_dir, {"load_in_4bit": True, "bnb_4bit_compute_dtype": "float16", "dtype": "float16"},
+                 trust_remote_code=True, capabilities=WITH_BF16)
+    assert d["bnb_config"]["bnb_4bit_compute_dtype"] == "bfloat16" and d["from_pretrained"] == {"dtype": "bfloat16"}
