@@ -103,6 +103,28 @@ def _minimal(names: list[str]) -> list[str]:
     return sorted(n for n in s if not any(n.startswith(o + ".") for o in s if o != n))
 
 
+def _avx512bf16_cpu() -> bool:
+    """Whether bitsandbytes' Linear4bit takes its AVX512-BF16 repacking path on this CPU."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
+BNB_4BIT_BLOCKSIZE = 64  # Params4bit's default; transformers' BitsAndBytesConfig does not set another
+AVX512_BLOCK_N = 32  # bitsandbytes' _convert_weight_packed_for_cpu: out_features % 32, in_features % blocksize
+
+
+def _repack_fails(m: nn.Linear) -> bool:
+    return m.out_features % AVX512_BLOCK_N != 0 or m.in_features % BNB_4BIT_BLOCKSIZE != 0
+
+
+AVX512_FIX = ("after loading, turn the path off: `for m in model.modules(): m.support_avx512bf16_for_cpu = False` "
+              "for every bitsandbytes Linear4bit (anyquant.methods.bnb.keep_compute_dtype(model) does this), "
+              "or use the anyquant command below")
+
+
 def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, trust_remote_code: bool = False,
              capabilities: DeviceCapabilities | None = None, margin: float = FP16_MARGIN) -> dict[str, Any]:
     from anyquant.model.load import inspect_files, load_model, resolve_source
@@ -132,7 +154,7 @@ def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, tr
                                  f"checkpoint is already quantized ({qm}; first tensor {first}): loading it with "
                                  "another BitsAndBytesConfig re-quantizes integer data or fails"))
         return _result(path, caps, findings, user, user_dtype, None, method, trust_remote_code, notes,
-                       extra={"already_quantized": True})
+                       extra={"already_quantized": True, "unresolved": list(findings)})
 
     model, _, _ = load_model(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
     from anyquant.pipeline import probe_inputs
@@ -215,14 +237,42 @@ def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, tr
             continue
         near = [n for n in linears if p.strip(".") in n or p.split(".")[-1] in n.split(".")[-1]]
         hint = f"; did you mean {', '.join(near[:4])}{' ...' if len(near) > 4 else ''}?" if near else ""
+        other = [n for n, _ in model.named_parameters() if not should_convert(n, [p])] + [
+            n for n in mods if n not in linear_set]
+        if other and not near:
+            hint = (f"; it names non-Linear modules or parameters ({', '.join(sorted(other)[:3])}"
+                    f"{' ...' if len(other) > 3 else ''}), which transformers never quantizes: not needed")
         findings.append(_finding("F4", p, f"llm_int8_skip_modules entry {p!r} matches no Linear module in transformers "
                                  f"(prefix at a module boundary, regex, or suffix){hint}; it is silently ignored"))
         matched += near
     defaults = _default_skips(model)
-    dropped = [d for d in defaults if should_convert(d, skips)]
+    # only defaults that hold a Linear matter (the "last parameter" may be a norm's scale)
+    defaults_lin = [d for d in defaults if any(n == d or n.startswith(d + ".") for n in linears)]
+    dropped = [d for d in defaults_lin if should_convert(d, skips)]
     if skips and dropped:
         notes.append(f"a custom llm_int8_skip_modules replaces transformers' default skips, so {', '.join(dropped)} "
                      "would be quantized; added back below")
+    # F4: an output head that transformers' defaults (tied weights, last parameter, get_output_embeddings)
+    # do not find in a custom architecture (ChatGLM's `transformer.output_layer`) is quantized
+    from anyquant.model.modelmap import HEAD, LINEAR, PROJECTOR, VISION, build_model_map
+
+    mm = build_model_map(model)
+    effective = skips if skips else defaults
+    head_keep: list[str] = []
+    for name, mi in mm.modules.items():
+        if mi.kind == LINEAR and mi.component == HEAD and name in linear_set and should_convert(name, effective) \
+                and should_convert(name, defaults):
+            head_keep.append(name)
+            findings.append(_finding("F4", name, f"the output head ({mi.in_features}->{mi.out_features}, vocabulary "
+                                     "size) is not among transformers' default skips (tied weights, last parameter, "
+                                     "get_output_embeddings), so this config quantizes it: its error goes straight "
+                                     "into the logits; kept unquantized below"))
+    float_roots = sorted({n for n, mi in mm.modules.items() if mi.kind == LINEAR and mi.component in (VISION, PROJECTOR)
+                          and should_convert(n, effective)})
+    if float_roots:
+        notes.append(f"{len(float_roots)} vision tower / projector Linears ({', '.join(float_roots[:3])}"
+                     f"{' ...' if len(float_roots) > 3 else ''}) would be quantized; anyquant keeps them in float by "
+                     "default; add them to llm_int8_skip_modules to do the same")
 
     # corrected config
     if caps.prefer_float32:
@@ -236,17 +286,19 @@ def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, tr
         good = "float32"
         why = "float32 (no bfloat16 on this device and float16 overflows)" if values else "float32"
     forced = sorted({c["dtype"] for c in remote_casts})
+    cast_unfixable = False
     if len(forced) == 1 and forced[0] != good:
         where_ = ", ".join(c["where"] for c in remote_casts[:3])
         if caps.supports(DTYPES[forced[0]]) and not (forced[0] == "float16" and values):
             good, why = forced[0], f"{forced[0]}: the model's code casts to it ({where_}); one dtype everywhere"
         else:
+            cast_unfixable = True
             notes.append(f"the model's code casts to {forced[0]} ({where_}), which this device cannot use safely: "
                          f"in transformers no dtype avoids the mismatch; patch that line to cast to the module's "
                          f"weight dtype, or use anyquant (it puts a cast at that boundary)")
-    keep = list(matched) + f2_keep
+    keep = list(matched) + f2_keep + head_keep
     if skips or keep:
-        keep += defaults
+        keep += defaults_lin
     if not four_bit and values and good != "float32":
         # LLM.int8 casts inputs to float16 whatever the dtype: keep Linears fed with overflowing values
         over_in = [v["module"] for v in values if v["where"] == "input" and v["module"] in linear_set]
@@ -259,8 +311,32 @@ def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, tr
     if keep:
         fixed["llm_int8_skip_modules"] = _minimal(keep)
     _validate(fixed)
+
+    # What no BitsAndBytesConfig fixes: the corrected config alone still fails there.
+    unresolved: list[dict[str, str]] = []
+    if cast_unfixable:  # no dtype avoids the remote code's own cast on this device
+        unresolved += [f for f in findings if f["class"] == "F1" and (f["module"] in f1_modules or f["module"] in
+                                                                          {c["class"] for c in remote_casts})]
+    # bitsandbytes' AVX512-BF16 CPU path: Linear4bit repacks its weight at the first eval-mode, no-grad
+    # forward, computes in bfloat16 from then on, and asserts shapes that narrow layers fail
+    if four_bit and caps.device_type == "cpu" and _avx512bf16_cpu():
+        fixed_skips = fixed.get("llm_int8_skip_modules") or defaults
+        for n in linears:
+            m = model.get_submodule(n)
+            if should_convert(n, effective) and should_convert(n, fixed_skips) and _repack_fails(m):
+                err = ("AssertionError: N must be divisible by block_n" if m.out_features % AVX512_BLOCK_N else
+                       f"RuntimeError: shape '[{m.out_features}, {m.in_features // BNB_4BIT_BLOCKSIZE}]' is invalid")
+                f = _finding("F1", n, f"on this CPU (AVX512-BF16) bitsandbytes repacks Linear4bit weights at the first "
+                             f"eval-mode, no-grad forward; this layer ({m.in_features}->{m.out_features}) fails there "
+                             f"({err}; the path needs out_features % {AVX512_BLOCK_N} == 0 and in_features % "
+                             f"{BNB_4BIT_BLOCKSIZE} == 0); {AVX512_FIX}")
+                findings.append(f)
+                unresolved.append(f)
+        if good != "bfloat16":
+            notes.append("on this CPU (AVX512-BF16) bitsandbytes computes Linear4bit in bfloat16 in eval-mode, no-grad "
+                         f"forwards, whatever bnb_4bit_compute_dtype says; to keep {good}: {AVX512_FIX}")
     return _result(path, caps, findings, fixed, good, why, method, trust_remote_code, notes,
-                   extra={"activation_absmax": absmax, "float16_overflow": values[:10],
+                   extra={"unresolved": unresolved, "activation_absmax": absmax, "float16_overflow": values[:10],
                           "float32_regions": regions, "user_config": {**user, **({"dtype": user_dtype} if user_dtype else {})}})
 
 
@@ -290,6 +366,8 @@ def print_report(data: dict[str, Any], echo=print) -> None:
         echo(f"  {f['class']}  {f['module']}: {f['message']}")
     for n in data["notes"]:
         echo(f"note: {n}")
+    for f in data.get("unresolved", []):
+        echo(f"not fixed by the config below: {f['class']} {f['module']}")
     args = ", ".join(f"{k}={v!r}" for k, v in data["bnb_config"].items())
     echo("\ncorrected config:")
     echo(f"  quantization_config = BitsAndBytesConfig({args})")
