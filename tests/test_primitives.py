@@ -98,5 +98,29 @@ def test_int4_linear_matches_dequantized_reference():
     lin = torch.nn.Linear(256, 96)
     q = Int4Linear.from_float(lin, 64)
     x = torch.randn(5, 256)
-    ref = x.double() @ P.fake_quantize(lin.weight.detach().double(), 4, 64).t() + lin.bias.double()
+    # Reference: min-max grid in float64 with the scale rounded to float16, as it is stored.
+    w = lin.weight.detach().double()
+    scale, zero = P.compute_qparams(w, 4, 64)
+    scale = scale.half().double()
+    wq = P.dequantize(P.quantize(w, scale, zero, 4, 64), scale, zero, 64, torch.float64)
+    ref = x.double() @ wq.t() + lin.bias.double()
+    assert q.weight_scale.dtype == torch.float16
     torch.testing.assert_close(q(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fit_group_size_largest_multiple_of_32_dividing_all():
+    from anyquant.methods.rtn import fit_group_size
+
+    assert fit_group_size(4096, 128) == 128
+    assert fit_group_size([576, 1536], 128) == 96  # SmolLM2: 4.21 bits per weight, not g64's 4.31
+    assert fit_group_size(576, 64) == 64
+    assert fit_group_size(80, 128) is None  # 80 = 16 * 5: no multiple of 32 divides it
+    assert fit_group_size(80, 16) == 16
+
+
+def test_round_scale_stays_positive_and_finite():
+    s = torch.tensor([0.0, 1e-9, 3e-3, 1e9])
+    r = P.round_scale(s, torch.float32)
+    assert (r > 0).all() and torch.isfinite(r).all()
+    assert r[2] == torch.tensor(3e-3).half().float()
+    assert P.round_scale(s, torch.bfloat16)[3] == torch.tensor(1e9).bfloat16().float()

@@ -43,7 +43,7 @@ def nonfinite(**tensors: torch.Tensor | None) -> str | None:
 
 def rtn_grid(weight: torch.Tensor, group_size: int, symmetric: bool, scale_dtype: torch.dtype) -> Grid:
     scale, zero = P.compute_qparams(weight, 4, group_size, symmetric)
-    scale = scale.to(scale_dtype).float()  # codes are computed against the scale as stored
+    scale = P.round_scale(scale, scale_dtype)  # codes are computed against the scale as stored
     return P.quantize(weight, scale, zero, 4, group_size), scale, zero
 
 

@@ -51,7 +51,7 @@ def gptq_grid(
 
     def set_group(gi: int, cols_w: torch.Tensor) -> None:
         s, z = P.compute_qparams(cols_w, 4, cols_w.shape[1], symmetric)
-        scale[:, gi] = s[:, 0].to(scale_dtype).float()
+        scale[:, gi] = P.round_scale(s[:, 0], scale_dtype)
         zero[:, gi] = z[:, 0]
 
     perm = None

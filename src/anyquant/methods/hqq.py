@@ -42,7 +42,7 @@ def hqq_grid(
     qmin, qmax = P.qrange(4)
     G = P._grouped(w.float(), group_size)  # [out, groups, g]
     s0, z0 = P.compute_qparams(w, 4, group_size, False)
-    s0 = s0.to(scale_dtype).float()
+    s0 = P.round_scale(s0, scale_dtype)
     s = s0.unsqueeze(-1).clone()
     zf = z0.float().unsqueeze(-1)
     # 1. zero point, float, scale fixed (HQQ's proximal iteration).
@@ -62,7 +62,7 @@ def hqq_grid(
         s_new = num / den.clamp_min(1e-12)
         s = torch.where((den > 0) & (s_new > 0) & torch.isfinite(s_new), s_new, s)
         b *= kappa
-    s = s.squeeze(-1).to(scale_dtype).float()
+    s = P.round_scale(s.squeeze(-1), scale_dtype)
     z = z.squeeze(-1).to(torch.int8)
     # 3. per group, the better of HQQ and RTN in squared error.
     def err(scale, zero):

@@ -40,9 +40,9 @@ def handler_for(method: str) -> MethodHandler:
 
 
 def _load_builtin() -> None:
-    if not _HANDLERS:
-        from anyquant.methods import bnb, rtn  # noqa: F401  (registration side effect)
-        from anyquant.methods import awq, gptq, hqq  # noqa: F401
+    # Always import all of them: importing one method module directly (e.g. rtn) registers
+    # that handler alone, so "the registry is not empty" does not mean "all are loaded".
+    from anyquant.methods import awq, bnb, gptq, hqq, rtn  # noqa: F401  (registration side effect)
 
 
 def dequantize_linear(module: nn.Module) -> nn.Linear | None:

@@ -2,7 +2,7 @@
 
 The buffers mirror what is saved, so a state dict round-trips without conversion:
   weight_packed      int32 [out, in / 8]     codes + 8, eight nibbles per word, low bits first
-  weight_scale       float [out, in / g]
+  weight_scale       float16 (bfloat16 for a bfloat16 model) [out, in / g]
   weight_zero_point  int32 [ceil(out / 8), in / g]  zero points packed along dim 0 (asymmetric only)
   weight_shape       int64 [2]
 Kernel choice happens in `forward`: on CPU (and wherever no faster kernel applies) the weight
@@ -40,7 +40,8 @@ class Int4Linear(nn.Module):
         self.register_buffer(
             "weight_packed", torch.zeros(out_features, (in_features + 7) // 8, dtype=torch.int32, device=device)
         )
-        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=P.scale_storage_dtype(dtype),
+                                                        device=device))
         if not symmetric:
             self.register_buffer(
                 "weight_zero_point",
@@ -69,6 +70,7 @@ class Int4Linear(nn.Module):
         w = linear.weight.detach()
         dtype = dtype or w.dtype
         scale, zero = qparams if qparams is not None else P.compute_qparams(w, 4, group_size, symmetric)
+        scale = P.round_scale(scale, dtype)
         codes = P.quantize(w, scale, zero, 4, group_size)
         return cls.from_codes(codes, scale, zero, group_size, linear.bias, symmetric, dtype)
 
@@ -77,7 +79,7 @@ class Int4Linear(nn.Module):
         out_features, in_features = codes.shape
         m = cls(in_features, out_features, group_size, bias is not None, symmetric, dtype, codes.device)
         m.weight_packed.copy_(P.pack_int4(codes, dim=1))
-        m.weight_scale.copy_(scale.to(dtype))
+        m.weight_scale.copy_(scale)
         if not symmetric:
             m.weight_zero_point.copy_(P.pack_int4(zero.to(torch.int8), dim=0))
         if bias is not None:
@@ -92,11 +94,8 @@ class Int4Linear(nn.Module):
             return torch.zeros_like(self.weight_scale, dtype=torch.int8)
         return P.unpack_int4(self.weight_zero_point, self.out_features, dim=0)
 
-    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return P.dequantize(
-            self.codes(), self.weight_scale, self.zero_points(), self.group_size,
-            dtype or self.weight_scale.dtype,
-        )
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return P.dequantize(self.codes(), self.weight_scale, self.zero_points(), self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from anyquant.runtime import kernels
