@@ -1,70 +1,156 @@
-"""Architecture sweep: every causal-LM architecture in the installed transformers that can be
-instantiated from a shrunken default config (random weights, float32, CPU).
+"""Architecture sweep: every causal-LM and image-text-to-text architecture in the installed
+transformers that can be instantiated from a shrunken default config (random weights, float32, CPU).
 
-For each architecture and method (nf4, int8, int4): anyquant quantize -> forward -> save ->
-reload (anyquant.load) -> compare with float; and plain transformers + BitsAndBytesConfig
-defaults (nf4, int8) on the same saved float model. Prints a table and writes
-benchmarks/results/sweep.json.
+For each model type: build a shrunken config (2 layers, width 64, 4 heads, vocab 256; vision
+sub-configs likewise, images of 4x4 patches), instantiate it with random weights, run it in float
+on synthetic inputs (token ids; for VLMs also pixel values, with as many image placeholder tokens
+as the model reports image features), save it, and then:
 
-    .venv/bin/python benchmarks/sweep.py                 # all (slow: minutes per 10 archs on 2 cores)
-    .venv/bin/python benchmarks/sweep.py --limit 10      # the first 10 model types
-    .venv/bin/python benchmarks/sweep.py --types llama,gpt2,mixtral
+- anyquant nf4 / int8 / int4: `anyquant.quantize(<saved dir>)` -> forward -> `anyquant.save` ->
+  `anyquant.load` -> forward; pass = error against float within a loose bound (it catches
+  breakage, not quality) and the reloaded model gives the same logits as the in-memory one;
+- plain transformers + `BitsAndBytesConfig` defaults (nf4, int8) on the same saved float model.
+
+Each type runs in a forked child with a time limit, so a hang or a crash costs one row, not the
+sweep; the parent imports torch/transformers/anyquant once (children inherit them) and runs no
+torch ops itself. Prints a table and writes benchmarks/results/sweep.json.
+
+    .venv/bin/python benchmarks/sweep.py                        # everything (~20 min, 2 cores)
+    .venv/bin/python benchmarks/sweep.py --types gpt2,mixtral   # some types
+    .venv/bin/python benchmarks/sweep.py --task image-text --limit 10
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import signal
 import logging
+import os
+import re
+import signal
+import sys
 import tempfile
 import time
 import traceback
 import warnings
 from pathlib import Path
 
-import torch
-
 warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-SHRINK = {
-    "hidden_size": 64, "n_embd": 64, "d_model": 64, "embed_dim": 64, "dim": 64, "model_dim": 64,
-    "intermediate_size": 128, "ffn_dim": 128, "n_inner": 128, "moe_intermediate_size": 64,
-    "shared_expert_intermediate_size": 64, "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2,
-    "n_layers": 2, "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4,
-    "num_key_value_heads": 2, "n_kv_heads": 2, "head_dim": 16, "vocab_size": 256,
-    "max_position_embeddings": 128, "n_positions": 128, "num_experts": 4, "num_local_experts": 4,
-    "n_routed_experts": 4, "num_experts_per_tok": 2, "kv_lora_rank": 16, "q_lora_rank": 16,
-    "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "layer_types": None,
-}
+import torch  # noqa: E402
+
 METHODS = ["nf4", "int8", "int4"]
+BNB_METHODS = ["nf4", "int8"]
 BOUND = {"nf4": 0.5, "int8": 0.1, "int4": 0.5}  # relative logits error: catches breakage, not quality
+VOCAB = 256
+LAYERS = 2
+WIDTH = 64
+
+# Integer config fields shrunk (never grown) wherever they appear, sub-configs included.
+SHRINK = {
+    "hidden_size": WIDTH, "n_embd": WIDTH, "d_model": WIDTH, "embed_dim": WIDTH, "dim": WIDTH,
+    "model_dim": WIDTH, "width": WIDTH, "out_hidden_size": WIDTH, "projection_dim": WIDTH,
+    "intermediate_size": 128, "ffn_dim": 128, "n_inner": 128, "mlp_dim": 128, "moe_intermediate_size": 64,
+    "shared_expert_intermediate_size": 64, "expert_intermediate_size": 64, "d_ff": 128, "d_kv": 16,
+    "num_hidden_layers": LAYERS, "n_layer": LAYERS, "num_layers": LAYERS, "n_layers": LAYERS,
+    "depth": LAYERS, "num_decoder_layers": LAYERS, "num_encoder_layers": LAYERS, "encoder_layers": LAYERS,
+    "decoder_layers": LAYERS, "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4,
+    "encoder_attention_heads": 4, "decoder_attention_heads": 4, "num_key_value_heads": 2, "n_kv_heads": 2,
+    "num_kv_heads": 2, "head_dim": 16, "attention_head_dim": 16, "vocab_size": VOCAB,
+    "max_position_embeddings": 256, "n_positions": 256, "num_experts": 4, "num_local_experts": 4,
+    "n_routed_experts": 4, "moe_num_experts": 4, "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2,
+    "n_group": 1, "topk_group": 1, "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8, "v_head_dim": 16, "n_shared_experts": 1, "num_shared_experts": 1,
+    "state_size": 16, "d_state": 16, "mamba_d_state": 16, "mamba_n_heads": 4, "mamba_head_dim": 16,
+    "expand": 2, "time_step_rank": 8, "conv_kernel": 4, "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+    "sliding_window": 64, "attention_window_size": 64, "mm_tokens_per_image": 4,
+    "num_image_tokens": 16, "image_seq_length": 16, "rotary_dim": 8, "attn_layer_period": LAYERS,
+    "expert_layer_period": LAYERS, "attn_layer_offset": 1, "expert_layer_offset": 1,
+}
+INDEX_KEY = re.compile(r"(index|indexes|indices|layer_ids|feature_layers?|_layers_idx|layer_idx)$")
+TOKEN_KEY = re.compile(r"(_token_id|_token_index|_token_ids)$")
 
 
-def shrunk_model(model_type: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _shrink_dict(d: dict, layers_before: int | None = None) -> dict:
+    """Shrink one config dict (and its sub-config dicts) in place; returns it."""
+    n_before = next((d[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "depth")
+                     if isinstance(d.get(k), int)), layers_before)
+    for k, v in list(d.items()):
+        if isinstance(v, dict) and k not in ("id2label", "label2id", "rope_parameters", "rope_scaling"):
+            _shrink_dict(v, n_before)
+        elif k in SHRINK and isinstance(v, int) and not isinstance(v, bool) and v > SHRINK[k]:
+            d[k] = SHRINK[k]
+        elif isinstance(v, list) and n_before and len(v) == n_before and n_before > LAYERS:
+            d[k] = v[:LAYERS]  # per-layer lists (layer_types, ...)
+    for k, v in list(d.items()):
+        if INDEX_KEY.search(k) and not TOKEN_KEY.search(k):
+            if isinstance(v, int) and not isinstance(v, bool):
+                d[k] = max(-LAYERS, min(v, LAYERS - 1))
+            elif isinstance(v, list) and all(isinstance(x, int) for x in v):
+                d[k] = [max(-LAYERS, min(x, LAYERS - 1)) for x in v]
+    if isinstance(d.get("qk_rope_head_dim"), int) and "head_dim" in d:
+        d["head_dim"] = d["qk_rope_head_dim"]  # MLA: rotary on qk_rope_head_dim only
+    for rk in ("rope_parameters", "rope_scaling"):
+        rope = d.get(rk)
+        if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list):
+            sec = rope["mrope_section"]  # sums to head_dim / 2: keep the proportions
+            half = (d.get("head_dim") or SHRINK["head_dim"]) // 2
+            new = [max(1, round(x * half / sum(sec))) for x in sec]
+            new[0] += half - sum(new)
+            rope["mrope_section"] = new
+    ps = d.get("patch_size")
+    if isinstance(d.get("image_size"), int) and isinstance(ps, int) and ps > 0:
+        d["image_size"] = ps * 4 * max(1, int(d.get("spatial_merge_size", 1) or 1) // 2)
+    return d
+
+
+def _remap_tokens(d: dict, used: dict[int, int]) -> None:
+    """Token ids beyond the shrunken vocabulary: onto distinct ids at its top (>= 240)."""
+    for k, v in list(d.items()):
+        if isinstance(v, dict) and k not in ("id2label", "label2id"):
+            _remap_tokens(v, used)
+        elif TOKEN_KEY.search(k) or k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            def new(x):
+                if not isinstance(x, int) or isinstance(x, bool) or x < VOCAB:
+                    return x
+                if x not in used:
+                    used[x] = VOCAB - 1 - len(used)
+                return used[x]
+            d[k] = [new(x) for x in v] if isinstance(v, list) else new(v)
+
+
+def shrunk_config(model_type: str):
+    from transformers import AutoConfig
 
     cfg = AutoConfig.for_model(model_type)
-    for k, v in SHRINK.items():
-        if hasattr(cfg, k) and (v is not None or k == "layer_types"):
-            if k == "layer_types":
-                lt = getattr(cfg, k)
-                if isinstance(lt, list):
-                    setattr(cfg, k, lt[:2])
-                continue
-            setattr(cfg, k, v)
-    for k in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
-        v = getattr(cfg, k, None)
-        if isinstance(v, int) and v >= SHRINK["vocab_size"]:
-            setattr(cfg, k, min(v, 1))
+    d = _shrink_dict(cfg.to_dict())
+    _remap_tokens(d, {})
+    d.pop("model_type", None)
+    d.pop("transformers_version", None)
+    return type(cfg).from_dict(d)
+
+
+def auto_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if task == "image-text" else AutoModelForCausalLM
+
+
+def build_model(model_type: str, task: str):
+    cfg = shrunk_config(model_type)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    return auto_class(task).from_config(cfg).eval()
 
 
-def logits_of(model, ids):
+def logits_of(model, inputs):
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    inputs = {k: (v.to(p.dtype) if p is not None and v.is_floating_point() else v) for k, v in inputs.items()}
     with torch.no_grad():
-        out = model(input_ids=ids)
+        out = model(**inputs)
     lg = out.logits if hasattr(out, "logits") else out[0]
     return lg.float()
 
@@ -73,95 +159,285 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def one(model_type: str, workdir: Path) -> dict:
-    import anyquant
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def synthetic_inputs(model) -> tuple[dict, str]:
+    """Token ids (avoiding the special ids remapped to >= 240); for a VLM whose forward takes
+    pixel_values, also an image, with as many image placeholder tokens as the model reports
+    features ("Image features and image tokens do not match, tokens: 0, features: N"). Falls
+    back to text only, and says which inputs ran."""
+    from anyquant.numerics.probe import vision_probe_inputs
 
-    row = {"model_type": model_type, "anyquant": {}, "transformers_bnb": {}}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 200, (1, 16), generator=g)
+    text = {"input_ids": ids}
+    pv = vision_probe_inputs(model, g)
+    cfg = model.config
+    img_tok = next((getattr(cfg, k) for k in ("image_token_id", "image_token_index") if
+                    isinstance(getattr(cfg, k, None), int)), None)
+    reasons = []
+    if pv and img_tok is not None:
+        n = 0
+        for _ in range(3):
+            ids_img = torch.cat([torch.full((1, n), img_tok), ids], dim=1)
+            inputs = {"input_ids": ids_img, **pv}
+            try:
+                logits_of(model, inputs)
+                return inputs, f"text + image ({n} image tokens)"
+            except Exception as e:  # noqa: BLE001
+                m = re.search(r"tokens:?\s*(\d+),\s*features:?\s*(\d+)", str(e))
+                if m and int(m.group(2)) != n:
+                    n = int(m.group(2))
+                    continue
+                reasons.append(f"{type(e).__name__}: {str(e)[:120]}")
+                break
+    elif pv:
+        reasons.append("no image token id in the config")
+    logits_of(model, text)  # raises: the float model cannot run
+    return text, "text only" + (f" (image forward failed: {reasons[0]})" if reasons else "")
+
+
+def one(model_type: str, task: str, workdir: Path) -> dict:
+    import bitsandbytes
+
+    import anyquant
+    from transformers import BitsAndBytesConfig
+
+    row: dict = {"model_type": model_type, "task": task, "anyquant": {}, "transformers_bnb": {}}
     try:
-        model = shrunk_model(model_type)
+        model = build_model(model_type, task)
     except Exception as e:  # noqa: BLE001
         row["instantiates"] = False
-        row["reason"] = f"{type(e).__name__}: {str(e)[:160]}"
+        row["reason"] = f"does not instantiate: {type(e).__name__}: {str(e)[:200]}"
         return row
     row["instantiates"] = True
+    row["params"] = sum(p.numel() for p in model.parameters())
+    try:
+        inputs, row["inputs"] = synthetic_inputs(model)
+        ref = logits_of(model, inputs)
+    except Exception as e:  # noqa: BLE001
+        row["runs"] = False
+        row["reason"] = f"float model cannot run: {type(e).__name__}: {str(e)[:200]}"
+        return row
     src = workdir / "float"
-    ids = torch.randint(0, 200, (1, 16), generator=torch.Generator().manual_seed(0))
     try:
         model.save_pretrained(src)
-        ref = logits_of(model, ids)
+        reloaded = auto_class(task).from_pretrained(src).eval()
+        e0 = rel(logits_of(reloaded, inputs), ref)
+        if not e0 < 1e-4:
+            raise RuntimeError(f"float save+reload changes the logits (relative error {e0:.3g})")
+        del reloaded
     except Exception as e:  # noqa: BLE001
-        row["reason"] = f"float model cannot save/run: {type(e).__name__}: {str(e)[:160]}"
+        row["runs"] = False
+        row["reason"] = f"float model cannot save/reload: {type(e).__name__}: {str(e)[:200]}"
         return row
+    row["runs"] = True
+    del model
     for method in METHODS:
         try:
             r = anyquant.quantize(str(src), method, progress=False)
-            err = rel(logits_of(r.model, ids), ref)
+            err = rel(logits_of(r.model, inputs), ref)
             out = anyquant.save(r, workdir / f"aq-{method}")
-            err2 = rel(logits_of(anyquant.load(out), ids), ref)
+            err2 = rel(logits_of(anyquant.load(out), inputs), ref)
             ok = err < BOUND[method] and abs(err2 - err) < 1e-3 + 0.05 * err
-            row["anyquant"][method] = {"ok": ok, "error": round(err, 4), "reloaded_error": round(err2, 4),
-                                       "kept_outside_reads": [d.name for d in r.plan.kept()
-                                                              if d.reason_code == "weight_read_outside_forward"]}
+            res = {"ok": ok, "error": round(err, 4), "reloaded_error": round(err2, 4),
+                   "quantized": len(r.plan.to_quantize()),
+                   "kept_outside_reads": [d.name for d in r.plan.kept()
+                                          if d.reason_code == "weight_read_outside_forward"]}
+            if not ok:
+                res["reason"] = (f"error {err:.3g} over bound {BOUND[method]}" if err >= BOUND[method]
+                                 else f"reloaded error {err2:.4g} differs from in-memory {err:.4g}")
+            row["anyquant"][method] = res
+            del r
         except Exception as e:  # noqa: BLE001
-            row["anyquant"][method] = {"ok": False, "reason": f"{type(e).__name__}: {str(e)[:200]}"}
-    for method, qc in (("nf4", BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
-                       ("int8", BitsAndBytesConfig(load_in_8bit=True))):
+            row["anyquant"][method] = {"ok": False, "reason": f"{type(e).__name__}: {str(e)[:240]}"}
+    for method in BNB_METHODS:
+        qc = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4") if method == "nf4"
+              else BitsAndBytesConfig(load_in_8bit=True))
         try:
-            m = AutoModelForCausalLM.from_pretrained(src, quantization_config=qc)
-            err = rel(logits_of(m, ids), ref)
-            row["transformers_bnb"][method] = {"ok": bool(err < BOUND[method]), "error": round(err, 4)}
+            m = auto_class(task).from_pretrained(src, quantization_config=qc)
+            err = rel(logits_of(m, inputs), ref)
+            n_q = sum(isinstance(x, (bitsandbytes.nn.Linear4bit, bitsandbytes.nn.Linear8bitLt)) for x in m.modules())
+            res = {"ok": bool(err < BOUND[method]) and n_q > 0, "error": round(err, 4), "quantized": n_q}
+            if n_q == 0:
+                res["reason"] = "loads and runs, but no module was quantized (silently float)"
+            elif not res["ok"]:
+                res["reason"] = f"error {err:.3g} over bound {BOUND[method]}"
+            row["transformers_bnb"][method] = res
         except Exception as e:  # noqa: BLE001
-            row["transformers_bnb"][method] = {"ok": False, "reason": f"{type(e).__name__}: {str(e)[:200]}"}
+            row["transformers_bnb"][method] = {"ok": False, "reason": f"{type(e).__name__}: {str(e)[:240]}"}
     return row
 
 
+# ---------------------------------------------------------------- running children
+
+
+def _child(model_type: str, task: str, result_file: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            row = one(model_type, task, Path(d))
+        except BaseException:  # noqa: BLE001
+            row = {"model_type": model_type, "task": task, "instantiates": False,
+                   "reason": "sweep error: " + traceback.format_exc(limit=2)[-300:]}
+    Path(result_file).write_text(json.dumps(row))
+
+
+def run_all(jobs: list[tuple[str, str]], n_jobs: int, limit_s: int, on_row) -> None:
+    pending = list(jobs)
+    running: dict[int, tuple[str, str, str, float]] = {}
+    tmp = tempfile.mkdtemp(prefix="sweep-")
+    threads = max(1, (os.cpu_count() or 1) // n_jobs)
+    while pending or running:
+        while pending and len(running) < n_jobs:
+            t, task = pending.pop(0)
+            rf = os.path.join(tmp, f"{t}-{task}.json")
+            sys.stdout.flush()
+            pid = os.fork()
+            if pid == 0:  # child
+                code = 0
+                try:
+                    _child(t, task, rf, threads)
+                except BaseException:  # noqa: BLE001
+                    code = 1
+                finally:
+                    os._exit(code)
+            running[pid] = (t, task, rf, time.perf_counter())
+        time.sleep(0.2)
+        for pid, (t, task, rf, t0) in list(running.items()):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            elapsed = time.perf_counter() - t0
+            if done == 0 and elapsed > limit_s:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                row = {"model_type": t, "task": task, "instantiates": None,
+                       "reason": f"sweep limit: over {limit_s} s (killed)"}
+            elif done == 0:
+                continue
+            elif os.path.exists(rf):
+                row = json.loads(Path(rf).read_text())
+            else:
+                sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+                row = {"model_type": t, "task": task, "instantiates": None,
+                       "reason": f"process died ({'signal ' + str(sig) if sig else 'exit ' + str(os.WEXITSTATUS(status))})"}
+            row["seconds"] = round(elapsed, 1)
+            del running[pid]
+            on_row(row)
+
+
+def _cell(v: dict | None) -> str:
+    if v is None:
+        return "-"
+    return "ok" if v.get("ok") else "FAIL"
+
+
+def _first_reason(row: dict) -> str:
+    if row.get("reason"):
+        return row["reason"]
+    for side in ("anyquant", "transformers_bnb"):
+        for m, v in row.get(side, {}).items():
+            if not v.get("ok"):
+                return f"{'aq' if side == 'anyquant' else 'bnb'} {m}: {v.get('reason', '')}"
+    return ""
+
+
+def print_row(row: dict) -> None:
+    aq, tb = row.get("anyquant", {}), row.get("transformers_bnb", {})
+    inst = {True: "yes", False: "no", None: "?"}[row.get("instantiates")]
+    if inst == "yes" and not row.get("runs"):
+        inst = "nrun"
+    print(f"{row['model_type'][:26]:26s} {row['task'][:5]:5s} {inst:4s} "
+          + " ".join(f"{_cell(aq.get(m)):4s}" for m in METHODS) + " | "
+          + " ".join(f"{_cell(tb.get(m)):4s}" for m in BNB_METHODS)
+          + f" {row.get('seconds', 0):5.1f}s  {_first_reason(row)[:110]}", flush=True)
+
+
+def summarize(rows: list[dict], seconds: float, complete: bool) -> dict:
+    ran = [r for r in rows if r.get("runs")]
+    aq_pass = [r["model_type"] for r in ran if all(r["anyquant"].get(m, {}).get("ok") for m in METHODS)]
+    tb_pass = [r["model_type"] for r in ran if all(r["transformers_bnb"].get(m, {}).get("ok") for m in BNB_METHODS)]
+    per_method = {f"anyquant_{m}": sum(bool(r["anyquant"].get(m, {}).get("ok")) for r in ran) for m in METHODS}
+    per_method.update({f"transformers_bnb_{m}": sum(bool(r["transformers_bnb"].get(m, {}).get("ok")) for r in ran)
+                       for m in BNB_METHODS})
+    return {
+        "types": len(rows),
+        "instantiated": sum(bool(r.get("instantiates")) for r in rows),
+        "ran_in_float": len(ran),
+        "anyquant_pass": len(aq_pass),
+        "transformers_bnb_pass": len(tb_pass),
+        "anyquant_pass_rate": round(len(aq_pass) / max(1, len(ran)), 3),
+        "transformers_bnb_pass_rate": round(len(tb_pass) / max(1, len(ran)), 3),
+        "per_method": per_method,
+        "anyquant_failures": sorted(r["model_type"] for r in ran if r["model_type"] not in aq_pass),
+        "transformers_bnb_failures": sorted(r["model_type"] for r in ran if r["model_type"] not in tb_pass),
+        "seconds": round(seconds, 1),
+        "transformers": __import__("transformers").__version__,
+        "torch": torch.__version__,
+        "complete": complete,
+    }
+
+
 def main() -> None:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
     ap = argparse.ArgumentParser()
+    ap.add_argument("--types", default="", help="comma-separated model types (default: all)")
+    ap.add_argument("--task", choices=["all", "causal", "image-text"], default="all")
     ap.add_argument("--limit", type=int, default=0)
-    ap.add_argument("--types", default="")
-    ap.add_argument("--per-type-seconds", type=int, default=120)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--per-type-seconds", type=int, default=150)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sweep.json"))
     a = ap.parse_args()
-    types = [t for t in a.types.split(",") if t] or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+    # A type in both mappings runs once: as image-text-to-text if it has that class.
+    jobs: list[tuple[str, str]] = []
+    if a.task in ("all", "image-text"):
+        jobs += [(t, "image-text") for t in sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)]
+    if a.task in ("all", "causal"):
+        jobs += [(t, "causal") for t in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+                 if a.task == "causal" or t not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES]
+    if a.types:
+        wanted = [t for t in a.types.split(",") if t]
+        known = {t for t, _ in jobs}
+        unknown = [t for t in wanted if t not in known]
+        if unknown:
+            sys.exit(f"unknown model types: {unknown}")
+        jobs = [j for j in jobs if j[0] in wanted]
     if a.limit:
-        types = types[: a.limit]
-    rows = []
+        jobs = jobs[: a.limit]
+
+    # Import what the children use once, here (they inherit it through fork); no torch ops.
+    import anyquant  # noqa: F401
+    import anyquant.formats.io  # noqa: F401
+    import anyquant.numerics.probe  # noqa: F401
+    import bitsandbytes  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText  # noqa: F401
+
+    transformers.utils.logging.disable_progress_bar()
+
+    rows: list[dict] = []
     t0 = time.perf_counter()
+    print(f"{len(jobs)} model types, {a.jobs} at a time, {a.per_type_seconds} s limit each")
+    print(f"{'model_type':26s} {'task':5s} inst {' '.join(f'{m:4s}' for m in METHODS)} | "
+          f"{' '.join(f'{m:4s}' for m in BNB_METHODS)}  (anyquant | transformers+bnb)")
 
-    def too_slow(signum, frame):
-        raise TimeoutError(f"over {a.per_type_seconds} s")
-
-    signal.signal(signal.SIGALRM, too_slow)
-    for t in types:
-        with tempfile.TemporaryDirectory() as d:
-            signal.alarm(a.per_type_seconds)
-            try:
-                row = one(t, Path(d))
-            except Exception:  # noqa: BLE001  (TimeoutError included)
-                row = {"model_type": t, "instantiates": False, "reason": traceback.format_exc(limit=1)[-200:]}
-            finally:
-                signal.alarm(0)
+    def on_row(row):
         rows.append(row)
-        _write(a.out, rows, t0, final=False)
-        aq = " ".join(f"{m}:{'ok' if v.get('ok') else 'FAIL'}" for m, v in row.get("anyquant", {}).items())
-        tb = " ".join(f"{m}:{'ok' if v.get('ok') else 'FAIL'}" for m, v in row.get("transformers_bnb", {}).items())
-        print(f"{t:28s} {'inst' if row.get('instantiates') else 'skip':5s} anyquant[{aq}] transformers+bnb[{tb}] "
-              f"{row.get('reason', '')[:80]}", flush=True)
-    print(json.dumps(_write(a.out, rows, t0, final=True)))
+        print_row(row)
+        _write(a.out, rows, t0, complete=False)
+
+    run_all(jobs, a.jobs, a.per_type_seconds, on_row)
+    summary = _write(a.out, rows, t0, complete=True)
+    print(json.dumps({k: v for k, v in summary.items()}, indent=1))
 
 
-def _write(out: str, rows: list[dict], t0: float, final: bool) -> dict:
-    inst = [r for r in rows if r.get("instantiates") and "anyquant" in r and r["anyquant"]]
-    aq_pass = sum(all(v.get("ok") for v in r["anyquant"].values()) for r in inst)
-    tb_pass = sum(all(v.get("ok") for v in r["transformers_bnb"].values()) for r in inst if r["transformers_bnb"])
-    summary = {"types": len(rows), "instantiated": len(inst), "anyquant_pass": aq_pass,
-               "transformers_bnb_pass": tb_pass, "seconds": round(time.perf_counter() - t0, 1),
-               "transformers": __import__("transformers").__version__, "complete": final}
+def _write(out: str, rows: list[dict], t0: float, complete: bool) -> dict:
+    rows.sort(key=lambda r: (r["task"], r["model_type"]))
+    summary = summarize(rows, time.perf_counter() - t0, complete)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
+    Path(out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     return summary
 
 

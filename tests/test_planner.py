@@ -168,3 +168,53 @@ def test_cli_plan_include_vision_only_on_remote_code_fixture(tmp_path):
     assert d["resampler.attn.out_proj"]["reason_code"] == "weight_read_outside_forward"
     assert d["resampler.kv_proj"]["reason_code"] == "projector_float"
     assert d["llm.layers.0.attn.q_proj"]["reason"] == "not selected by --only"
+
+
+def test_conv1d_is_linear_like_and_quantized_as_its_linear():
+    """transformers' Conv1D (GPT-2): kind linear, features from its transposed weight; the
+    quantize step replaces it by the nn.Linear it equals before quantizing."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    from anyquant.model.modelmap import LINEAR, as_linear, build_model_map
+
+    c = Conv1D(48, 32)  # nf=48 outputs, nx=32 inputs: weight [32, 48]
+    x = torch.randn(3, 32)
+    lin = as_linear(c)
+    assert isinstance(lin, nn.Linear) and (lin.in_features, lin.out_features) == (32, 48)
+    assert torch.equal(lin(x), c(x)) or torch.allclose(lin(x), c(x), atol=1e-6)
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=128, n_positions=64)).eval()
+    mm = build_model_map(model)
+    attn = mm.modules["transformer.h.0.attn.c_attn"]
+    assert attn.kind == LINEAR and (attn.in_features, attn.out_features) == (64, 192)
+    r = anyquant.quantize(model, "int4", progress=False)
+    names = {d.name for d in r.plan.to_quantize()}
+    assert {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"} <= names
+    assert r.report["probe_logits_relative_error"] < 0.2
+
+
+def test_linear_subclass_kind_follows_what_its_forward_computes():
+    """An nn.Linear subclass is linear-like only if its own forward computes x @ W.T + b
+    (Falcon's FalconLinear); one returning something else (Llama 4's router returns a tuple)
+    stays in float, since a quantized Linear in its place would change what it returns."""
+    from anyquant.model.modelmap import LINEAR, OTHER, module_kind
+
+    class SameMath(nn.Linear):
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
+    class Router(nn.Linear):
+        def forward(self, x):
+            logits = super().forward(x)
+            return torch.sigmoid(logits), logits
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert module_kind(nn.Linear(8, 4)) == LINEAR
+    assert module_kind(SameMath(8, 4)) == LINEAR
+    assert module_kind(Router(8, 4)) == OTHER
+    assert module_kind(Scaled(8, 4)) == OTHER

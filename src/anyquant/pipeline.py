@@ -19,7 +19,7 @@ from anyquant.errors import AlreadyQuantizedError, AnyquantError
 from anyquant.methods import primitives as P
 from anyquant.methods.registry import dequantize_linear, dequantize_modules, handler_for, set_submodule
 from anyquant.model.load import SourceInfo, check_finite, load_model
-from anyquant.model.modelmap import ModelMap, build_model_map
+from anyquant.model.modelmap import ModelMap, as_linear, build_model_map
 from anyquant.numerics.capabilities import detect_capabilities
 from anyquant.numerics.dtype import dtype_name
 from anyquant.numerics.policy import check_consistency, choose_policy
@@ -137,6 +137,12 @@ def quantize(
             "see `anyquant plan` for the reasons"
         )
 
+    # transformers' Conv1D (GPT-2 family) is quantized as the nn.Linear it equals (weight
+    # transposed): the layout bitsandbytes / transformers expect for a pre-quantized Conv1D.
+    for d in the_plan.to_quantize():
+        mod = model.get_submodule(d.name)
+        if not isinstance(mod, nn.Linear):
+            set_submodule(model, d.name, as_linear(mod))
     inputs = {k: v.to(compute_dtype) if torch.is_tensor(v) and v.is_floating_point() else v
               for k, v in inputs.items()}
     policy.apply(model, inputs)  # compute dtype; float32 regions and disagreeing modules get casts at their boundaries

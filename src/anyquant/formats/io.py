@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +126,7 @@ def load_quantized(directory: str | Path, *, trust_remote_code: bool = False) ->
     if manifest is None:
         raise AnyquantError(f"{directory}: no {MANIFEST}: not an anyquant output (load it with transformers)")
     if manifest.get("format") == "bitsandbytes":
-        from anyquant.model.load import _auto_classes
-
-        for auto in _auto_classes():
+        for auto in _model_classes(AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)):
             try:
                 model = auto.from_pretrained(directory, trust_remote_code=trust_remote_code).eval()
             except ValueError:
@@ -140,9 +139,13 @@ def load_quantized(directory: str | Path, *, trust_remote_code: bool = False) ->
 
 
 def _load_int4(directory: Path, manifest: dict[str, Any], trust_remote_code: bool) -> nn.Module:
-    from safetensors.torch import load_file
+    """transformers loads the float tensors (with the weight conversions it applies at load: fused
+    MoE experts, renamed legacy keys, ...), then each planned module becomes an Int4Linear filled
+    from the checkpoint's packed tensors, whose keys go through the same renamings."""
+    from safetensors import safe_open
     from transformers import AutoConfig
 
+    from anyquant.model.modelmap import linear_features
     from anyquant.plan import Plan
     from anyquant.runtime.int4_linear import Int4Linear
 
@@ -151,44 +154,109 @@ def _load_int4(directory: Path, manifest: dict[str, Any], trust_remote_code: boo
         del config.quantization_config
     plan = Plan.from_dict(manifest["plan"])
     dtype = DTYPES[plan.compute_dtype]
-    model = _from_config(config, dtype, trust_remote_code)
+    model, info = _from_pretrained_float(directory, config, dtype, trust_remote_code)
     symmetric = bool(plan.config.get("symmetric", False))
-    for d in plan.to_quantize():
-        lin = model.get_submodule(d.name)
-        q = Int4Linear(lin.in_features, lin.out_features, int(d.options.get("group_size", plan.config["group_size"])),
-                       lin.bias is not None, symmetric, dtype)
+    todo = plan.to_quantize()
+    for d in todo:
+        try:
+            mod = model.get_submodule(d.name)
+        except AttributeError as e:
+            raise AnyquantError(f"{directory}: the plan quantizes {d.name}, which the rebuilt model lacks") from e
+        feats = linear_features(mod)
+        if feats is None:
+            raise AnyquantError(f"{directory}: the plan quantizes {d.name}, but the rebuilt model has a "
+                                f"{type(mod).__name__} there, not a linear layer")
+        in_f, out_f = feats
+        q = Int4Linear(in_f, out_f, int(d.options.get("group_size", plan.config["group_size"])),
+                       getattr(mod, "bias", None) is not None, symmetric, dtype)
         set_submodule(model, d.name, q)
-    state: dict[str, torch.Tensor] = {}
+    wanted = {f"{d.name}.{k}" for d in todo for k, _ in
+              list(model.get_submodule(d.name).named_buffers(recurse=False))
+              + list(model.get_submodule(d.name).named_parameters(recurse=False))}
+    rename = _checkpoint_key_renamer(model)
+    found: dict[str, torch.Tensor] = {}
     for f in sorted(directory.glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                name = key if key in wanted else rename(key)
+                if name in wanted:
+                    found[name] = sf.get_tensor(key)
+    lacking = sorted(wanted - set(found))
+    if lacking:
+        raise AnyquantError(f"{directory}: checkpoint lacks the int4 tensors {lacking[:5]}")
+    # What transformers could not place: only the int4 tensors (placed above) may be left over,
+    # and only the planned modules' float weights may be missing.
+    replaced = {f"{d.name}.{p}" for d in todo for p in ("weight", "bias")}
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if k not in wanted and rename(k) not in wanted)
     if unexpected:
         raise AnyquantError(f"{directory}: checkpoint tensors the model has no place for: {unexpected[:5]}")
-    tied = _tied_names(model)
-    really_missing = [k for k in missing if k not in tied]
-    if really_missing:
-        raise AnyquantError(f"{directory}: checkpoint lacks tensors: {really_missing[:5]}")
+    missing = sorted(k for k in info.get("missing_keys", ()) if k not in replaced)
+    if missing:
+        raise AnyquantError(f"{directory}: checkpoint lacks tensors: {missing[:5]}")
+    state = model.state_dict()
+    for name, t in found.items():
+        if state[name].shape != t.shape:
+            raise AnyquantError(f"{directory}: {name} has shape {tuple(t.shape)} in the checkpoint, "
+                                f"{tuple(state[name].shape)} in the model")
+        state[name].copy_(t.to(state[name].dtype))
     return model.eval()
 
 
-def _tied_names(model: nn.Module) -> set[str]:
-    """Parameter names that share storage with another name (saved once, under one of them)."""
-    from collections import defaultdict
+def _checkpoint_key_renamer(model: nn.Module):
+    """checkpoint key -> model key, through the renamings transformers applied when it loaded
+    `model` (converters, which merge tensors, never match the int4 buffers)."""
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
 
-    owners: dict[int, list[str]] = defaultdict(list)
-    for mname, mod in model.named_modules(remove_duplicate=False):
-        for pname, p in mod.named_parameters(recurse=False):
-            owners[id(p)].append(f"{mname}.{pname}" if mname else pname)
-    return {n for v in owners.values() if len(v) > 1 for n in v}
+    renamings = [t for t in (getattr(model, "_weight_conversions", None) or []) if isinstance(t, WeightRenaming)]
+    meta = dict.fromkeys(model.state_dict().keys(), True)
+    prefix = getattr(model, "base_model_prefix", None) or None
+
+    def rename(key: str) -> str:
+        return rename_source_key(key, renamings, [], prefix, meta)[0]
+
+    return rename
 
 
-def _from_config(config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+def _from_pretrained_float(directory: Path, config, dtype: torch.dtype, trust_remote_code: bool):
+    """The checkpoint's float tensors through transformers' own loading; the class named in
+    config.architectures first (the auto classes can map a type to another head).
+    Returns (model, transformers' loading info)."""
+    kwargs = {"config": config, "dtype": dtype, "trust_remote_code": trust_remote_code, "output_loading_info": True}
+    last: Exception | None = None
+    # transformers' load report would list every quantized layer's weight as missing and its
+    # int4 tensors as unexpected: true, expected, and checked by the caller instead.
+    # (A filter, not a level: transformers runs extra checks when its logger's level is above WARNING.)
+    report_logs = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.utils.loading_report")]
+    for cls in _model_classes(config):
+        try:
+            for lg in report_logs:
+                lg.addFilter(_drop_load_report)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model, info = cls.from_pretrained(directory, **kwargs)
+            return model, info
+        except ValueError as e:  # this auto class does not know the config type
+            last = e
+        finally:
+            for lg in report_logs:
+                lg.removeFilter(_drop_load_report)
+    raise AnyquantError(f"cannot build a model for config type {config.model_type}: {last}")
+
+
+def _model_classes(config) -> list[Any]:
+    """The transformers class named in config.architectures (what was saved), then the auto
+    classes (an auto class can map a model type to another head: mllama -> MllamaForCausalLM)."""
+    import transformers
+
     from anyquant.model.load import _auto_classes
 
-    last: Exception | None = None
-    for auto in _auto_classes():
-        try:
-            return auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-        except ValueError as e:
-            last = e
-    raise AnyquantError(f"cannot build a model for config type {config.model_type}: {last}")
+    classes: list[Any] = []
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
+            classes.append(cls)
+    return classes + list(_auto_classes())

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LINEAR, CONV, EMBEDDING, NORM, OTHER = "linear", "conv", "embedding", "norm", "other"
@@ -34,9 +35,74 @@ def quantized_linear_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-def module_kind(module: nn.Module) -> str:
+def conv1d_type() -> type | None:
+    """transformers' `Conv1D` (GPT-2 family): a linear layer with a transposed weight
+    [in_features, out_features], computing x @ weight + bias."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a linear-like module (nn.Linear, quantized linears,
+    transformers' Conv1D), else None."""
+    c1d = conv1d_type()
+    if c1d is not None and isinstance(module, c1d):
+        w = module.weight
+        return int(w.shape[0]), int(w.shape[1])
     if isinstance(module, (nn.Linear, *quantized_linear_types())):
+        return int(module.in_features), int(module.out_features)
+    return None
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """An nn.Linear computing exactly what a Conv1D computes (weight transposed, same tensors'
+    values, dtype and device); an nn.Linear is returned as it is."""
+    c1d = conv1d_type()
+    if c1d is None or not isinstance(module, c1d):
+        return module
+    w = module.weight.detach()
+    lin = nn.Linear(w.shape[0], w.shape[1], bias=module.bias is not None, device="meta", dtype=w.dtype)
+    lin.weight = nn.Parameter(w.t().contiguous(), requires_grad=module.weight.requires_grad)
+    if module.bias is not None:
+        lin.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+    return lin
+
+
+def computes_linear(module: nn.Linear) -> bool:
+    """Does this nn.Linear (or subclass) compute F.linear(x, weight, bias) and nothing else?
+
+    A subclass may override forward with something else (Llama 4's router returns a tuple of
+    scores and logits; others scale or clamp); replacing it by a quantized Linear would change
+    what it returns. Such a subclass is tried once on a small random input, calling its own
+    forward (no hooks); one that cannot be tried (meta or integer weights) counts as not linear."""
+    if type(module).forward is nn.Linear.forward:
+        return True
+    w = module.weight
+    if not isinstance(w, torch.Tensor) or w.device.type == "meta" or not w.is_floating_point():
+        return False
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, module.in_features, generator=g).to(device=w.device, dtype=w.dtype)
+    try:
+        with torch.no_grad():
+            y = type(module).forward(module, x)
+            ref = F.linear(x, w, module.bias)
+    except Exception:  # noqa: BLE001 — a forward that fails on a plain 2-D input is not a plain linear map
+        return False
+    if not isinstance(y, torch.Tensor) or y.shape != ref.shape or y.dtype != ref.dtype:
+        return False
+    tol = 1e-3 if w.dtype == torch.float32 else 2e-2
+    return bool(torch.allclose(y.float(), ref.float(), rtol=tol, atol=tol * float(ref.abs().max().clamp_min(1))))
+
+
+def module_kind(module: nn.Module) -> str:
+    c1d = conv1d_type()
+    if isinstance(module, quantized_linear_types()) or (c1d is not None and isinstance(module, c1d)):
         return LINEAR
+    if isinstance(module, nn.Linear):
+        return LINEAR if computes_linear(module) else OTHER
     if isinstance(module, nn.modules.conv._ConvNd):
         return CONV
     if isinstance(module, nn.Embedding):
@@ -176,7 +242,7 @@ def find_components(model: nn.Module, config: Any, vocab: int | None) -> _Compon
     named = list(model.named_modules())
     embeds = [
         n for n, m in named
-        if n and not isinstance(m, nn.Linear) and vocab
+        if n and linear_features(m) is None and vocab
         and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
         and m.weight.shape[0] == vocab
     ]
@@ -210,13 +276,13 @@ def _component(name: str, module: nn.Module, kind: str, comps: _Components, tied
         # vision blocks that reads or writes the language model's width.
         in_blocks = any(_within(name, r) and name != r for r in comps.repeated)
         touches_text = kind == LINEAR and not in_blocks and th and vh and th != vh and th in (
-            getattr(module, "in_features", None), getattr(module, "out_features", None))
+            linear_features(module) or ())
         return PROJECTOR if (touches_text or projector_hint) else VISION
     # A Linear inside a stack of blocks is never the head, even when its width happens to equal
     # the vocabulary size (a tiny Llama with intermediate_size == vocab_size).
     in_stack = any(_within(name, r) and name != r for r in comps.repeated)
     if kind == LINEAR and not in_stack and (
-            tied_to_embedding or (comps.vocab and getattr(module, "out_features", None) == comps.vocab)):
+            tied_to_embedding or (comps.vocab and (linear_features(module) or (0, 0))[1] == comps.vocab)):
         return HEAD
     if comps.vision_root is not None and not _within(name, comps.language_root):
         # Outside the vision tower and the embedding's subtree: a projector/resampler, unless it
@@ -283,6 +349,7 @@ def build_model_map(model: nn.Module) -> ModelMap:
             if is_q or (pname == "weight" and kind in (LINEAR, CONV, EMBEDDING) and not p.is_floating_point()):
                 if pname in ("weight", "weight_packed"):
                     quantized_tensors.append(f"{full} ({str(p.dtype).replace('torch.', '')})")
+        feats = linear_features(mod) or (getattr(mod, "in_features", None), getattr(mod, "out_features", None))
         modules[name] = ModuleInfo(
             name=name,
             kind=kind,
@@ -290,8 +357,8 @@ def build_model_map(model: nn.Module) -> ModelMap:
             type=type(mod).__name__,
             params=sum(p.numel() for _, p in mod.named_parameters(recurse=False)),
             dtypes=sorted({str(p.dtype).replace("torch.", "") for _, p in own}),
-            in_features=getattr(mod, "in_features", None),
-            out_features=getattr(mod, "out_features", None),
+            in_features=feats[0],
+            out_features=feats[1],
             quantized=is_q,
             tied_with=[t for t in tied_names.get(f"{name}.weight", []) if t != f"{name}.weight"],
         )

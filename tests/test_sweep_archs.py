@@ -1,0 +1,91 @@
+"""Architectures the sweep (benchmarks/sweep.py) found broken, each a few seconds:
+
+- GPT-2's transformers `Conv1D` (transposed weight) quantizes; anyquant.load and stock
+  transformers `from_pretrained` of the nf4 / int8 output give the in-memory model's logits;
+- int4 reload goes through transformers' own loading, so the weight conversions it applies at
+  load (Mixtral's per-expert weights fused into one tensor, GPT-NeoX's legacy `embed_out`) apply.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import anyquant
+
+warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _tiny(tmp_path, config):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    src = tmp_path / "float"
+    model.save_pretrained(src)
+    ids = torch.randint(0, config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    return src, ids, _logits(model, ids)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    from transformers import GPT2Config
+
+    return _tiny(tmp_path_factory.mktemp("gpt2"), GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256,
+                                                            n_positions=64))
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8", "int4"])
+def test_gpt2_conv1d_quantize_save_reload(gpt2, tmp_path, method):
+    from transformers import AutoModelForCausalLM
+
+    src, ids, ref = gpt2
+    r = anyquant.quantize(str(src), method, progress=False)
+    quantized = {d.name for d in r.plan.to_quantize()}
+    assert "transformer.h.0.attn.c_attn" in quantized and "transformer.h.1.mlp.c_proj" in quantized
+    mem = _logits(r.model, ids)
+    assert _rel(mem, ref) < {"nf4": 0.3, "int8": 0.05, "int4": 0.3}[method]
+    out = anyquant.save(r, tmp_path / method)
+    assert torch.allclose(_logits(anyquant.load(out), ids), mem, atol=1e-4, rtol=1e-4)
+    if method != "int4":  # stock transformers reads the bitsandbytes checkpoint (Conv1D layout included)
+        from anyquant.methods.bnb import keep_compute_dtype
+
+        stock = keep_compute_dtype(AutoModelForCausalLM.from_pretrained(out).eval())
+        assert torch.allclose(_logits(stock, ids), mem, atol=1e-4, rtol=1e-4)
+
+
+def test_mixtral_int4_reload_applies_expert_fusion(tmp_path):
+    from transformers import MixtralConfig
+
+    src, ids, ref = _tiny(tmp_path, MixtralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64))
+    r = anyquant.quantize(str(src), "int4", progress=False)
+    mem = _logits(r.model, ids)
+    out = anyquant.save(r, tmp_path / "int4")
+    loaded = anyquant.load(out)
+    assert torch.allclose(_logits(loaded, ids), mem, atol=1e-4, rtol=1e-4)
+    from anyquant.runtime.int4_linear import Int4Linear
+
+    assert sum(isinstance(m, Int4Linear) for m in loaded.modules()) == len(r.plan.to_quantize())
+
+
+def test_gpt_neox_int4_reload_applies_key_renaming(tmp_path):
+    from transformers import GPTNeoXConfig
+
+    src, ids, ref = _tiny(tmp_path, GPTNeoXConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+        max_position_embeddings=64, tie_word_embeddings=False))
+    r = anyquant.quantize(str(src), "int4", progress=False)
+    mem = _logits(r.model, ids)
+    out = anyquant.save(r, tmp_path / "int4")
+    assert torch.allclose(_logits(anyquant.load(out), ids), mem, atol=1e-4, rtol=1e-4)
