@@ -87,25 +87,37 @@ def _shrink_dict(d: dict, layers_before: int | None = None) -> dict:
         elif isinstance(v, list) and n_before and len(v) == n_before and n_before > LAYERS:
             d[k] = v[:LAYERS]  # per-layer lists (layer_types, ...)
     for k, v in list(d.items()):
-        if INDEX_KEY.search(k) and not TOKEN_KEY.search(k):
+        if isinstance(k, str) and INDEX_KEY.search(k) and not TOKEN_KEY.search(k):
             if isinstance(v, int) and not isinstance(v, bool):
                 d[k] = max(-LAYERS, min(v, LAYERS - 1))
             elif isinstance(v, list) and all(isinstance(x, int) for x in v):
                 d[k] = [max(-LAYERS, min(x, LAYERS - 1)) for x in v]
     if isinstance(d.get("qk_rope_head_dim"), int) and "head_dim" in d:
         d["head_dim"] = d["qk_rope_head_dim"]  # MLA: rotary on qk_rope_head_dim only
-    for rk in ("rope_parameters", "rope_scaling"):
-        rope = d.get(rk)
-        if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list):
-            sec = rope["mrope_section"]  # sums to head_dim / 2: keep the proportions
-            half = (d.get("head_dim") or SHRINK["head_dim"]) // 2
-            new = [max(1, round(x * half / sum(sec))) for x in sec]
-            new[0] += half - sum(new)
-            rope["mrope_section"] = new
+    if isinstance(d.get("vision_config"), dict) and isinstance(d.get("text_config"), dict):
+        # multimodal rotary (Qwen2-VL, GLM-4V): the code's default sections sum to 64 = 128 / 2;
+        # give the shrunken head_dim its own (a key that a plain rope ignores)
+        rope = d["text_config"].get("rope_parameters")
+        if isinstance(rope, dict) and "mrope_section" not in rope:
+            rope["mrope_section"] = [16, 24, 24]
+            _fit_mrope(d["text_config"])
+    _fit_mrope(d)
     ps = d.get("patch_size")
     if isinstance(d.get("image_size"), int) and isinstance(ps, int) and ps > 0:
         d["image_size"] = ps * 4 * max(1, int(d.get("spatial_merge_size", 1) or 1) // 2)
     return d
+
+
+def _fit_mrope(d: dict) -> None:
+    """mrope_section sums to head_dim / 2: keep its proportions for the shrunken head_dim."""
+    for rk in ("rope_parameters", "rope_scaling"):
+        rope = d.get(rk)
+        if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list):
+            sec = rope["mrope_section"]
+            half = (d.get("head_dim") or SHRINK["head_dim"]) // 2
+            new = [max(1, round(x * half / sum(sec))) for x in sec]
+            new[0] += half - sum(new)
+            rope["mrope_section"] = new
 
 
 def _remap_tokens(d: dict, used: dict[int, int]) -> None:
@@ -113,7 +125,7 @@ def _remap_tokens(d: dict, used: dict[int, int]) -> None:
     for k, v in list(d.items()):
         if isinstance(v, dict) and k not in ("id2label", "label2id"):
             _remap_tokens(v, used)
-        elif TOKEN_KEY.search(k) or k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        elif isinstance(k, str) and TOKEN_KEY.search(k):
             def new(x):
                 if not isinstance(x, int) or isinstance(x, bool) or x < VOCAB:
                     return x
@@ -129,6 +141,9 @@ def shrunk_config(model_type: str):
     cfg = AutoConfig.for_model(model_type)
     d = _shrink_dict(cfg.to_dict())
     _remap_tokens(d, {})
+    for k in ("image_token_index", "image_token_id"):  # declared but unset (BLIP-2): give it an id
+        if k in d and d[k] is None:
+            d[k] = VOCAB - 16
     d.pop("model_type", None)
     d.pop("transformers_version", None)
     return type(cfg).from_dict(d)
@@ -174,10 +189,10 @@ def synthetic_inputs(model) -> tuple[dict, str]:
     img_tok = next((getattr(cfg, k) for k in ("image_token_id", "image_token_index") if
                     isinstance(getattr(cfg, k, None), int)), None)
     reasons = []
-    if pv and img_tok is not None:
+    if pv:
         n = 0
-        for _ in range(3):
-            ids_img = torch.cat([torch.full((1, n), img_tok), ids], dim=1)
+        for _ in range(3 if img_tok is not None else 1):  # without an image token id: images + ids as they are
+            ids_img = torch.cat([torch.full((1, n), img_tok if img_tok is not None else 3), ids], dim=1)
             inputs = {"input_ids": ids_img, **pv}
             try:
                 logits_of(model, inputs)
@@ -189,9 +204,11 @@ def synthetic_inputs(model) -> tuple[dict, str]:
                     continue
                 reasons.append(f"{type(e).__name__}: {str(e)[:120]}")
                 break
-    elif pv:
-        reasons.append("no image token id in the config")
-    logits_of(model, text)  # raises: the float model cannot run
+    try:
+        logits_of(model, text)
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"{type(e).__name__}: {str(e)[:150]}"
+                           + (f"; with an image: {reasons[0]}" if reasons else "")) from e
     return text, "text only" + (f" (image forward failed: {reasons[0]})" if reasons else "")
 
 
@@ -230,10 +247,14 @@ def one(model_type: str, task: str, workdir: Path) -> dict:
         row["reason"] = f"float model cannot save/reload: {type(e).__name__}: {str(e)[:200]}"
         return row
     row["runs"] = True
+    saved_class = type(model).__name__
     del model
     for method in METHODS:
         try:
             r = anyquant.quantize(str(src), method, progress=False)
+            if type(r.model).__name__ != saved_class:
+                raise RuntimeError(f"anyquant loaded the saved {saved_class} as {type(r.model).__name__} "
+                                   "(model/load.py tries AutoModelForCausalLM before config.architectures)")
             err = rel(logits_of(r.model, inputs), ref)
             out = anyquant.save(r, workdir / f"aq-{method}")
             err2 = rel(logits_of(anyquant.load(out), inputs), ref)
@@ -329,13 +350,17 @@ def _cell(v: dict | None) -> str:
     return "ok" if v.get("ok") else "FAIL"
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def _first_reason(row: dict) -> str:
     if row.get("reason"):
-        return row["reason"]
+        return _one_line(row["reason"])
     for side in ("anyquant", "transformers_bnb"):
         for m, v in row.get(side, {}).items():
             if not v.get("ok"):
-                return f"{'aq' if side == 'anyquant' else 'bnb'} {m}: {v.get('reason', '')}"
+                return f"{'aq' if side == 'anyquant' else 'bnb'} {m}: {_one_line(v.get('reason', ''))}"
     return ""
 
 

@@ -218,3 +218,26 @@ def test_linear_subclass_kind_follows_what_its_forward_computes():
     assert module_kind(SameMath(8, 4)) == LINEAR
     assert module_kind(Router(8, 4)) == OTHER
     assert module_kind(Scaled(8, 4)) == OTHER
+
+
+@pytest.mark.parametrize("case", ["vision_table_with_vocab_rows", "token_table_with_extra_rows"])
+def test_vlm_token_embedding_found_despite_lookalikes(case):
+    """The token embedding decides where the language model is. A vision position table can
+    have `vocab_size` rows (LFM2-VL: 256 patch positions) and a token table can have more rows
+    than `vocab_size` (Molmo2's additional tokens); neither may hand the language model to the
+    vision tower."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    # 28 px / 14 px patches = 4 positions + CLS = 5 rows in the vision position table
+    v = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         image_size=28, patch_size=14)
+    vocab = 5 if case == "vision_table_with_vocab_rows" else 300
+    t = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=vocab)
+    m = LlavaForConditionalGeneration(LlavaConfig(vision_config=v, text_config=t, image_token_index=vocab - 1)).eval()
+    if case == "token_table_with_extra_rows":
+        m.config.text_config.vocab_size = 256  # the config counts fewer tokens than the table holds
+    mm = anyquant.inspect(m)
+    assert mm.component_roots == {"vision tower": "model.vision_tower", "language model": "model.language_model"}
+    assert mm.modules["model.language_model.layers.0.mlp.up_proj"].component == "language model"

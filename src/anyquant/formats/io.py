@@ -56,6 +56,7 @@ def save(result, out_dir: str | Path, *, force: bool = False, extra_metrics: dic
             from anyquant.formats.hf_config import bnb_quantization_config
 
             qc = bnb_quantization_config(result.plan, compute_dtype)
+            qc["llm_int8_skip_modules"] = _float_linear_names(model, qc.get("llm_int8_skip_modules") or [])
         else:
             from anyquant.formats.hf_config import compressed_tensors_config
 
@@ -84,6 +85,28 @@ def save(result, out_dir: str | Path, *, force: bool = False, extra_metrics: dic
     return out
 
 
+def _float_linear_names(model: nn.Module, skip: list[str]) -> list[str]:
+    """`skip` plus every module left in float that transformers' bitsandbytes loader could
+    still turn into a quantized one, whatever the plan's kind for it: an nn.Linear subclass kept
+    because its forward is not a plain linear map (Llama 4's router), and fused expert weights
+    (a 3-D parameter: transformers may unfuse them into Linear layers to quantize). Unlisted,
+    transformers builds quantized modules there and finds no quantized weights for them."""
+    from anyquant.model.modelmap import quantized_linear_types
+
+    qtypes = quantized_linear_types()
+    out = list(skip)
+    for name, mod in model.named_modules():
+        if not name or name in out or isinstance(mod, qtypes):
+            continue
+        # (a skip entry covers the whole subtree: never one holding Linear layers to load quantized)
+        fused = not isinstance(mod, (nn.modules.conv._ConvNd, nn.Embedding)) and any(
+            p.dim() >= 3 and p.is_floating_point() for p in mod.parameters(recurse=False)) and not any(
+            isinstance(c, nn.Linear) for c in mod.modules())
+        if isinstance(mod, nn.Linear) or fused:
+            out.append(name)
+    return out
+
+
 def _save_pretrained_with(model: nn.Module, directory: Path, quantization_config: dict[str, Any]) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "save_pretrained"):
@@ -93,13 +116,49 @@ def _save_pretrained_with(model: nn.Module, directory: Path, quantization_config
         )
     had = getattr(config, "quantization_config", None)
     config.quantization_config = quantization_config
+    kwargs: dict[str, Any] = {}
+    if _reverting_merges_quantized(model):
+        # transformers saves in the checkpoint's original layout by undoing its load-time
+        # conversions; one that merges or splits tensors (Molmo2's fused att_proj) would mix
+        # packed int4 / 4-bit tensors with their shapes and scales. Saved as loaded instead:
+        # transformers loads that layout as it is.
+        kwargs["save_original_format"] = False
+        log.info("%s: saved in transformers' loaded layout (its conversion would merge quantized tensors)",
+                 type(model).__name__)
     try:
-        model.save_pretrained(directory, safe_serialization=True)
+        model.save_pretrained(directory, safe_serialization=True, **kwargs)
     finally:
         if had is None:
             del config.quantization_config
         else:
             config.quantization_config = had
+
+
+def _reverting_merges_quantized(model: nn.Module) -> bool:
+    """Would save_pretrained's reverse weight conversion touch a quantized module's tensors with
+    anything but a rename (a merge, split or transpose)?"""
+    from anyquant.model.modelmap import quantized_linear_types
+
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers without load-time conversions
+        return False
+    qtypes = quantized_linear_types()
+    probe: dict[str, torch.Tensor] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, qtypes):
+            for k, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+                if t is not None:
+                    probe[f"{name}.{k}"] = torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
+    if not probe:
+        return False
+    try:
+        reverted = revert_weight_conversion(model, dict(probe))
+    except Exception:  # noqa: BLE001 — a conversion that cannot even run on these tensors merges them
+        return True
+    if len(reverted) != len(probe):
+        return True
+    return sorted(tuple(t.shape) for t in reverted.values()) != sorted(tuple(t.shape) for t in probe.values())
 
 
 def _copy_tokenizer_files(src: Path, dst: Path) -> None:

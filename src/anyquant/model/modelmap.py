@@ -246,6 +246,14 @@ def find_components(model: nn.Module, config: Any, vocab: int | None) -> _Compon
         and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
         and m.weight.shape[0] == vocab
     ]
+    if not embeds and vocab:  # a table with extra rows beyond the vocabulary (Molmo2's additional tokens)
+        embeds = [n for n, m in named if n and isinstance(m, nn.Embedding) and m.num_embeddings > vocab]
+    if len(embeds) > 1:
+        # Another 2-D weight can have `vocab` rows (a vision position table of 256 patches in a
+        # 256-token model): prefer one of the text width, then one outside a vision-named subtree.
+        for keep in (lambda n: comps.text_hidden and model.get_submodule(n).weight.shape[1] == comps.text_hidden,
+                     lambda n: not any(h in p for p in n.lower().split(".") for h in _VISION_HINTS)):
+            embeds = [n for n in embeds if keep(n)] or embeds
     patch = None
     if vcfg is not None:
         comps.vision_hidden = _cfg_get(vcfg, "hidden_size", "embed_dim", "width", "d_model")
