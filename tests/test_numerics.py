@@ -66,17 +66,17 @@ def test_fixture_overflows_in_plain_transformers_float16(overflow_dir, ids):
 
 
 def test_auto_picks_bfloat16_where_supported(overflow_dir, ids):
-    m = load(overflow_dir)
+    m = load(overflow_dir, "auto")  # declared bfloat16
     p = choose_policy(m, "auto", WITH_BF16, ids)
     assert p.compute_dtype == torch.bfloat16 and not p.fp32_modules
     p.apply(m)
     assert finite(m, ids)
-    assert choose_policy(load(overflow_dir), "auto", detect_capabilities("cpu") if not os.environ.get(ENV)
+    assert choose_policy(load(overflow_dir, "auto"), "auto", detect_capabilities("cpu") if not os.environ.get(ENV)
                          else simulate(detect_capabilities("cpu"), {"prefer_float32": True}), ids).compute_dtype == torch.float32
 
 
 def test_no_bf16_keeps_overflowing_module_in_float32(overflow_dir, ids):
-    m = load(overflow_dir)
+    m = load(overflow_dir, "auto")
     p = choose_policy(m, "auto", NO_BF16, ids)
     assert p.compute_dtype == torch.float16
     assert list(p.fp32_modules) == ["model.layers.1.mlp"]
@@ -101,7 +101,7 @@ def test_uncontainable_overflow_refused_or_float32(escape_dir, ids):
         choose_policy(load(escape_dir), "float16", NO_BF16, ids)
     msg = str(e.value)
     assert "float16 refused" in msg and "model.layers.1.mlp.down_proj" in msg and "e+05" in msg
-    p = choose_policy(load(escape_dir), "auto", NO_BF16, ids)
+    p = choose_policy(load(escape_dir, "auto"), "auto", NO_BF16, ids)
     assert p.compute_dtype == torch.float32 and p.overflow
 
 
@@ -166,7 +166,8 @@ def test_doctor_no_bf16_and_already_quantized(overflow_dir, tmp_path, ids):
     from anyquant.doctor import diagnose
 
     d = diagnose(overflow_dir, {"load_in_4bit": True, "bnb_4bit_compute_dtype": "bfloat16"}, capabilities=NO_BF16)
-    assert [f["class"] for f in d["findings"]] == ["F1"]  # bf16 compute on a device without it
+    # bf16 compute, and the declared bfloat16 that transformers' dtype="auto" loads, on a device without it
+    assert {f["class"] for f in d["findings"]} == {"F1"} and any("dtype=bfloat16" in f["message"] for f in d["findings"])
     assert d["bnb_config"]["bnb_4bit_compute_dtype"] == "float32"  # fp16 would overflow (F3)
     BitsAndBytesConfig(**d["bnb_config"])
     d = diagnose(overflow_dir, {"load_in_4bit": True}, capabilities=WITH_BF16)
@@ -221,3 +222,179 @@ def test_doctor_names_remote_code_cast(glm_dir):
     d = diagnose(glm_dir, {"load_in_4bit": True, "bnb_4bit_compute_dtype": "float16", "dtype": "float16"},
                  trust_remote_code=True, capabilities=WITH_BF16)
     assert d["bnb_config"]["bnb_4bit_compute_dtype"] == "bfloat16" and d["from_pretrained"] == {"dtype": "bfloat16"}
+
+
+# ------------------------------------------------------------------ review gaps (issue 4)
+
+
+class _Cfg:
+    def __init__(self, dtype=None):
+        self.dtype = dtype
+
+
+class ExpSoftmax(torch.nn.Module):
+    """Remote-code style attention with a hand-written softmax (no max subtraction): the scores
+    (~15) stay inside the module; exp(15) = 3.3e6 is inf in float16, and inf / inf is NaN.
+    In float32 every module input and output stays below 10."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.q = torch.nn.Linear(d, d, bias=False)
+        self.k = torch.nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        s = self.q(x) @ self.k(x).transpose(-1, -2)
+        e = torch.exp(s)
+        return (e / e.sum(-1, keepdim=True)) @ x
+
+
+class ExpModel(torch.nn.Module):
+    def __init__(self, d=16, dtype=None):
+        super().__init__()
+        self.config = _Cfg(dtype)
+        self.inp = torch.nn.Linear(d, d)
+        self.attn = ExpSoftmax(d)
+        self.out = torch.nn.Linear(d, d)
+        with torch.no_grad():
+            self.inp.weight.copy_(torch.eye(d))
+            self.inp.bias.zero_()
+            self.attn.q.weight.copy_(torch.eye(d) * 2.0)
+            self.attn.k.weight.copy_(torch.eye(d) * 2.0)
+
+    def forward(self, x):
+        return self.out(self.attn(self.inp(x)))
+
+
+def _exp_inputs():
+    x = torch.zeros(1, 4, 16)
+    x[0, :, 0] = 2.0  # q.k = (2*2)^2 ... = 16 on the diagonal direction
+    return {"x": x}
+
+
+def test_float16_run_catches_overflow_inside_a_module():
+    from anyquant.numerics.policy import probe_ranges
+
+    m, inputs = ExpModel(), _exp_inputs()
+    ranges = probe_ranges(m, inputs)
+    assert max(r.out_absmax for r in ranges.values()) < 65504 * 0.5  # the float32 boundaries never show it
+    with torch.no_grad():
+        assert not torch.isfinite(ExpModel().half()(x=inputs["x"].half())).all()  # but float16 is NaN
+    p = choose_policy(m, "auto", NO_BF16, inputs)
+    assert p.compute_dtype == torch.float16 and list(p.fp32_modules) == ["attn"]
+    assert "nan" in p.fp32_modules["attn"] and "float16" in p.fp32_modules["attn"]
+    assert any(v["module"] == "attn" and v["float16"] == "nan" for v in p.overflow)
+    p.apply(m)
+    assert m.attn.q.weight.dtype == torch.float32 and m.out.weight.dtype == torch.float16
+    with torch.no_grad():
+        assert torch.isfinite(m(x=inputs["x"].half())).all()
+    assert {e["module"] for e in p.to_dict()["dtype_exceptions"]} == {"attn.q", "attn.k"}
+    assert choose_policy(ExpModel(), "auto", WITH_BF16, _exp_inputs()).compute_dtype == torch.bfloat16
+
+
+def test_declared_dtype_respected(overflow_dir, ids):
+    # declared float32: auto keeps it, also where bfloat16 is available; an explicit dtype still wins
+    p = choose_policy(ExpModel(dtype=torch.float32), "auto", WITH_BF16, _exp_inputs())
+    assert p.compute_dtype == torch.float32 and "declares float32" in p.reason and p.declared == "float32"
+    assert choose_policy(ExpModel(dtype=torch.float32), "bfloat16", WITH_BF16).compute_dtype == torch.bfloat16
+    # declared bfloat16: bfloat16 where available, never float16
+    p = choose_policy(load(overflow_dir, "auto"), "auto", WITH_BF16, ids)
+    assert p.compute_dtype == torch.bfloat16 and p.to_dict()["declared_dtype"] == "bfloat16"
+    # declared float16: kept where safe; where it overflows, bfloat16 if the device has it
+    p = choose_policy(ExpModel(d=16, dtype=torch.float16), "auto", WITH_BF16,
+                      {"x": torch.full((1, 4, 16), 0.1)})
+    assert p.compute_dtype == torch.float16 and "declares float16" in p.reason
+    p = choose_policy(load(overflow_dir, torch.float16), "auto", WITH_BF16, ids)
+    assert p.compute_dtype == torch.bfloat16 and "model.layers.1.mlp" in p.reason and not p.fp32_modules
+
+
+def test_keep_in_fp32_modules_transformers_semantics():
+    m = ExpModel()
+    m._keep_in_fp32_modules = ["out"]
+    assert "out" not in choose_policy(m, "bfloat16", WITH_BF16).fp32_modules  # non-strict: float16 only
+    p = choose_policy(m, "float16", NO_BF16, {"x": torch.full((1, 4, 16), 0.1)})
+    assert "_keep_in_fp32_modules" in p.fp32_modules["out"]
+    m2 = ExpModel()
+    m2.attn._keep_in_fp32_modules_strict = ["k"]  # declared by a submodule: applies below it
+    p = choose_policy(m2, "bfloat16", WITH_BF16)
+    assert list(p.fp32_modules) == ["attn.k"]
+    p.apply(m2)
+    ex = p.to_dict()["dtype_exceptions"]
+    assert ex == [{"module": "attn.k", "type": "Linear", "dtype": "float32", "parameters": ["weight"],
+                   "reason": "declared by the model (_keep_in_fp32_modules_strict: 'k')"}]
+
+
+def test_float32_poles_in_a_bfloat16_checkpoint_stay_float32(tmp_path, monkeypatch):
+    """evo-1 keeps its filters' poles/residues in float32 while the rest is bfloat16; transformers
+    rounds them to bfloat16 on load. The policy keeps their module in float32, restores the stored
+    values, and lists it under dtype_exceptions."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from anyquant.pipeline import quantize
+    from tests.fixtures import build_fixture
+
+    src = build_fixture("hyena_like", tmp_path / "hy")
+    m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, trust_remote_code=True)
+    m.to(torch.bfloat16)
+    for b in m.blocks:
+        if hasattr(b, "filter"):
+            b.filter.poles.data = b.filter.poles.data.float()
+            b.filter.residues.data = b.filter.residues.data.float()
+    mixed = tmp_path / "hy-mixed"
+    m.save_pretrained(mixed)
+    for f in src.glob("*.py"):
+        shutil.copy2(f, mixed / f.name)
+    with safe_open(str(mixed / "model.safetensors"), framework="pt") as fh:
+        poles = fh.get_tensor("blocks.0.filter.poles")
+    assert poles.dtype == torch.float32
+    monkeypatch.setenv(ENV, "bf16=1,prefer_float32=0")
+    r = quantize(mixed, "nf4", trust_remote_code=True, progress=False)
+    dp = r.report["dtype_policy"]
+    assert dp["compute_dtype"] == "bfloat16" and dp["declared_dtype"] == "bfloat16"
+    ex = {e["module"]: e for e in dp["dtype_exceptions"]}
+    assert ex["blocks.0.filter"]["dtype"] == "float32" and "poles" in ex["blocks.0.filter"]["reason"]
+    assert sorted(ex["blocks.0.filter"]["parameters"]) == ["D", "poles", "residues"]
+    assert torch.equal(r.model.blocks[0].filter.poles.data, poles)  # the stored values, not bf16-rounded ones
+    assert r.model.blocks[0].out_filter_dense.weight.dtype != torch.float32
+    assert dp["consistency_mismatches"] == []
+
+
+@pytest.fixture(scope="module")
+def internvl_dir(tmp_path_factory):
+    from tests.fixtures_numerics import make_internvl_like
+
+    return make_internvl_like(tmp_path_factory.mktemp("numerics") / "internvl-like")
+
+
+def test_internvl_like_overflow(internvl_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from anyquant.pipeline import quantize
+
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    px = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    region = "language_model.model.layers.1.mlp"
+
+    def logits(model, dt):
+        with torch.no_grad():
+            return model(input_ids=ids, pixel_values=px.to(dt)).logits
+
+    # plain transformers: float16 gives NaN/inf logits (bfloat16 and float32 are finite)
+    for dt, ok in ((torch.float16, False), (torch.bfloat16, True), (torch.float32, True)):
+        plain = AutoModelForCausalLM.from_pretrained(internvl_dir, dtype=dt, trust_remote_code=True).eval()
+        assert bool(torch.isfinite(logits(plain, dt)).all()) is ok
+    monkeypatch.setenv(ENV, "bf16=0,prefer_float32=0")  # a T4/V100
+    r = quantize(internvl_dir, "nf4", dtype="auto", trust_remote_code=True, progress=False)
+    dp = r.report["dtype_policy"]
+    assert dp["compute_dtype"] == "float16" and list(dp["float32_modules"]) == [region]
+    assert dp["overflow"][0]["module"] == f"{region}.down_proj" and dp["overflow"][0]["absmax"] > 65504
+    assert region in dp["reason"] and "e+05" in dp["reason"] and "65504" in dp["reason"]
+    assert {e["module"] for e in dp["dtype_exceptions"]} == {f"{region}.{n}" for n in ("gate_proj", "up_proj", "down_proj")}
+    assert dp["consistency_mismatches"] == []
+    assert type(r.model.language_model.model.layers[1].mlp.down_proj).__name__ == "Linear4bit"
+    assert torch.isfinite(logits(r.model, torch.float16)).all()
+    monkeypatch.setenv(ENV, "bf16=1,prefer_float32=0")
+    r = quantize(internvl_dir, "nf4", dtype="auto", trust_remote_code=True, progress=False)
+    dp = r.report["dtype_policy"]
+    assert dp["compute_dtype"] == "bfloat16" and not dp["float32_modules"] and not dp["dtype_exceptions"]
+    assert torch.isfinite(logits(r.model, torch.bfloat16)).all()

@@ -141,7 +141,8 @@ def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, tr
     findings: list[dict[str, str]] = []
     notes: list[str] = []
     info = inspect_files(path)
-    declared = _dtype_str(info.config.get("dtype") or info.config.get("torch_dtype")) or "float32"
+    declared_raw = _dtype_str(info.config.get("dtype") or info.config.get("torch_dtype"))
+    declared = declared_raw or "float32"
     model_dtype = user_dtype or declared
     compute = _dtype_str(bnb.bnb_4bit_compute_dtype) if four_bit else "float16"  # LLM.int8 computes in fp16
     method = ("nf4" if bnb.bnb_4bit_quant_type == "nf4" else "fp4") if four_bit else "int8"
@@ -181,7 +182,7 @@ def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, tr
     for name, what in casts.items():
         if name not in f1_modules:
             findings.append(_finding("F1", name, f"dtypes disagree at this module's boundary in float32: {what}"))
-    ranges = probe_ranges(model, inputs)
+    ranges = probe_ranges(model, inputs, float16=True)  # float32 ranges, and each module re-run in float16
     limit = FP16_MAX * margin
     regions, values = overflow_regions(ranges, limit)
     absmax = max((r.out_absmax or 0.0 for r in ranges.values()), default=0.0)
@@ -274,10 +275,14 @@ def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, tr
                      f"{' ...' if len(float_roots) > 3 else ''}) would be quantized; anyquant keeps them in float by "
                      "default; add them to llm_int8_skip_modules to do the same")
 
-    # corrected config
+    # corrected config: the policy's `auto` (numerics/policy.py choose_policy), declared dtype included
     if caps.prefer_float32:
         good = "float32"
         why = f"{caps.name}: no native low-precision compute; float32"
+    elif declared_raw == "float32":
+        good, why = "float32", "float32: the model declares float32 (config.json dtype)"
+    elif declared_raw == "float16" and caps.fp16 and not values:
+        good, why = "float16", f"float16: the model declares it and activations peak at {absmax:.4g}, within range"
     elif caps.bf16:
         good, why = "bfloat16", "bfloat16 (float32's range: no float16 overflow)"
     elif caps.fp16 and not values:
