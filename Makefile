@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # CUDA build of several GB; the CPU build of 2.13.0 lies on this machine's disk.
 TORCH   := torch==2.13.0
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast bench-deps clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# Peers for benchmarks/quality.py (not anyquant dependencies); torch stays pinned.
+bench-deps: setup
+	$(PIP) install -q hqq==0.2.8.post1 $(TORCH)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -11,8 +11,11 @@ top-1 agreement. awq/gptq calibrate on the news corpus (disjoint from the evalua
 
 The issue's setting is --max-tokens 16384 with 128 x 512 calibration (GPU); on the 2-core CPU
 machine use fewer tokens and samples and say so: the JSON records every setting.
-Peers (bitsandbytes through transformers directly, the hqq library, llm-compressor) are not
-run here: see "peers" in the JSON.
+Peers, measured in the same run on the same windows (`--peers bnb,hqq`; `make bench-deps`
+installs the hqq library): bitsandbytes nf4 + double quant through transformers'
+`BitsAndBytesConfig` (its default skips), and the hqq library's HQQLinear (4-bit, group 64 and
+128 along its flattened weight, scale and zero in 16 bits) on the same decoder Linears as anyquant.
+llm-compressor is not run: see "peers_not_run" in the JSON.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--methods", default="nf4,int4,hqq,awq,gptq")
+    ap.add_argument("--peers", default="bnb,hqq,hqq128", help="peer rows: bnb (transformers + bitsandbytes), hqq (library)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality.json")
     args = ap.parse_args()
 
@@ -101,6 +105,19 @@ def main() -> None:
                   f"{row['top1_agreement']:.4f}  bits {row['bits_per_weight']:.3f}  ({tq:.0f} s)", flush=True)
             del q
 
+    for peer in [p for p in args.peers.split(",") if p]:
+        t0 = time.perf_counter()
+        model, bits, label = PEERS[peer](model_dir)
+        tq = time.perf_counter() - t0
+        m = compare(model, baseline, windows, progress=False)
+        row = {"method": label, "peer": True, "bits_per_weight": bits, "perplexity": m["perplexity"],
+               "kl_divergence": m["kl_divergence"], "top1_agreement": m["top1_agreement"],
+               "seconds_quantize": tq, "seconds_eval": time.perf_counter() - t0 - tq}
+        rows.append(row)
+        print(f"{label}: ppl {row['perplexity']:.3f}  KL {row['kl_divergence']:.4f}  top1 "
+              f"{row['top1_agreement']:.4f}  bits {bits:.3f}", flush=True)
+        del model
+
     print()
     print("| method | bits/weight | perplexity | KL (nats) | top-1 | quantize s |")
     print("|---|---|---|---|---|---|")
@@ -119,12 +136,74 @@ def main() -> None:
         "requested_group_size": args.group_size,
         "versions": {p: md.version(p) for p in ("torch", "transformers", "bitsandbytes", "compressed-tensors")},
         "rows": rows,
-        "peers": "not measured in this run (bitsandbytes appears through anyquant's nf4 row, which is "
-                 "bitsandbytes' own nf4; the hqq library and llm-compressor are not installed here)",
+        "peers_not_run": "llm-compressor 0.14 pins transformers<=5.17 and compressed-tensors 0.19 (its own "
+                         "environment) and its GPTQ took 679 s on this CPU for this model with 2 samples; "
+                         "the GPU machine cannot receive the model (nothing downloads there, and the "
+                         "converted model exceeds what a call carries)",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")
+
+
+def _decoder_linears(model) -> list[str]:
+    """The Linears anyquant quantizes on this model (its plan), so peers cover the same layers."""
+    plan = anyquant.plan(model, "int4")
+    return [d.name for d in plan.to_quantize()]
+
+
+def peer_bnb(model_dir):
+    """bitsandbytes nf4 + double quant as a transformers user gets it."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from anyquant.methods.bnb import keep_compute_dtype
+
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=qc, dtype=torch.float32).eval()
+    # Same kernels as anyquant's nf4 row: without this, bitsandbytes' AVX512-BF16 CPU path would
+    # compute in bfloat16 after the first no-grad call (see anyquant.methods.bnb.keep_compute_dtype).
+    keep_compute_dtype(model)
+    import bitsandbytes as bnb
+
+    nbytes = numel = 0
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            qs = mod.weight.quant_state
+            numel += qs.shape[0] * qs.shape[1]
+            nbytes += mod.weight.numel() * mod.weight.element_size()
+            nbytes += sum(t.numel() * t.element_size() for t in qs.as_dict(packed=True).values())
+    return model, 8 * nbytes / numel, "transformers + bitsandbytes nf4"
+
+
+def _peer_hqq(model_dir, group_size: int):
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    from transformers import AutoModelForCausalLM
+
+    from anyquant.methods.registry import set_submodule
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    cfg = BaseQuantizeConfig(nbits=4, group_size=group_size)
+    nbytes = numel = 0
+    for name in _decoder_linears(model):
+        lin = model.get_submodule(name)
+        numel += lin.weight.numel()
+        q = HQQLinear(lin, cfg, compute_dtype=torch.float32, device="cpu")
+        # Its default compute dtype (float16) stores scale and zero in 16 bits; keep float32
+        # compute here (as every row) but round them as stored, and count 16 bits each.
+        for k in ("scale", "zero"):
+            q.meta[k] = q.meta[k].half().float()
+            nbytes += q.meta[k].numel() * 2
+        nbytes += q.W_q.numel() * q.W_q.element_size()
+        set_submodule(model, name, q)
+    return model, 8 * nbytes / numel, f"hqq library g{group_size}"
+
+
+PEERS = {
+    "bnb": peer_bnb,
+    "hqq": lambda d: _peer_hqq(d, 64),
+    "hqq128": lambda d: _peer_hqq(d, 128),
+}
 
 
 if __name__ == "__main__":
