@@ -15,9 +15,10 @@ Each type runs in a forked child with a time limit, so a hang or a crash costs o
 sweep; the parent imports torch/transformers/anyquant once (children inherit them) and runs no
 torch ops itself. Prints a table and writes benchmarks/results/sweep.json.
 
-    .venv/bin/python benchmarks/sweep.py                        # everything (~20 min, 2 cores)
+    .venv/bin/python benchmarks/sweep.py                        # everything (~4-8 min on 2 shared cores)
     .venv/bin/python benchmarks/sweep.py --types gpt2,mixtral   # some types
     .venv/bin/python benchmarks/sweep.py --task image-text --limit 10
+    .venv/bin/python benchmarks/sweep.py --show                 # print the table of the last run
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ SHRINK = {
     "n_group": 1, "topk_group": 1, "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8,
     "qk_nope_head_dim": 8, "v_head_dim": 16, "n_shared_experts": 1, "num_shared_experts": 1,
     "state_size": 16, "d_state": 16, "mamba_d_state": 16, "mamba_n_heads": 4, "mamba_head_dim": 16,
-    "expand": 2, "time_step_rank": 8, "conv_kernel": 4, "linear_num_key_heads": 2,
+    "expand": 1, "mamba_expand": 1, "mamba_d_head": 16, "d_head": 16, "time_step_rank": 8, "conv_kernel": 4, "linear_num_key_heads": 2,
     "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
     "sliding_window": 64, "attention_window_size": 64, "mm_tokens_per_image": 4,
     "num_image_tokens": 16, "image_seq_length": 16, "rotary_dim": 8, "attn_layer_period": LAYERS,
@@ -80,18 +81,25 @@ def _shrink_dict(d: dict, layers_before: int | None = None) -> dict:
     n_before = next((d[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "depth")
                      if isinstance(d.get(k), int)), layers_before)
     for k, v in list(d.items()):
-        if isinstance(v, dict) and k not in ("id2label", "label2id", "rope_parameters", "rope_scaling"):
+        if isinstance(v, dict) and v and all(str(x).isdigit() for x in v) and k not in ("id2label", "label2id"):
+            d[k] = {x: y for x, y in v.items() if int(x) < LAYERS}  # per-layer-index configs
+        elif isinstance(v, dict) and k not in ("id2label", "label2id", "rope_parameters", "rope_scaling"):
             _shrink_dict(v, n_before)
         elif k in SHRINK and isinstance(v, int) and not isinstance(v, bool) and v > SHRINK[k]:
             d[k] = SHRINK[k]
         elif isinstance(v, list) and n_before and len(v) == n_before and n_before > LAYERS:
-            d[k] = v[:LAYERS]  # per-layer lists (layer_types, ...)
+            # per-layer lists (layer_types, ...): the first entry and the first different one, so
+            # a hybrid keeps one layer of each kind (an attention layer among linear-attention ones)
+            other = next((x for x in v if x != v[0]), None)
+            d[k] = [v[0], other] if other is not None and LAYERS == 2 else v[:LAYERS]
     for k, v in list(d.items()):
         if isinstance(k, str) and INDEX_KEY.search(k) and not TOKEN_KEY.search(k):
             if isinstance(v, int) and not isinstance(v, bool):
                 d[k] = max(-LAYERS, min(v, LAYERS - 1))
             elif isinstance(v, list) and all(isinstance(x, int) for x in v):
                 d[k] = [max(-LAYERS, min(x, LAYERS - 1)) for x in v]
+    if "head_dim" in d and d["head_dim"] is None and isinstance(d.get("hidden_size"), int):
+        d["head_dim"] = SHRINK["head_dim"]  # left for the code to derive, which some do from full sizes
     if isinstance(d.get("qk_rope_head_dim"), int) and "head_dim" in d:
         d["head_dim"] = d["qk_rope_head_dim"]  # MLA: rotary on qk_rope_head_dim only
     if isinstance(d.get("vision_config"), dict) and isinstance(d.get("text_config"), dict):
@@ -413,7 +421,12 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--per-type-seconds", type=int, default=150)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sweep.json"))
+    ap.add_argument("--show", action="store_true", help="print the table of --out without running anything")
     a = ap.parse_args()
+    if a.show:
+        data = json.loads(Path(a.out).read_text())
+        print_table(data["rows"], data["summary"])
+        return
 
     # A type in both mappings runs once: as image-text-to-text if it has that class.
     jobs: list[tuple[str, str]] = []
@@ -455,7 +468,25 @@ def main() -> None:
 
     run_all(jobs, a.jobs, a.per_type_seconds, on_row)
     summary = _write(a.out, rows, t0, complete=True)
-    print(json.dumps({k: v for k, v in summary.items()}, indent=1))
+    print_table(rows, summary)
+
+
+def print_table(rows: list[dict], summary: dict) -> None:
+    """The whole table (sorted), every failure with its reason, and the summary."""
+    print(f"\n{'model_type':26s} {'task':5s} inst {' '.join(f'{m:4s}' for m in METHODS)} | "
+          f"{' '.join(f'{m:4s}' for m in BNB_METHODS)}  (anyquant | transformers+bnb)")
+    for row in rows:
+        print_row(row)
+    print("\nfailures of types that ran in float (anyquant, then transformers+bnb):")
+    for side, tag in (("anyquant", "anyquant"), ("transformers_bnb", "transformers+bnb")):
+        for row in rows:
+            if not row.get("runs"):
+                continue
+            for m, v in row[side].items():
+                if not v.get("ok"):
+                    print(f"  {tag:16s} {row['model_type']:22s} {m:4s} {_one_line(v.get('reason', ''))[:150]}")
+    print("\nsummary:")
+    print(json.dumps(summary, indent=1))
 
 
 def _write(out: str, rows: list[dict], t0: float, complete: bool) -> dict:

@@ -136,7 +136,7 @@ def _save_pretrained_with(model: nn.Module, directory: Path, quantization_config
 
 def _reverting_merges_quantized(model: nn.Module) -> bool:
     """Would save_pretrained's reverse weight conversion touch a quantized module's tensors with
-    anything but a rename (a merge, split or transpose)?"""
+    anything but a rename that loading undoes (a merge, split or transpose; a one-way rename)?"""
     from anyquant.model.modelmap import quantized_linear_types
 
     try:
@@ -158,7 +158,12 @@ def _reverting_merges_quantized(model: nn.Module) -> bool:
         return True
     if len(reverted) != len(probe):
         return True
-    return sorted(tuple(t.shape) for t in reverted.values()) != sorted(tuple(t.shape) for t in probe.values())
+    if sorted(tuple(t.shape) for t in reverted.values()) != sorted(tuple(t.shape) for t in probe.values()):
+        return True
+    # A rename written for a float checkpoint's own names (Inkling2: `sconv.weight_proj` ->
+    # `sconv.weight_proj.weight`) need not map the quantized tensors' saved names back.
+    rename = _checkpoint_key_renamer(model)
+    return {rename(k) for k in reverted} != set(probe)
 
 
 def _copy_tokenizer_files(src: Path, dst: Path) -> None:
@@ -234,19 +239,21 @@ def _load_int4(directory: Path, manifest: dict[str, Any], trust_remote_code: boo
               + list(model.get_submodule(d.name).named_parameters(recurse=False))}
     rename = _checkpoint_key_renamer(model)
     found: dict[str, torch.Tensor] = {}
+    placed: set[str] = set()  # what transformers called these keys (its report renames them)
     for f in sorted(directory.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as sf:
             for key in sf.keys():
                 name = key if key in wanted else rename(key)
                 if name in wanted:
                     found[name] = sf.get_tensor(key)
+                    placed.update((key, rename(key)))
     lacking = sorted(wanted - set(found))
     if lacking:
         raise AnyquantError(f"{directory}: checkpoint lacks the int4 tensors {lacking[:5]}")
     # What transformers could not place: only the int4 tensors (placed above) may be left over,
     # and only the planned modules' float weights may be missing.
     replaced = {f"{d.name}.{p}" for d in todo for p in ("weight", "bias")}
-    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if k not in wanted and rename(k) not in wanted)
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if k not in wanted and k not in placed)
     if unexpected:
         raise AnyquantError(f"{directory}: checkpoint tensors the model has no place for: {unexpected[:5]}")
     missing = sorted(k for k in info.get("missing_keys", ()) if k not in replaced)
