@@ -122,3 +122,11 @@ def test_eval_json(tiny_llama, tmp_path):
     # so the eval command must say what is missing.
     p = run("eval", out, "--text", text, "--json")
     assert_bad_input(p, "tokenizer")
+
+
+def test_method_flag_that_does_not_apply(tiny_llama, tmp_path):
+    assert_bad_input(run("quantize", tiny_llama, "--method", "int4", "--act-order", "--out", tmp_path / "o"),
+                     "--act-order does not apply to int4", "gptq")
+    assert_bad_input(run("quantize", tiny_llama, "--method", "nf4", "--group-size", "64", "--out", tmp_path / "o"),
+                     "--group-size does not apply to nf4", "awq, gptq, hqq, int4")
+    assert not (tmp_path / "o").exists()

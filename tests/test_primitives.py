@@ -124,3 +124,23 @@ def test_round_scale_stays_positive_and_finite():
     assert (r > 0).all() and torch.isfinite(r).all()
     assert r[2] == torch.tensor(3e-3).half().float()
     assert P.round_scale(s, torch.bfloat16)[3] == torch.tensor(1e9).bfloat16().float()
+
+
+def test_search_qparams_never_worse_than_min_max_under_its_weighted_error():
+    torch.manual_seed(3)
+    w = torch.randn(16, 128) * torch.linspace(0.1, 3, 128)  # uneven columns
+    w[0, 5] = 40.0  # an outlier that min-max spends its whole range on
+    cw = torch.rand(128) + 0.01
+
+    def weighted_error(scale, zero):
+        deq = P.dequantize(P.quantize(w, scale, zero, 4, 32), scale, zero, 32)
+        return (((deq - w) ** 2) * cw).reshape(16, 4, 32).sum(-1)
+
+    s0, z0 = P.compute_qparams(w, 4, 32)
+    s0 = P.round_scale(s0, torch.float32)
+    s1, z1 = P.search_qparams(w, 4, 32, column_weight=cw)
+    e0, e1 = weighted_error(s0, z0), weighted_error(s1, z1)
+    assert (e1 <= e0 + 1e-6).all()
+    assert e1.sum() < 0.9 * e0.sum()  # shrinking the range pays off on these groups
+    s2, z2 = P.search_qparams(w, 4, 32, column_weight=cw, shrinks=(1.0,))
+    assert torch.equal(s2, s0) and torch.equal(z2, z0)

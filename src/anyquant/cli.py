@@ -120,14 +120,21 @@ def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", 
         con.print(f"note: {n}")
 
 
-def _method_options(method: str, group_size: Optional[int]) -> dict:
-    from anyquant.config import config_class
+def _method_options(method: str, group_size: Optional[int], **given) -> dict:
+    """The method's config fields set on the command line; a flag the method does not take is
+    refused by name, with the methods that take it."""
     import dataclasses
 
+    from anyquant.config import config_class, known_methods
+
+    given = {"group_size": group_size, **given}
     fields = {f.name for f in dataclasses.fields(config_class(method))}
-    if group_size is not None and "group_size" not in fields:
-        raise AnyquantError(f"--group-size does not apply to {method} (it applies to: int4)")
-    return {"group_size": group_size} if group_size is not None else {}
+    for name, value in given.items():
+        if value is not None and name not in fields:
+            takers = [m for m in known_methods() if name in {f.name for f in dataclasses.fields(config_class(m))}]
+            flag = "--" + name.replace("_", "-")
+            raise AnyquantError(f"{flag} does not apply to {method} (it applies to: {', '.join(takers)})")
+    return {k: v for k, v in given.items() if v is not None}
 
 
 @app.command()
@@ -143,6 +150,9 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
              trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
              requantize: bool = typer.Option(False, "--requantize", help="dequantize an already-quantized source first"),
              calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file for awq/gptq (default: the bundled news corpus)"),
+             n_samples: Optional[int] = typer.Option(None, "--n-samples", help="awq/gptq: calibration sequences"),
+             seq_len: Optional[int] = typer.Option(None, "--seq-len", help="awq/gptq: tokens per calibration sequence"),
+             act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="gptq: columns in order of decreasing Hessian diagonal"),
              force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
              verbose: bool = typer.Option(False, "--verbose", "-v")):
     """Quantize SOURCE with METHOD and write a loadable model directory to OUT."""
@@ -156,7 +166,7 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
     ov = [(k, "keep") for k in keep]
     result = run(src, method, dtype=dtype, plan=plan_file, overrides=ov, only=only, include_vision=include_vision,
                  trust_remote_code=trust_remote_code, requantize=requantize, calib=calib,
-                 **_method_options(method, group_size))
+                 **_method_options(method, group_size, n_samples=n_samples, seq_len=seq_len, act_order=act_order))
     path = save(result, out, force=force)
     r = result.report
     typer.echo(

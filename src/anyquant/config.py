@@ -135,10 +135,17 @@ class AWQConfig(CalibratedInt4Config):
 
 @dataclass(frozen=True)
 class GPTQConfig(CalibratedInt4Config):
-    """GPTQ: Hessian 2 X^T X from calibration inputs, dampening, optional activation order."""
+    """GPTQ: Hessian 2 X^T X from calibration inputs, dampening, activation order (static
+    groups), each group's range shrunk where that lowers its Hessian-weighted error, and
+    optionally AWQ's scales folded in first."""
 
     damp: float = 0.01
-    act_order: bool = False
+    # Measured on SmolLM2-135M, g96, 8 x 256 calibration, 2,048 held-out tokens (float 22.86,
+    # RTN 31.47 / KL 0.454): no activation order 33.10 / KL 0.434; activation order 28.98 / 0.306;
+    # plus the Hessian-weighted clip search of each static group's range 28.81 / 0.261.
+    act_order: bool = True
+    clip_search: bool = True
+    awq_scales: bool = False  # AWQ's activation-aware scales (searched, folded) before GPTQ
     method: ClassVar[str] = "gptq"
 
     def __post_init__(self) -> None:

@@ -88,6 +88,23 @@ def _scale_params(mod: nn.Module, s: torch.Tensor, inverse: bool) -> None:
 
 @torch.no_grad()
 def awq_block(ctx) -> None:
+    """Search and fold the scales, then round each (scaled) linear to nearest through the guard."""
+    probe, rows, scaled = awq_scale_block(ctx, ctx.config.grid)
+    for n in ctx.linears:
+        lin = ctx.block.get_submodule(n)
+        grp = next(g for g in probe.groups if n in g)
+        X = torch.cat(rows[grp[0]]) if rows.get(grp[0]) else None
+        ctx.install(n, lambda lin=lin, n=n: rtn_grid(lin.weight.detach(), ctx.group_size(n), ctx.config.symmetric,
+                                                     ctx.compute_dtype),
+                    inputs={"activations": X, "scale": scaled.get(n)})
+
+
+@torch.no_grad()
+def awq_scale_block(ctx, grid: int):
+    """AWQ's scale search and fold for one block, leaving its Linears in float (scaled): the
+    block computes the same function, with weights easier to round. Returns (the block's
+    LinearProbe, calibration rows per input group, scale per scaled Linear). gptq uses this
+    too (GPTQConfig.awq_scales): scales first, then second-order rounding."""
     from anyquant.calib.runner import _first_sample, hidden_of, probe_block, run_block
 
     block, cfg = ctx.block, ctx.config
@@ -130,7 +147,7 @@ def awq_block(ctx) -> None:
             continue
         weights = [block.get_submodule(n).weight for n in group]
         try:
-            s, alpha, _ = search_scale(X, weights, xmean, ctx.group_size(group[0]), cfg.symmetric, cfg.grid,
+            s, alpha, _ = search_scale(X, weights, xmean, ctx.group_size(group[0]), cfg.symmetric, grid,
                                        ctx.compute_dtype)
         except FloatingPointError as e:
             ctx.notes.append(f"{'/'.join(group)}: not scaled: {e}")
@@ -153,13 +170,7 @@ def awq_block(ctx) -> None:
         for n in group:
             scaled[n] = s
         del where
-    for n in names:
-        lin = block.get_submodule(n)
-        grp = next(g for g in probe.groups if n in g)
-        X = torch.cat(rows[grp[0]]) if rows.get(grp[0]) else None
-        ctx.install(n, lambda lin=lin, n=n: rtn_grid(lin.weight.detach(), ctx.group_size(n), cfg.symmetric,
-                                                     ctx.compute_dtype),
-                    inputs={"activations": X, "scale": scaled.get(n)})
+    return probe, rows, scaled
 
 
 class AWQ(Int4RTN):

@@ -36,6 +36,7 @@ def gptq_grid(
     act_order: bool = False,
     scale_dtype: torch.dtype = torch.float32,
     block: int = 128,
+    clip_search: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes int8 [out, in], scale [out, in/g], zero int8 [out, in/g]) for weight `w`, Hessian `H`."""
     qmin, qmax = P.qrange(4)
@@ -49,8 +50,14 @@ def gptq_grid(
     scale = torch.empty(rows, ngroups, device=W.device)
     zero = torch.empty(rows, ngroups, device=W.device, dtype=torch.int8)
 
+    hdiag = torch.diag(H).clone()
+
     def set_group(gi: int, cols_w: torch.Tensor) -> None:
-        s, z = P.compute_qparams(cols_w, 4, cols_w.shape[1], symmetric)
+        if clip_search:  # each column's error weighted by how much the output depends on it
+            cw = hdiag[gi * group_size:(gi + 1) * group_size]
+            s, z = P.search_qparams(cols_w, 4, cols_w.shape[1], symmetric, cw, scale_dtype=scale_dtype)
+        else:
+            s, z = P.compute_qparams(cols_w, 4, cols_w.shape[1], symmetric)
         scale[:, gi] = P.round_scale(s[:, 0], scale_dtype)
         zero[:, gi] = z[:, 0]
 
@@ -98,6 +105,9 @@ def gptq_grid(
     return Q, scale, zero
 
 
+AWQ_GRID = 20  # AWQConfig's default grid over alpha
+
+
 class _Hessian:
     def __init__(self, n: int, device) -> None:
         self.H = torch.zeros(n, n, device=device, dtype=torch.float32)
@@ -124,6 +134,10 @@ def gptq_block(ctx) -> None:
     from anyquant.calib.runner import probe_block, run_block
 
     cfg = ctx.config
+    if cfg.awq_scales:
+        from anyquant.methods.awq import awq_scale_block
+
+        awq_scale_block(ctx, AWQ_GRID)
     probe = probe_block(ctx.block, ctx.batches[0], list(ctx.linears))
     for group in probe.groups:
         first = ctx.block.get_submodule(group[0])
@@ -155,7 +169,7 @@ def gptq_block(ctx) -> None:
         else:
             try:
                 result = gptq_grid(torch.cat(weights), H, gsizes.pop(), cfg.symmetric, cfg.damp, cfg.act_order,
-                                   ctx.compute_dtype)
+                                   ctx.compute_dtype, clip_search=cfg.clip_search)
             except (torch.linalg.LinAlgError, FloatingPointError, RuntimeError) as e:
                 result = e
         row = 0
@@ -168,7 +182,7 @@ def gptq_block(ctx) -> None:
                     raise result
                 if result is None:
                     return gptq_grid(w, H, ctx.group_size(n), cfg.symmetric, cfg.damp, cfg.act_order,
-                                     ctx.compute_dtype)
+                                     ctx.compute_dtype, clip_search=cfg.clip_search)
                 codes, scale, zero = result
                 return codes[r0:r1], scale[r0:r1], zero[r0:r1]
 

@@ -52,6 +52,48 @@ def compute_qparams(
     return scale, zero.to(torch.int8)
 
 
+def search_qparams(
+    w: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 128,
+    symmetric: bool = False,
+    column_weight: torch.Tensor | None = None,
+    shrinks: tuple[float, ...] = tuple(1 - 0.025 * i for i in range(13)),
+    scale_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the min-max range shrunk by the factor (of `shrinks`) whose grid gives the least
+    squared error, each column's error weighted by `column_weight` [in] (e.g. the diagonal of a
+    layer's input Hessian: how much the output depends on that column). Scales are rounded to
+    their storage dtype before the error is measured. 1.0 is always tried first, so the result
+    is never worse than compute_qparams' min-max grid under that weighted error."""
+    qmin, qmax = qrange(bits)
+    g = _grouped(w.float(), group_size)
+    cw = torch.ones(w.shape[1], device=w.device) if column_weight is None else column_weight.float()
+    cw = _grouped(cw.unsqueeze(0), group_size)  # [1, groups, g]
+    lo0 = g.amin(dim=-1).clamp(max=0)
+    hi0 = g.amax(dim=-1).clamp(min=0)
+    best_err = best_scale = best_zero = None
+    for f in shrinks:
+        lo, hi = lo0 * f, hi0 * f
+        if symmetric:
+            scale = torch.maximum(lo.abs(), hi) / ((qmax - qmin) / 2)
+        else:
+            scale = (hi - lo) / (qmax - qmin)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = round_scale(scale, scale_dtype)
+        zero = torch.zeros_like(scale) if symmetric else torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+        q = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1), qmin, qmax)
+        err = (((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - g) ** 2 * cw).sum(-1)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero.to(torch.int8)
+
+
 def scale_storage_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     """Group scales are stored in 16 bits: bfloat16 for a bfloat16 model, float16 otherwise
     (11 significant bits; a float32 scale would cost 16 more bits per group, 0.17 bits per
