@@ -89,3 +89,28 @@ def test_gpt_neox_int4_reload_applies_key_renaming(tmp_path):
     mem = _logits(r.model, ids)
     out = anyquant.save(r, tmp_path / "int4")
     assert torch.allclose(_logits(anyquant.load(out), ids), mem, atol=1e-4, rtol=1e-4)
+
+
+def test_llama4_router_kept_and_fused_experts_listed_for_bitsandbytes(tmp_path):
+    """Llama 4's router is an nn.Linear subclass returning (scores, logits): kept in float. Its
+    experts are one fused 3-D parameter. Both must be in the checkpoint's skip list, or
+    transformers builds 4-bit modules there and finds no 4-bit weights for them."""
+    import json
+
+    from transformers import Llama4TextConfig
+
+    src, ids, ref = _tiny(tmp_path, Llama4TextConfig(
+        hidden_size=64, intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256, num_local_experts=4,
+        max_position_embeddings=64))
+    r = anyquant.quantize(str(src), "nf4", progress=False)
+    kept = {d.name: d.reason_code for d in r.plan.kept()}
+    assert kept["model.layers.0.feed_forward.router"] == "not_linear"
+    out = anyquant.save(r, tmp_path / "nf4")
+    skip = json.loads((out / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    assert {"model.layers.0.feed_forward.router", "model.layers.0.feed_forward.experts"} <= set(skip)
+    loaded = anyquant.load(out)  # loads (before: transformers failed initializing 4-bit experts)
+    assert torch.isfinite(_logits(loaded, ids)).all()
+    # Not asserted: equal logits. transformers' bitsandbytes loader rebuilds the fused experts as
+    # SequentialLlama4TextExperts, whose weights do not reproduce the saved ones (the sweep
+    # reports the difference: about 0.06 relative).
