@@ -114,3 +114,42 @@ def test_llama4_router_kept_and_fused_experts_listed_for_bitsandbytes(tmp_path):
     # Not asserted: equal logits. transformers' bitsandbytes loader rebuilds the fused experts as
     # SequentialLlama4TextExperts, whose weights do not reproduce the saved ones (the sweep
     # reports the difference: about 0.06 relative).
+
+
+def test_int8_takes_inputs_of_any_rank():
+    """bitsandbytes' LLM.int8 on CPU mishandles 4-D inputs (MLA projections: deepseek_v3,
+    minicpm3): anyquant's int8 layers fold the leading dimensions, same numbers as 2-D."""
+    from anyquant.config import Int8Config
+    from anyquant.methods.bnb import BnBInt8
+
+    torch.manual_seed(0)
+    q = BnBInt8().quantize_linear(torch.nn.Linear(64, 32), {}, Int8Config(), torch.float32).eval()
+    x = torch.randn(1, 3, 5, 64)
+    with torch.no_grad():
+        y = q(x)
+        flat = q(x.reshape(-1, 64))
+    assert y.shape == (1, 3, 5, 32)
+    torch.testing.assert_close(y.reshape(-1, 32), flat, rtol=0, atol=0)
+
+
+def test_linear_subclass_kept_for_bitsandbytes_quantized_for_int4():
+    """transformers' bitsandbytes loader converts only nn.Linear and Conv1D: a quantized subclass
+    (Falcon's FalconLinear) would be saved but never loaded again."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class MyLinear(torch.nn.Linear):
+        pass
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(cfg).eval()
+    old = m.model.layers[0].mlp.up_proj
+    new = MyLinear(old.in_features, old.out_features, bias=False)
+    new.weight.data.copy_(old.weight.data)
+    m.model.layers[0].mlp.up_proj = new
+    for method in ("nf4", "int8"):
+        d = anyquant.plan(m, method).get("model.layers.0.mlp.up_proj")
+        assert d.action == "keep" and d.reason_code == "format_unsupported" and "MyLinear" in d.reason
+    d = anyquant.plan(m, "int4", group_size=32).get("model.layers.0.mlp.up_proj")
+    assert d.action == "quantize"

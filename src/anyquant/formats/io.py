@@ -195,9 +195,9 @@ def load_quantized(directory: str | Path, *, trust_remote_code: bool = False) ->
                 model = auto.from_pretrained(directory, trust_remote_code=trust_remote_code).eval()
             except ValueError:
                 continue
-            from anyquant.methods.bnb import keep_compute_dtype
+            from anyquant.methods.bnb import pin_bnb_modules
 
-            return keep_compute_dtype(model)
+            return pin_bnb_modules(model)
         raise AnyquantError(f"{directory}: transformers could not load this bitsandbytes checkpoint")
     return _load_int4(directory, manifest, trust_remote_code)
 
@@ -314,15 +314,6 @@ def _from_pretrained_float(directory: Path, config, dtype: torch.dtype, trust_re
 
 
 def _model_classes(config) -> list[Any]:
-    """The transformers class named in config.architectures (what was saved), then the auto
-    classes (an auto class can map a model type to another head: mllama -> MllamaForCausalLM)."""
-    import transformers
+    from anyquant.model.load import model_classes
 
-    from anyquant.model.load import _auto_classes
-
-    classes: list[Any] = []
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
-            classes.append(cls)
-    return classes + list(_auto_classes())
+    return model_classes(getattr(config, "architectures", None))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -10,6 +11,20 @@ from torch import nn
 from anyquant.config import BnB4bitConfig, Int8Config
 from anyquant.methods.registry import register
 from anyquant.model.modelmap import ModuleInfo
+
+
+# transformers' bitsandbytes loader converts exactly these module types when it reads a saved
+# checkpoint; a quantized subclass (FalconLinear, ...) could be saved but never loaded again.
+_LOADER_TYPES = ("Linear", "Conv1D")
+
+
+def _loader_cannot_convert(info: ModuleInfo):
+    if info.type in _LOADER_TYPES:
+        return None
+    return (False, {}, "format_unsupported",
+            f"{info.type} is a subclass of nn.Linear: transformers' bitsandbytes loader only converts "
+            f"{' and '.join(_LOADER_TYPES)} modules, so a quantized {info.type} could not be loaded again "
+            "(int4, hqq, awq and gptq take it)")
 
 
 def _bnb():
@@ -35,6 +50,36 @@ def keep_compute_dtype(module: nn.Module) -> nn.Module:
     return module
 
 
+@functools.lru_cache(maxsize=None)  # one class, made once bitsandbytes is imported
+def _flattening_int8_class():
+    """Linear8bitLt whose forward folds every leading dimension into one: bitsandbytes 0.50's
+    LLM.int8 CPU path gives the wrong output shape (batch 1) or raises (batch > 1) for inputs
+    of more than 3 dimensions (MLA and 4-D attention projections: deepseek_v3, minicpm3, ...).
+    Same weights, same state dict: only the call changes."""
+    bnb = _bnb()
+
+    class FlatLinear8bitLt(bnb.nn.Linear8bitLt):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.dim() <= 3:
+                return super().forward(x)
+            y = super().forward(x.reshape(-1, x.shape[-1]))
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    return FlatLinear8bitLt
+
+
+def pin_bnb_modules(module: nn.Module) -> nn.Module:
+    """What anyquant does to every bitsandbytes module it makes or loads: keep the compute
+    dtype (keep_compute_dtype) and take inputs of any rank in LLM.int8 layers."""
+    keep_compute_dtype(module)
+    bnb = _bnb()
+    flat = _flattening_int8_class()
+    for m in module.modules():
+        if type(m) is bnb.nn.Linear8bitLt:
+            m.__class__ = flat
+    return module
+
+
 class BnB4bit:
     format = "bitsandbytes"
 
@@ -42,6 +87,9 @@ class BnB4bit:
         self.name = name
 
     def fit(self, info: ModuleInfo, config: BnB4bitConfig):
+        kept = _loader_cannot_convert(info)
+        if kept:
+            return kept
         return True, {}, "quantize", f"{self.name}, block size {config.block_size}" + (
             ", double quantization" if config.double_quant else "")
 
@@ -77,6 +125,9 @@ class BnBInt8:
     format = "bitsandbytes"
 
     def fit(self, info: ModuleInfo, config: Int8Config):
+        kept = _loader_cannot_convert(info)
+        if kept:
+            return kept
         return True, {}, "quantize", f"LLM.int8, outlier threshold {config.threshold}"
 
     def quantize_linear(self, linear: nn.Linear, options, config: Int8Config, compute_dtype) -> nn.Module:
@@ -91,7 +142,7 @@ class BnBInt8:
         ).to(device)
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
-        return q
+        return pin_bnb_modules(q)
 
     def bits_per_weight(self, info: ModuleInfo, options, config) -> float:
         return 8 + 32 / max(1, info.in_features or 1)

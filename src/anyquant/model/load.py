@@ -135,6 +135,20 @@ def _auto_classes():
     return (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModel)
 
 
+def model_classes(architectures: list[str] | None) -> list[Any]:
+    """The transformers classes named in config.architectures (what was saved), then the auto
+    classes: AutoModelForCausalLM maps some VLM types to their text-only class (llama4, mllama,
+    qwen3_5), which would drop the vision tower."""
+    import transformers
+
+    classes: list[Any] = []
+    for arch in architectures or []:
+        cls = getattr(transformers, arch, None)
+        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
+            classes.append(cls)
+    return classes + list(_auto_classes())
+
+
 def load_model(
     source: str | Path,
     *,
@@ -185,7 +199,7 @@ def _from_pretrained(path, info, trust_remote_code, dtype, requantize):
     else:
         last_error: Exception | None = None
         model = None
-        for auto in _auto_classes():
+        for auto in model_classes(info.config.get("architectures")):
             try:
                 model = auto.from_pretrained(path, **kwargs)
                 break
