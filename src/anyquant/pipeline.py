@@ -156,7 +156,8 @@ def quantize(
     todo_loop = todo
     if hasattr(handler, "quantize_model"):  # calibrated: block by block over the whole model
         calibration = _quantize_calibrated(handler, model, the_plan, config, compute_dtype, calib, tokenizer,
-                                           info, checkpoint_dir, progress, notes)
+                                           info, checkpoint_dir, progress, notes, model_map=mmap,
+                                           trust_remote_code=trust_remote_code)
         per_layer = calibration.pop("per_layer_weight_error")
         for d in todo:
             n = model.get_submodule(d.name).out_features * model.get_submodule(d.name).in_features
@@ -206,17 +207,51 @@ def quantize(
     return QuantizeResult(model, the_plan, config, report, info, tokenizer, mmap, notes)
 
 
+def _is_vlm(model_map: ModelMap | None, plan: Plan) -> bool:
+    """A vision tower found by inspect (ModelMap.component_roots), or planned modules in one."""
+    from anyquant.model.modelmap import VISION
+
+    if model_map is not None and model_map.component_roots.get(VISION) is not None:
+        return True
+    return any(d.component == VISION for d in plan.decisions)
+
+
 def _quantize_calibrated(handler, model, plan, config, compute_dtype, calib, tokenizer, info, checkpoint_dir,
-                         progress, notes) -> dict[str, Any]:
-    """Calibration token batches (from --calib text, default the news corpus), then the handler's
-    block-by-block `quantize_model`. Checkpoints ("auto") live under the cache, keyed by source
-    fingerprint + config + plan + calibration tokens, and are removed once the run completes."""
+                         progress, notes, *, model_map: ModelMap | None = None,
+                         trust_remote_code: bool = False) -> dict[str, Any]:
+    """Calibration batches, then the handler's block-by-block `quantize_model`.
+
+    Text models: token ids from --calib text (default the news corpus). Vision-language models
+    (a vision tower in the ModelMap) without --calib: image+text samples (calib.images:
+    scikit-image photos + news text, through the directory's processor or built from the
+    config), so the language model's blocks calibrate on image-token positions too; with
+    --calib FILE (or a token tensor) a VLM calibrates text-only, noted. A list of forward-input
+    dicts passed as `calib` is used as it is. Checkpoints ("auto") live under the cache, keyed
+    by source fingerprint + config + plan + calibration data, and are removed once the run
+    completes."""
     import shutil
 
     from anyquant.calib.runner import calibration_ids
 
+    vlm = _is_vlm(model_map, plan)
     if isinstance(calib, torch.Tensor):
         ids = calib.long()
+        if vlm:
+            notes.append(f"{config.method}: vision-language model calibrated text-only on the {ids.shape[0]} "
+                         "token sequences given (the language model saw no image tokens)")
+    elif isinstance(calib, (list, tuple)):
+        ids = [_cast_floats(dict(b), compute_dtype) for b in calib]
+        n_img = sum(1 for b in ids if "pixel_values" in b)
+        if n_img:
+            notes.append(f"{config.method}: calibrated on {len(ids)} given input batches ({n_img} with images)")
+    elif vlm and calib is None:
+        from anyquant.calib.images import vlm_calibration
+
+        vc = vlm_calibration(model, model_dir=info.path, tokenizer=tokenizer, n_samples=config.n_samples,
+                             seq_len=config.seq_len, trust_remote_code=trust_remote_code)
+        ids = [_cast_floats(b, compute_dtype) for b in vc.batches]
+        notes.append(f"{config.method}: {vc.describe()}")
+        notes.extend(f"{config.method}: {n}" for n in vc.notes)
     else:
         if tokenizer is None:
             raise AnyquantError(
@@ -233,6 +268,9 @@ def _quantize_calibrated(handler, model, plan, config, compute_dtype, calib, tok
                 raise AnyquantError(f"--calib {calib}: no such file (a UTF-8 text file is expected)")
             text = p.read_text(encoding="utf-8", errors="replace")
         ids = calibration_ids(tokenizer, text, config.n_samples, config.seq_len)
+        if vlm:
+            notes.append(f"{config.method}: vision-language model calibrated text-only on --calib {calib} "
+                         f"({ids.shape[0]} sequences; the language model saw no image tokens)")
     auto = checkpoint_dir == "auto"
     if auto:
         if info.path is None:
@@ -253,3 +291,8 @@ def _quantize_calibrated(handler, model, plan, config, compute_dtype, calib, tok
     if auto and creport.get("checkpoint_dir"):
         shutil.rmtree(creport["checkpoint_dir"], ignore_errors=True)
     return creport
+
+
+def _cast_floats(batch: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """Floating inputs (pixel_values) in the compute dtype, as the probe inputs are."""
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}

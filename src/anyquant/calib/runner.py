@@ -1,9 +1,12 @@
 """Block-by-block calibration runner.
 
 1. Find the decoder blocks from the module tree: the longest nn.ModuleList whose children all
-   have one type (no per-architecture table, no fx tracing).
+   have one type and that holds planned linears of the language model (a VLM's vision tower
+   has its own, often longer, list of blocks); no per-architecture table, no fx tracing.
 2. Capture the first block's inputs (positional and keyword arguments) with a forward
-   pre-hook that stops the model there.
+   pre-hook that stops the model there. Calibration data is token ids (text) or a list of
+   forward-input dicts (input_ids + pixel_values + ...: image+text samples for a VLM, see
+   calib.images), so the language model's first block sees image-token positions too.
 3. For every block: record its float outputs, the outputs of its RTN-quantized copy ("before"),
    run the method's algorithm on it (in place), record the quantized outputs ("after"), and
    feed those to the next block.
@@ -47,13 +50,23 @@ class _Stop(Exception):
 # --------------------------------------------------------------------------- discovery
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The longest nn.ModuleList of identically typed modules: the decoder blocks."""
-    best: tuple[str, nn.ModuleList] | None = None
+def find_blocks(model: nn.Module, prefer: list[str] | None = None) -> tuple[str, nn.ModuleList]:
+    """The longest nn.ModuleList of identically typed modules: the decoder blocks. With
+    `prefer` (module names: the plan's language-model linears), only lists holding at least one
+    of them compete, so a VLM's vision encoder layers are never taken for the decoder; if no
+    list holds one, the longest list overall."""
+    cands: list[tuple[str, nn.ModuleList]] = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            if len({type(c) for c in mod}) == 1 and (best is None or len(mod) > len(best[1])):
-                best = (name, mod)
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(c) for c in mod}) == 1:
+            cands.append((name, mod))
+    if prefer:
+        holding = [(n, m) for n, m in cands
+                   if any(p.startswith(f"{n}." if n else "") for p in prefer)]
+        cands = holding or cands
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in cands:
+        if best is None or len(mod) > len(best[1]):
+            best = (name, mod)
     if best is None:
         raise AnyquantError(
             f"{type(model).__name__}: no list of repeated blocks found in the module tree; "
@@ -74,9 +87,65 @@ def _detach(x: Any) -> Any:
     return x
 
 
+def _to_device(x: Any, device: torch.device) -> Any:
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def calib_batches(calib, batch_size: int) -> list[dict[str, Any]]:
+    """Forward-input dicts: a token-id tensor cut into rows of `batch_size`; a list of dicts
+    as it is (each dict is one forward: VLM inputs such as Qwen2-VL's flattened patches do not
+    stack along a batch dimension)."""
+    if isinstance(calib, torch.Tensor):
+        return [{"input_ids": calib[i:i + batch_size]} for i in range(0, calib.shape[0], batch_size)]
+    batches = list(calib)
+    if not batches or not all(isinstance(b, dict) and ("input_ids" in b or "inputs_embeds" in b) for b in batches):
+        raise AnyquantError("calibration data: expected a LongTensor [n, seq] of token ids or a non-empty list of "
+                            "dicts of forward inputs (each with input_ids)")
+    return batches
+
+
+def calib_summary(calib) -> dict[str, Any]:
+    """For the report: sequences and tokens (per sequence, or min-max for varying lengths)."""
+    if isinstance(calib, torch.Tensor):
+        return {"sequences": int(calib.shape[0]), "tokens_per_sequence": int(calib.shape[1])}
+    lens, seqs = [], 0
+    for b in calib:
+        ids = b.get("input_ids")
+        if ids is None:
+            ids = b["inputs_embeds"]
+        seqs += int(ids.shape[0])
+        lens.append(int(ids.shape[1]))
+    out: dict[str, Any] = {"sequences": seqs,
+                           "tokens_per_sequence": lens[0] if len(set(lens)) == 1 else [min(lens), max(lens)]}
+    images = sum(1 for b in calib if "pixel_values" in b)
+    if images:
+        out["image_samples"] = images
+    return out
+
+
+def _hash_calib(h, calib) -> None:
+    if isinstance(calib, torch.Tensor):
+        h.update(calib.detach().cpu().contiguous().numpy().tobytes())
+        h.update(str(tuple(calib.shape)).encode())
+        return
+    for b in calib:
+        for k in sorted(b):
+            v = b[k]
+            h.update(k.encode())
+            if isinstance(v, torch.Tensor):
+                t = v.detach().cpu().contiguous()
+                h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+                h.update((t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+            else:
+                h.update(repr(v).encode())
+
+
 @torch.no_grad()
-def capture_inputs(model: nn.Module, first_block: nn.Module, calib_ids: torch.Tensor, batch_size: int) -> list[Batch]:
-    """Run the model on calibration batches up to the first block; keep what the block receives."""
+def capture_inputs(model: nn.Module, first_block: nn.Module, calib_ids, batch_size: int) -> list[Batch]:
+    """Run the model on calibration batches up to the first block; keep what the block receives.
+    `calib_ids`: token ids [n, seq] (text), or a list of forward-input dicts (input_ids,
+    pixel_values, attention_mask, image_grid_thw, ...), each run as one forward: the block's
+    inputs then hold the image-token positions the model's own forward put there."""
     captured: list[Batch] = []
 
     def pre_hook(_mod, args, kwargs):
@@ -91,11 +160,18 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, calib_ids: torch.Te
     h = first_block.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
         device = next(model.parameters()).device
-        for i in range(0, calib_ids.shape[0], batch_size):
+        for i, inputs in enumerate(calib_batches(calib_ids, batch_size)):
+            kw = {k: _to_device(v, device) for k, v in inputs.items()}
+            kw.setdefault("use_cache", False)
             try:
-                model(input_ids=calib_ids[i:i + batch_size].to(device), use_cache=False)
+                model(**kw)
             except _Stop:
                 pass
+            except Exception as e:  # noqa: BLE001 — user/remote code: re-raised with what was fed to it
+                shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items() if isinstance(v, torch.Tensor))
+                raise AnyquantError(
+                    f"calibration batch {i} ({shapes}): {type(model).__name__}'s forward failed before reaching "
+                    f"its first block ({type(e).__name__}: {str(e)[:300]})") from e
     finally:
         h.remove()
     if len(captured) == 0:
@@ -254,12 +330,11 @@ def rtn_block(block: nn.Module, linears: dict[str, dict], group_size: int, symme
 # --------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_key(fingerprint: str, config: dict, compute_dtype: str, plan_items: list, calib_ids: torch.Tensor) -> str:
+def checkpoint_key(fingerprint: str, config: dict, compute_dtype: str, plan_items: list, calib_ids) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"source": fingerprint, "config": config, "dtype": compute_dtype, "plan": plan_items},
                         sort_keys=True).encode())
-    h.update(calib_ids.detach().cpu().contiguous().numpy().tobytes())
-    h.update(str(tuple(calib_ids.shape)).encode())
+    _hash_calib(h, calib_ids)
     return h.hexdigest()[:20]
 
 
@@ -314,7 +389,7 @@ def run(
     plan,
     config,
     compute_dtype: torch.dtype,
-    calib_ids: torch.Tensor,
+    calib_ids,
     quantize_block: Callable[[BlockContext], None],
     *,
     progress: bool = True,
@@ -323,11 +398,15 @@ def run(
     batch_size: int = 8,
 ) -> dict[str, Any]:
     """Quantize every planned linear inside the decoder blocks; return the report section.
-    Planned linears outside the blocks are left to the caller (returned as `outside`)."""
+    Planned linears outside the blocks are left to the caller (returned as `outside`).
+    `calib_ids`: token ids [n, seq] or a list of forward-input dicts (see capture_inputs)."""
+    from anyquant.model.modelmap import LANGUAGE
     from anyquant.numerics.dtype import dtype_name
 
-    blocks_name, blocks = find_blocks(model)
-    todo = {d.name: d.options for d in plan.to_quantize()}
+    planned = plan.to_quantize()
+    lm = [d.name for d in planned if getattr(d, "component", None) == LANGUAGE]
+    blocks_name, blocks = find_blocks(model, prefer=lm or [d.name for d in planned])
+    todo = {d.name: d.options for d in planned}
     per_block: list[dict[str, dict]] = []
     inside: set[str] = set()
     for i in range(len(blocks)):
@@ -400,7 +479,7 @@ def run(
         "outside_blocks": outside,
         "resumed_blocks": resumed,
         "checkpoint_dir": str(ckdir) if ckdir else None,
-        "calibration": {"sequences": int(calib_ids.shape[0]), "tokens_per_sequence": int(calib_ids.shape[1])},
+        "calibration": calib_summary(calib_ids),
     }
 
 

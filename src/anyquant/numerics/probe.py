@@ -116,31 +116,54 @@ def probe_weight_reads(model: nn.Module, inputs: dict[str, Any]) -> ProbeFacts:
     return facts
 
 
-def vision_probe_inputs(model: nn.Module, generator: torch.Generator, batch: int = 1) -> dict[str, torch.Tensor]:
-    """pixel_values for a model whose config has a vision sub-config and whose forward takes
-    them: (batch, channels, size, size) from the vision config, in the model's float dtype."""
+@dataclass
+class VisionInputSpec:
+    """What a model's config and forward say about its image input: the vision sub-config, the
+    channels and square size of `pixel_values` (size None where the config gives none, e.g.
+    Qwen2-VL's patch-sequence inputs), and the model's float dtype and device."""
+
+    vision_config: Any
+    channels: int
+    size: int | None
+    dtype: torch.dtype
+    device: torch.device
+
+
+def vision_input_spec(model: nn.Module) -> VisionInputSpec | None:
+    """The VisionInputSpec of a model whose config has a vision sub-config and whose forward
+    takes `pixel_values`; None otherwise. Shared by the probe and the image calibration data."""
     import inspect as _inspect
 
     from anyquant.model.modelmap import _cfg_get, _sub_config
 
     vcfg = _sub_config(getattr(model, "config", None), ("vision", "visual"))
     if vcfg is None:
-        return {}
+        return None
     try:
         params = _inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        return {}
+        return None
     if "pixel_values" not in params:
-        return {}
-    size = _cfg_get(vcfg, "image_size", "img_size") or 224
+        return None
+    size = _cfg_get(vcfg, "image_size", "img_size")
     if isinstance(size, (list, tuple)):
         size = size[0]
     channels = _cfg_get(vcfg, "num_channels", "in_channels", "in_chans") or 3
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = p.dtype if p is not None else torch.float32
     device = p.device if p is not None else torch.device("cpu")
-    x = torch.randn(batch, int(channels), int(size), int(size), generator=generator)
-    return {"pixel_values": x.to(device=device, dtype=dtype)}
+    return VisionInputSpec(vcfg, int(channels), int(size) if size else None, dtype, device)
+
+
+def vision_probe_inputs(model: nn.Module, generator: torch.Generator, batch: int = 1) -> dict[str, torch.Tensor]:
+    """pixel_values for a model whose config has a vision sub-config and whose forward takes
+    them: (batch, channels, size, size) from the vision config, in the model's float dtype."""
+    spec = vision_input_spec(model)
+    if spec is None:
+        return {}
+    size = spec.size or 224
+    x = torch.randn(batch, spec.channels, size, size, generator=generator)
+    return {"pixel_values": x.to(device=spec.device, dtype=spec.dtype)}
 
 
 def run_probe(model: nn.Module, inputs: dict[str, Any]) -> tuple[ProbeFacts, dict[str, Any], list[str]]:
