@@ -9,6 +9,9 @@ top-1 agreement. awq/gptq calibrate on the news corpus (disjoint from the evalua
   python benchmarks/quality.py [--model DIR] [--max-tokens 16384] [--n-samples 32] [--seq-len 512]
                                [--group-size 128] [--methods nf4,int4,hqq,awq,gptq] [--out PATH]
 
+A method may carry config options as JSON after a colon; separate such specs with ';':
+  --methods 'nf4;gptq;gptq:{"awq_scales": true}'  
+
 The issue's setting is --max-tokens 16384 with 128 x 512 calibration (GPU); on the 2-core CPU
 machine use fewer tokens and samples and say so: the JSON records every setting.
 Peers, measured in the same run on the same windows (`--peers bnb,hqq`; `make bench-deps`
@@ -74,8 +77,9 @@ def main() -> None:
     print(f"float: ppl {m['perplexity']:.3f} ({m['tokens']} tokens)", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="aq-quality-") as tmp:
-        for method in [x for x in args.methods.split(",") if x]:
-            opts = {}
+        for spec in [x for x in args.methods.split(";" if ";" in args.methods else ",") if x]:
+            method, _, extra = spec.partition(":")
+            opts = json.loads(extra) if extra else {}
             if method != "nf4":
                 opts["group_size"] = args.group_size
             if method in CALIBRATED:
@@ -83,7 +87,7 @@ def main() -> None:
             t0 = time.perf_counter()
             r = anyquant.quantize(str(model_dir), method, dtype="float32", progress=False, **opts)
             tq = time.perf_counter() - t0
-            path = anyquant.save(r, Path(tmp) / method)
+            path = anyquant.save(r, Path(tmp) / f"{method}-{len(rows)}")
             plan = json.loads((path / "anyquant.json").read_text())["plan"]
             sizes = stored_sizes(path, plan)
             blocks = (r.report.get("calibration") or {}).get("blocks", [])
@@ -97,11 +101,11 @@ def main() -> None:
             m = compare(q, baseline, windows, progress=False)
             gs = sorted({d["options"].get("group_size") for d in plan["decisions"] if d["action"] == "quantize"}
                         - {None})
-            row = {"method": method, "bits_per_weight": sizes["bits_per_weight"], "perplexity": m["perplexity"],
+            row = {"method": spec, "bits_per_weight": sizes["bits_per_weight"], "perplexity": m["perplexity"],
                    "kl_divergence": m["kl_divergence"], "top1_agreement": m["top1_agreement"],
                    "group_size": gs, "calib_block_error_rtn_to_method": calib_err, "seconds_quantize": tq, "seconds_eval": time.perf_counter() - t1}
             rows.append(row)
-            print(f"{method}: ppl {row['perplexity']:.3f}  KL {row['kl_divergence']:.4f}  top1 "
+            print(f"{spec}: ppl {row['perplexity']:.3f}  KL {row['kl_divergence']:.4f}  top1 "
                   f"{row['top1_agreement']:.4f}  bits {row['bits_per_weight']:.3f}  ({tq:.0f} s)", flush=True)
             del q
 

@@ -427,7 +427,12 @@ def main() -> None:
     ap.add_argument("--per-type-seconds", type=int, default=150)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sweep.json"))
     ap.add_argument("--show", action="store_true", help="print the table of --out without running anything")
+    ap.add_argument("--update", action="store_true",
+                    help="re-run --types only and replace their rows in --out (the summary is recomputed; "
+                         "its 'updated' field lists them)")
     a = ap.parse_args()
+    if a.update and not a.types:
+        sys.exit("--update needs --types (the rows to re-run)")
     if a.show:
         data = json.loads(Path(a.out).read_text())
         print_table(data["rows"], data["summary"])
@@ -461,6 +466,12 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
 
     rows: list[dict] = []
+    updated: list[str] = []
+    if a.update and Path(a.out).exists():
+        previous = json.loads(Path(a.out).read_text())
+        wanted = {t for t, _ in jobs}
+        rows = [r for r in previous["rows"] if r["model_type"] not in wanted]
+        updated = sorted(set(previous["summary"].get("updated", [])) | wanted)
     t0 = time.perf_counter()
     print(f"{len(jobs)} model types, {a.jobs} at a time, {a.per_type_seconds} s limit each")
     print(f"{'model_type':26s} {'task':5s} inst {' '.join(f'{m:4s}' for m in METHODS)} | "
@@ -469,10 +480,10 @@ def main() -> None:
     def on_row(row):
         rows.append(row)
         print_row(row)
-        _write(a.out, rows, t0, complete=False)
+        _write(a.out, rows, t0, complete=False, updated=updated)
 
     run_all(jobs, a.jobs, a.per_type_seconds, on_row)
-    summary = _write(a.out, rows, t0, complete=True)
+    summary = _write(a.out, rows, t0, complete=True, updated=updated)
     print_table(rows, summary)
 
 
@@ -494,9 +505,11 @@ def print_table(rows: list[dict], summary: dict) -> None:
     print(json.dumps(summary, indent=1))
 
 
-def _write(out: str, rows: list[dict], t0: float, complete: bool) -> dict:
+def _write(out: str, rows: list[dict], t0: float, complete: bool, updated: list[str] = ()) -> dict:
     rows.sort(key=lambda r: (r["task"], r["model_type"]))
     summary = summarize(rows, time.perf_counter() - t0, complete)
+    if updated:  # rows re-run later than the rest (--update): "seconds" is that re-run's
+        summary["updated"] = list(updated)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
     return summary

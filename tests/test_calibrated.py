@@ -172,3 +172,54 @@ def test_configs():
         make_config("hqq", symmetric=True)
     with pytest.raises(AnyquantError, match="damp"):
         make_config("gptq", damp=2.0)
+
+
+@pytest.mark.slow
+def test_cli_kill9_then_same_command_resumes_and_gives_the_same_output(tmp_path):
+    """The issue's scenario, literally: `anyquant quantize --method gptq` killed with SIGKILL after
+    its first block's checkpoint, then the same command again: it resumes from the checkpoint and
+    writes tensors identical to an uninterrupted run's."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from anyquant.model.default import default_model_dir
+
+    src = make_tiny_llama(tmp_path / "src", hidden=256, inter=512, layers=4, vocab=49152)
+    for f in default_model_dir().iterdir():  # a real tokenizer, so the CLI calibrates on real text
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy2(f, src / f.name)
+
+    def command(out):
+        return [sys.executable, "-m", "anyquant.cli", "quantize", str(src), "--method", "gptq",
+                "--n-samples", "8", "--seq-len", "128", "--out", str(out)]
+
+    env = dict(os.environ, ANYQUANT_CACHE=str(tmp_path / "cache"), PYTHONWARNINGS="ignore")
+    checkpoints = tmp_path / "cache" / "calib-checkpoints"
+    proc = subprocess.Popen(command(tmp_path / "out"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("*/block_0000.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before its first block's checkpoint could be seen"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list(checkpoints.glob("*/block_*.json")))
+    assert 1 <= finished < 4 and not (tmp_path / "out").exists()
+
+    again = subprocess.run(command(tmp_path / "out"), env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert f"resumed {finished} finished block(s)" in again.stdout
+    assert not list(checkpoints.glob("*/block_*.json"))  # removed once the run completed
+
+    clean_env = dict(env, ANYQUANT_CACHE=str(tmp_path / "cache-clean"))
+    ref = subprocess.run(command(tmp_path / "ref"), env=clean_env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr
+    got, want = load_file(str(tmp_path / "out" / "model.safetensors")), load_file(str(tmp_path / "ref" / "model.safetensors"))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
