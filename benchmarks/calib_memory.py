@@ -1,0 +1,248 @@
+"""Peak memory of block-by-block calibration does not grow with depth (issue 5).
+
+Builds random-weight Llama models of one width at two depths (default 8 and 32 layers), saves
+each to a temporary directory, then for every (depth, method) runs a FRESH subprocess that
+
+  1. loads the model (anyquant.model.load.load_model, float32),
+  2. records its RSS after loading,
+  3. runs anyquant.quantize(model, method, calib=<random LongTensor [n, seq]>, checkpoint_dir=None)
+     inside anyquant.eval.memory.track_peak_memory (a thread sampling /proc/self/statm),
+
+and reports the RSS after load, the peak RSS during quantize, the model's float size and the
+calibration overhead = peak during quantize - RSS after load. The claim checked: the overhead
+does not grow with depth (overhead(deep) < 1.25 x overhead(shallow)) while the model grows.
+
+  python benchmarks/calib_memory.py [--depths 8,32] [--methods gptq,awq] [--hidden 256]
+        [--intermediate 768] [--heads 4] [--vocab 4096] [--n-samples 8] [--seq-len 128]
+        [--threads 2] [--out benchmarks/results/calib_memory.json]
+
+The defaults keep the whole run to about 5 minutes on a shared 2-core CPU (gptq's column sweep
+and awq's grid search cost ~10 s per 512-wide block there); `--hidden 512 --intermediate 1536
+--heads 8 --n-samples 16 --seq-len 256` is the wider setting (about 4x slower).
+
+Memory is sampled every 20 ms, so it measures sustained working sets, not sub-20 ms spikes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.metadata as md
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+MiB = 1024 * 1024
+RATIO_LIMIT = 1.25
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# --------------------------------------------------------------------------- child
+
+
+def child(model_dir: str, method: str, n_samples: int, seq_len: int, threads: int, seed: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    import anyquant
+    from anyquant.eval.memory import peak_rss_bytes, track_peak_memory
+    from anyquant.model.load import load_model
+
+    gc.collect()
+    rss_before_load = _rss_bytes()
+    t0 = time.perf_counter()
+    model, _tok, _info = load_model(model_dir, dtype=torch.float32)
+    load_s = time.perf_counter() - t0
+    float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    float_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+    blocks = model.model.layers
+    block_bytes = sum(p.numel() * p.element_size() for p in blocks[0].parameters())
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    calib = torch.randint(0, vocab, (n_samples, seq_len), generator=g, dtype=torch.long)
+    gc.collect()
+    rss_after_load = _rss_bytes()
+
+    t0 = time.perf_counter()
+    with track_peak_memory() as pm:
+        result = anyquant.quantize(model, method, calib=calib, checkpoint_dir=None, progress=False,
+                                   n_samples=n_samples, seq_len=seq_len)
+    quant_s = time.perf_counter() - t0
+    peak_during = pm.baseline_rss_bytes + pm.peak_bytes
+    rss_end = _rss_bytes()
+    blocks_report = result.report["calibration"]["blocks"]
+    return {
+        "layers": len(blocks),
+        "method": method,
+        "model_float_bytes": float_bytes,
+        "block_float_bytes": block_bytes,
+        "rss_before_load_bytes": rss_before_load,
+        "rss_after_load_bytes": rss_after_load,
+        "rss_at_quantize_start_bytes": pm.baseline_rss_bytes,
+        "peak_rss_during_quantize_bytes": peak_during,
+        "calib_overhead_bytes": peak_during - rss_after_load,
+        "rss_after_quantize_bytes": rss_end,
+        "process_peak_rss_bytes": peak_rss_bytes(),  # ru_maxrss: whole life, loading included
+        "memory_sampled": pm.sampled,
+        "seconds_load": load_s,
+        "seconds_quantize": quant_s,
+        "blocks_quantized": len(blocks_report),
+        "probe_logits_relative_error": result.report["probe_logits_relative_error"],
+        "compute_dtype": result.report["compute_dtype"],
+    }
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def build_model(directory: Path, layers: int, args) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(args.seed + layers)
+    cfg = LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.intermediate, vocab_size=args.vocab,
+        num_hidden_layers=layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=max(2048, args.seq_len), tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg).to(torch.float32).eval()
+    model.save_pretrained(directory)
+    del model
+    gc.collect()
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("anyquant", "torch", "transformers", "safetensors"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    try:
+        out["anyquant_git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                             text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        out["anyquant_git"] = None
+    return out
+
+
+def mib(x: float) -> str:
+    return f"{x / MiB:.1f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depths", default="8,32")
+    ap.add_argument("--methods", default="gptq,awq")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=768)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--n-samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "calib_memory.json")
+    ap.add_argument("--child", nargs=2, metavar=("MODEL_DIR", "METHOD"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        res = child(args.child[0], args.child[1], args.n_samples, args.seq_len, args.threads, args.seed)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    depths = [int(x) for x in args.depths.split(",") if x]
+    methods = [x for x in args.methods.split(",") if x]
+    t_start = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="aq-calibmem-") as tmp:
+        dirs = {}
+        for d in depths:
+            dirs[d] = Path(tmp) / f"llama-{d}L"
+            t = time.perf_counter()
+            build_model(dirs[d], d, args)
+            print(f"built {d}-layer model in {time.perf_counter() - t:.1f}s", flush=True)
+        for method in methods:
+            for d in depths:
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(dirs[d]), method,
+                       "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len),
+                       "--threads", str(args.threads), "--seed", str(args.seed)]
+                env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+                if p.returncode != 0 or not lines:
+                    sys.stderr.write(p.stdout[-4000:] + p.stderr[-4000:])
+                    raise SystemExit(f"{method} at {d} layers failed (exit {p.returncode})")
+                row = json.loads(lines[-1][len("RESULT "):])
+                rows.append(row)
+                print(f"{method} {d} layers: after load {mib(row['rss_after_load_bytes'])} MiB, peak "
+                      f"{mib(row['peak_rss_during_quantize_bytes'])} MiB, overhead {mib(row['calib_overhead_bytes'])} MiB "
+                      f"({row['seconds_quantize']:.1f}s)", flush=True)
+
+    shallow, deep = min(depths), max(depths)
+    checks = {}
+    for method in methods:
+        a = next(r for r in rows if r["method"] == method and r["layers"] == shallow)
+        b = next(r for r in rows if r["method"] == method and r["layers"] == deep)
+        ratio = b["calib_overhead_bytes"] / max(1, a["calib_overhead_bytes"])
+        checks[method] = {
+            "overhead_ratio": ratio,
+            "model_size_ratio": b["model_float_bytes"] / a["model_float_bytes"],
+            "blocks_size_ratio": deep / shallow,
+            "holds": ratio < RATIO_LIMIT,
+        }
+
+    hdr = (f"| method | layers | model float MiB | one block MiB | RSS after load MiB | peak during quantize MiB "
+           f"| overhead (peak - after load) MiB | quantize s |")
+    print()
+    print(hdr)
+    print("|" + "---|" * 8)
+    for r in rows:
+        print(f"| {r['method']} | {r['layers']} | {mib(r['model_float_bytes'])} | {mib(r['block_float_bytes'])} | "
+              f"{mib(r['rss_after_load_bytes'])} | {mib(r['peak_rss_during_quantize_bytes'])} | "
+              f"{mib(r['calib_overhead_bytes'])} | {r['seconds_quantize']:.1f} |")
+    print()
+    for method, c in checks.items():
+        print(f"{method}: overhead({deep}) / overhead({shallow}) = {c['overhead_ratio']:.3f} "
+              f"(limit {RATIO_LIMIT}); model size x{c['model_size_ratio']:.2f}, blocks x{c['blocks_size_ratio']:.0f}: "
+              f"{'holds' if c['holds'] else 'FAILS'}")
+
+    out = {
+        "benchmark": "calib_memory",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "settings": {
+            "depths": depths, "methods": methods, "hidden_size": args.hidden,
+            "intermediate_size": args.intermediate, "vocab_size": args.vocab, "num_attention_heads": args.heads,
+            "tie_word_embeddings": False, "dtype": "float32", "n_samples": args.n_samples, "seq_len": args.seq_len,
+            "calib": "random token ids (torch.randint, seed)", "seed": args.seed, "torch_threads": args.threads,
+            "checkpoint_dir": None, "memory_sampling_interval_s": 0.020,
+            "overhead_definition": "peak RSS during anyquant.quantize (track_peak_memory) - RSS after loading",
+            "claim": f"overhead(deep) < {RATIO_LIMIT} x overhead(shallow)",
+            "machine": f"{os.cpu_count()} CPUs, shared with other jobs",
+        },
+        "rows": rows,
+        "checks": checks,
+        "claim_holds": all(c["holds"] for c in checks.values()),
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"\nwrote {args.out} ({out['wall_seconds']:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
