@@ -18,10 +18,9 @@ import torch
 from torch import nn
 
 from anyquant.calib.guard import nonfinite, rtn_grid
-from anyquant.config import AWQConfig
 from anyquant.methods import primitives as P
 from anyquant.methods.registry import register
-from anyquant.methods.rtn import Int4RTN
+from anyquant.methods.rtn import CalibratedInt4
 
 MAX_ROWS = 4096  # calibration tokens used in the grid-search objective (all tokens feed mean|x|)
 
@@ -173,14 +172,9 @@ def awq_scale_block(ctx, grid: int):
     return probe, rows, scaled
 
 
-class AWQ(Int4RTN):
+class AWQ(CalibratedInt4):
     name = "awq"
-    format = "compressed-tensors"
-
-    def quantize_model(self, model, plan, config: AWQConfig, compute_dtype, calib_ids, progress=True, **kw):
-        from anyquant.calib.runner import quantize_model_blockwise
-
-        return quantize_model_blockwise(model, plan, config, compute_dtype, calib_ids, awq_block, progress, **kw)
+    block_algorithm = staticmethod(awq_block)
 
 
 register(AWQ())

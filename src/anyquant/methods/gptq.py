@@ -20,10 +20,9 @@ import math
 import torch
 from torch import nn
 
-from anyquant.config import GPTQConfig
 from anyquant.methods import primitives as P
 from anyquant.methods.registry import register
-from anyquant.methods.rtn import Int4RTN
+from anyquant.methods.rtn import CalibratedInt4
 
 
 @torch.no_grad()
@@ -190,14 +189,9 @@ def gptq_block(ctx) -> None:
         del H, result
 
 
-class GPTQ(Int4RTN):
+class GPTQ(CalibratedInt4):
     name = "gptq"
-    format = "compressed-tensors"
-
-    def quantize_model(self, model, plan, config: GPTQConfig, compute_dtype, calib_ids, progress=True, **kw):
-        from anyquant.calib.runner import quantize_model_blockwise
-
-        return quantize_model_blockwise(model, plan, config, compute_dtype, calib_ids, gptq_block, progress, **kw)
+    block_algorithm = staticmethod(gptq_block)
 
 
 register(GPTQ())

@@ -82,4 +82,20 @@ class Int4RTN:
         return 4 + scale_bits / g + (0 if config.symmetric else 4 / g)
 
 
+class CalibratedInt4(Int4RTN):
+    """A calibrated method: the block-by-block runner calls `block_algorithm(ctx)` per block."""
+
+    format = "compressed-tensors"
+
+    @staticmethod
+    def block_algorithm(ctx) -> None:
+        raise NotImplementedError
+
+    def quantize_model(self, model, plan, config, compute_dtype, calib_ids, progress=True, **kw):
+        from anyquant.calib.runner import quantize_model_blockwise
+
+        return quantize_model_blockwise(model, plan, config, compute_dtype, calib_ids, self.block_algorithm,
+                                        progress, **kw)
+
+
 register(Int4RTN())
