@@ -54,7 +54,12 @@ def main() -> None:
     ap.add_argument("--methods", default="nf4,int4,hqq,awq,gptq")
     ap.add_argument("--peers", default="bnb,hqq,hqq128", help="peer rows: bnb (transformers + bitsandbytes), hqq (library)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality.json")
+    ap.add_argument("--check", type=Path, default=None,
+                    help="print issue 5's target check for a saved result JSON and exit (runs nothing)")
     args = ap.parse_args()
+    if args.check is not None:
+        print(json.dumps(target_check(json.loads(args.check.read_text())["rows"]), indent=2))
+        return
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,6 +145,7 @@ def main() -> None:
         "requested_group_size": args.group_size,
         "versions": {p: md.version(p) for p in ("torch", "transformers", "bitsandbytes", "compressed-tensors")},
         "rows": rows,
+        "target": target_check(rows),
         "peers_not_run": "llm-compressor 0.14 pins transformers<=5.17 and compressed-tensors 0.19 (its own "
                          "environment) and its GPTQ took 679 s on this CPU for this model with 2 samples; "
                          "the GPU machine cannot receive the model (nothing downloads there, and the "
@@ -148,6 +154,26 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")
+
+
+MAX_BITS = 4.25
+
+
+def target_check(rows: list[dict]) -> dict:
+    """Issue 5: at <= 4.25 bits per weight, the best anyquant row's perplexity increase over float
+    is at most half of bitsandbytes nf4's, and no peer at equal or fewer bits beats it on
+    perplexity or KL."""
+    by = {r["method"]: r for r in rows}
+    flt, nf4 = by["float"]["perplexity"], by["nf4"]["perplexity"]
+    ours = [r for r in rows if not r.get("peer") and r["method"] not in ("float", "nf4")
+            and r["bits_per_weight"] <= MAX_BITS]
+    best = min(ours, key=lambda r: r["perplexity"])
+    ratio = (best["perplexity"] - flt) / (nf4 - flt)
+    beaten_by = [r["method"] for r in rows if r.get("peer") and r["bits_per_weight"] <= best["bits_per_weight"]
+                 and (r["perplexity"] < best["perplexity"] or r["kl_divergence"] < best["kl_divergence"])]
+    return {"best": best["method"], "best_perplexity": best["perplexity"],
+            "increase_ratio_vs_nf4": ratio, "perplexity_needed": flt + 0.5 * (nf4 - flt),
+            "half_of_nf4_met": ratio <= 0.5, "peers_beating_it": beaten_by, "no_peer_beats_it": not beaten_by}
 
 
 def _decoder_linears(model) -> list[str]:

@@ -110,8 +110,7 @@ class BnB4bit:
         ).to(device)
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
-        keep_compute_dtype(q)
-        return q
+        return pin_bnb_modules(q)
 
     def bits_per_weight(self, info: ModuleInfo, options, config: BnB4bitConfig) -> float:
         if config.double_quant:

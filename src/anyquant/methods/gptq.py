@@ -104,9 +104,6 @@ def gptq_grid(
     return Q, scale, zero
 
 
-AWQ_GRID = 20  # AWQConfig's default grid over alpha
-
-
 class _Hessian:
     def __init__(self, n: int, device) -> None:
         self.H = torch.zeros(n, n, device=device, dtype=torch.float32)
@@ -134,9 +131,10 @@ def gptq_block(ctx) -> None:
 
     cfg = ctx.config
     if cfg.awq_scales:
+        from anyquant.config import AWQConfig
         from anyquant.methods.awq import awq_scale_block
 
-        awq_scale_block(ctx, AWQ_GRID)
+        awq_scale_block(ctx, AWQConfig.grid)  # awq's own default grid over alpha
     probe = probe_block(ctx.block, ctx.batches[0], list(ctx.linears))
     for group in probe.groups:
         first = ctx.block.get_submodule(group[0])
