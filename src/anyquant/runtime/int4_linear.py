@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from anyquant.methods import primitives as P
+from anyquant.runtime import ops
 
 
 class Int4Linear(nn.Module):
@@ -55,6 +56,14 @@ class Int4Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         # Repacked layouts for GPU kernels, built once on first use per device (see runtime.kernels).
         self._kernel_cache: dict = {}
+        # Names this module to torch.ops.anyquant.int4_linear (the forward under torch.compile).
+        self._op_handle = ops.register(self)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # a copy (copy.deepcopy, pickle) is a different module: its own handle, its own caches
+        self._kernel_cache = {}
+        self._op_handle = ops.register(self)
 
     @classmethod
     def from_float(
@@ -98,6 +107,8 @@ class Int4Linear(nn.Module):
         return P.dequantize(self.codes(), self.weight_scale, self.zero_points(), self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.anyquant.int4_linear(x, self._op_handle, self.out_features)
         from anyquant.runtime import kernels
 
         return kernels.int4_linear_forward(self, x)
