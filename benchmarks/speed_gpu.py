@@ -47,9 +47,18 @@ SHAPES = [  # (name, out_features, in_features)
     ("up_proj", INTER, HIDDEN),
     ("down_proj", HIDDEN, INTER),
 ]
+# The same weights with q/k/v and gate/up fused (anyquant.runtime.fuse): 5 matmuls per layer.
+SHAPES_FUSED = [
+    ("qkv_proj", (HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN),
+    ("o_proj", HIDDEN, HEADS * HEAD_DIM),
+    ("gate_up_proj", 2 * INTER, HIDDEN),
+    ("down_proj", HIDDEN, INTER),
+]
+FUSED_FROM = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 GROUP = 128
 BITS = {"bf16": 16.0, "int4_g128": 4.0 + 32 / GROUP, "nf4_dq": 4.0 + 8 / 64 + 32 / (64 * 256)}
-ANYQUANT_KERNELS = ["torch_int4", "gemlite", "triton_gemv", "triton_gemm"]
+ANYQUANT_KERNELS = ["torch_int4", "gemlite", "triton_gemv", "triton_gemv2", "triton_gemm"]
+BATCH1_ONLY = ("triton_gemv", "triton_gemv2")
 
 
 def log(*a):
@@ -150,19 +159,42 @@ def make_op(kind: str):
     return lambda e, x: kernels.int4_linear_forward(e["int4"], x, kernel=kind)
 
 
-def kernel_rows(layers, batches, copy_bw, shape_filter=None):
+def fuse_layers(layers):
+    """The same weights, q/k/v and gate/up joined (bf16 by concatenation, int4 by
+    anyquant.runtime.fuse); the separate layers' entries are dropped as it goes."""
+    from anyquant.runtime.fuse import _fuse_int4
+
+    out = []
+    for layer in layers:
+        new = {}
+        for name, _, _ in SHAPES_FUSED:
+            parts = FUSED_FROM.get(name, (name,))
+            if len(parts) == 1:
+                new[name] = {"bf16": layer[name]["bf16"], "int4": layer[name]["int4"]}
+            else:
+                new[name] = {"bf16": torch.cat([layer[p]["bf16"] for p in parts], 0),
+                             "int4": _fuse_int4([layer[p]["int4"] for p in parts])}
+        new["o_proj"]["int4"]._kernel_cache.clear()
+        new["down_proj"]["int4"]._kernel_cache.clear()
+        layer.clear()
+        out.append(new)
+    return out
+
+
+def kernel_rows(layers, batches, copy_bw, shapes=SHAPES, kinds=None, layout="separate"):
     rows = []
     per_shape = []
     inputs = {b: {k: torch.randn(b, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, INTER)} for b in batches}
-    kinds = ["bf16", "bnb_nf4"] + ANYQUANT_KERNELS + ["anyquant_auto"]
-    n_weights = sum(n * k for _, n, k in SHAPES) * LAYERS
+    kinds = kinds or (["bf16", "bnb_nf4"] + ANYQUANT_KERNELS + ["anyquant_auto"])
+    n_weights = sum(n * k for _, n, k in shapes) * LAYERS
+    first = shapes[0][0]
     for b in batches:
         xs = inputs[b]
         for kind in kinds:
-            if kind == "triton_gemv" and b != 1:
+            if kind in BATCH1_ONLY and b != 1:
                 continue
             if kind.startswith("anyquant") or kind in ANYQUANT_KERNELS:
-                e0 = layers[0]["q_proj"]["int4"]
+                e0 = layers[0][first]["int4"]
                 if kind in ANYQUANT_KERNELS and not kernels.supports(kind, e0, xs[HIDDEN]):
                     rows.append({"batch": b, "kernel": kind, "error": "not available"})
                     continue
@@ -171,27 +203,27 @@ def kernel_rows(layers, batches, copy_bw, shape_filter=None):
 
             def run_all():
                 for layer in layers:
-                    for name, _, k in SHAPES:
+                    for name, _, k in shapes:
                         op(layer[name], xs[k])
 
             try:
                 t0 = time.time()
                 ms = graph_time_ms(run_all)
                 floor = n_weights * BITS[fmt] / 8 / (copy_bw * 1e9) * 1e3
-                row = {"batch": b, "kernel": kind, "ms": round(ms, 4), "format": fmt,
+                row = {"batch": b, "kernel": kind, "layout": layout, "ms": round(ms, 4), "format": fmt,
                        "bits_per_weight": round(BITS[fmt], 4), "floor_ms": round(floor, 4),
                        "pct_of_floor": round(100 * floor / ms, 1)}
                 if kind == "anyquant_auto":
-                    row["chosen"] = {nm: kernels.choose_kernel(layers[0][nm]["int4"], xs[k]) for nm, _, k in SHAPES}
+                    row["chosen"] = {nm: kernels.choose_kernel(layers[0][nm]["int4"], xs[k]) for nm, _, k in shapes}
                 rows.append(row)
-                log(f"  batch {b:2d} {kind:14s} {ms:8.3f} ms  {row['pct_of_floor']:5.1f}% of floor  ({time.time() - t0:.1f}s)")
+                log(f"  batch {b:2d} {kind:14s} {layout:9s} {ms:8.3f} ms  {row['pct_of_floor']:5.1f}% of floor  ({time.time() - t0:.1f}s)")
             except Exception as exc:  # recorded in the JSON and printed, never silently dropped
-                rows.append({"batch": b, "kernel": kind, "error": f"{type(exc).__name__}: {exc}"[:500]})
+                rows.append({"batch": b, "kernel": kind, "layout": layout, "error": f"{type(exc).__name__}: {exc}"[:500]})
                 log(f"  batch {b:2d} {kind:14s} FAILED {type(exc).__name__}: {str(exc)[:300]}")
                 continue
             # per unique shape (for the dispatch table): the 32 layers' matrices of that shape
-            for (n, k) in sorted({(n, k) for _, n, k in SHAPES}):
-                names = [nm for nm, nn, kk in SHAPES if (nn, kk) == (n, k)]
+            for (n, k) in sorted({(n, k) for _, n, k in shapes}):
+                names = [nm for nm, nn, kk in shapes if (nn, kk) == (n, k)]
 
                 def run_shape():
                     for layer in layers:
@@ -200,23 +232,27 @@ def kernel_rows(layers, batches, copy_bw, shape_filter=None):
 
                 ms_s = graph_time_ms(run_shape, replays=20)
                 cnt = LAYERS * len(names)
-                per_shape.append({"batch": b, "kernel": kind, "n": n, "k": k, "us_per_matmul": round(1e3 * ms_s / cnt, 2),
+                per_shape.append({"batch": b, "kernel": kind, "layout": layout, "n": n, "k": k, "us_per_matmul": round(1e3 * ms_s / cnt, 2),
                                   "pct_of_floor": round(100 * (n * k * BITS[fmt] / 8 / (copy_bw * 1e9) * 1e6) / (1e3 * ms_s / cnt), 1)})
     return rows, per_shape
 
 
-def tune(layers, copy_bw):
+def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm")):
     """Sweep our Triton kernels' launch configurations per unique shape (batch 1 and 16)."""
     from anyquant.runtime import triton_int4
 
     out = []
     gemv_cfgs = [(bn, w, pf) for bn, w in ((1, 1), (2, 1), (2, 2), (4, 2), (4, 4), (8, 4), (8, 8), (16, 4), (16, 8), (32, 8)) for pf in (0, 1)]
+    gemv2_cfgs = [(bn, w, r) for bn, w in ((1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (8, 2), (8, 4), (16, 4)) for r in (4, 8)]
     gemm_cfgs = [(16, bn, sk, w, st) for bn in (16, 32, 64, 128) for sk in (1, 2, 4) for w, st in ((4, 1), (4, 2), (8, 2))]
-    for (n, k) in sorted({(n, k) for _, n, k in SHAPES}):
-        names = [nm for nm, nn, kk in SHAPES if (nn, kk) == (n, k)]
+    sweeps = {"gemv": (1, gemv_cfgs, triton_int4.gemv_il), "gemv2": (1, gemv2_cfgs, triton_int4.gemv_il2),
+              "gemm": (16, gemm_cfgs, triton_int4.gemm_il)}
+    for (n, k) in sorted({(n, k) for _, n, k in shapes}):
+        names = [nm for nm, nn, kk in shapes if (nn, kk) == (n, k)]
         mods = [layer[nm]["int4"] for layer in layers for nm in names]
         packs = [kernels._cached(m, ("triton", "cuda:0"), lambda m=m: kernels._pack_triton(m, torch.device("cuda:0"))) for m in mods]
-        for b, cfgs, fn in ((1, gemv_cfgs, triton_int4.gemv_il), (16, gemm_cfgs, triton_int4.gemm_il)):
+        for kname in which:
+            b, cfgs, fn = sweeps[kname]
             x = torch.randn(b, k, device="cuda", dtype=torch.bfloat16)
             best = None
             for cfg in cfgs:
@@ -226,29 +262,36 @@ def tune(layers, copy_bw):
                 try:
                     us = 1e3 * graph_time_ms(run, replays=15) / len(packs)
                 except Exception as exc:
-                    out.append({"n": n, "k": k, "batch": b, "cfg": list(cfg), "error": str(exc)[:200]})
+                    out.append({"kernel": kname, "n": n, "k": k, "batch": b, "cfg": list(cfg), "error": str(exc)[:200]})
                     continue
                 pct = 100 * (n * k * BITS["int4_g128"] / 8 / (copy_bw * 1e9) * 1e6) / us
-                out.append({"n": n, "k": k, "batch": b, "cfg": list(cfg), "us": round(us, 2), "pct_of_floor": round(pct, 1)})
+                out.append({"kernel": kname, "n": n, "k": k, "batch": b, "cfg": list(cfg), "us": round(us, 2), "pct_of_floor": round(pct, 1)})
                 if best is None or us < best[0]:
                     best = (us, cfg, pct)
-            log(f"  tune n={n:5d} k={k:5d} batch {b:2d}: best {best[1]} {best[0]:.2f} us/matmul ({best[2]:.1f}% of floor)")
+            if best is None:
+                log(f"  tune {kname} n={n:5d} k={k:5d}: every configuration failed: {out[-1].get('error')}")
+            else:
+                log(f"  tune {kname:5s} n={n:5d} k={k:5d} batch {b:2d}: best {best[1]} {best[0]:.2f} us/matmul ({best[2]:.1f}% of floor)")
     return out
 
 
 # ---- end to end -----------------------------------------------------------------------------
 
-def llama_config():
+def llama_config(layers=LAYERS):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=layers,
         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
         max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
     )
 
 
-def decode_tokens_per_s(model, prompt_len=128, new_tokens=128):
+def decode_tokens_per_s(model, prompt_len=128, new_tokens=128, compile_mode=None):
+    """Greedy decode tokens/s. compile_mode None: the eager decode step captured in one CUDA
+    graph; otherwise torch.compile(model, mode=compile_mode, dynamic=False) for the decode
+    step (the prompt runs eagerly), and the compiled step captured in one CUDA graph as well
+    unless the mode makes its own ("reduce-overhead")."""
     from transformers import StaticCache
 
     cfg = model.config
@@ -272,8 +315,15 @@ def decode_tokens_per_s(model, prompt_len=128, new_tokens=128):
             if isinstance(cl, torch.Tensor):
                 cl.fill_(p)
 
+    fwd = model
+    compile_s = None
+    if compile_mode is not None:
+        torch._dynamo.reset()
+        fwd = torch.compile(model, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
+    own_graphs = compile_mode is not None and "reduce-overhead" in compile_mode
+
     def step():
-        out = model(input_ids=tok, **kw(pos))
+        out = fwd(input_ids=tok, **kw(pos))
         tok.copy_(out.logits[:, -1:].argmax(-1))
         pos.add_(1)
 
@@ -285,24 +335,31 @@ def decode_tokens_per_s(model, prompt_len=128, new_tokens=128):
         set_position(prompt_len)
         torch.cuda.synchronize()
         prefill_s = time.time() - t0
-        mode = "cuda_graph"
+        mode = "cuda_graph" if compile_mode is None else f"compiled ({compile_mode}) + cuda_graph"
+        t1 = time.time()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            step()
-            step()
+            for _ in range(3 if own_graphs else 2):
+                step()
         torch.cuda.current_stream().wait_stream(s)
         torch.cuda.synchronize()
+        if compile_mode is not None:
+            compile_s = round(time.time() - t1, 1)
         set_position(prompt_len)
         tok.copy_(first_tok)
         g = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(g):
-                step()
-        except Exception as exc:
-            log(f"  CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:200]}); timing eager decode")
-            mode = f"eager (graph capture failed: {type(exc).__name__})"
+        if own_graphs:
+            mode = f"compiled ({compile_mode})"
             g = None
+        else:
+            try:
+                with torch.cuda.graph(g):
+                    step()
+            except Exception as exc:
+                log(f"  CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:200]}); timing without")
+                mode = f"{'eager' if compile_mode is None else 'compiled'} (graph capture failed: {type(exc).__name__})"
+                g = None
         set_position(prompt_len)
         tok.copy_(first_tok)
         torch.cuda.synchronize()
@@ -328,31 +385,31 @@ def decode_tokens_per_s(model, prompt_len=128, new_tokens=128):
         e1.synchronize()
         ms2 = e0.elapsed_time(e1)
     seq = torch.cat(tokens, dim=1)
-    del g, cache
+    del g, cache, fwd
+    if compile_mode is not None:
+        torch._dynamo.reset()
     return {"tokens_per_s": round(new_tokens / (min(ms, ms2) * 1e-3), 2),
             "tokens_per_s_runs": [round(new_tokens / (ms * 1e-3), 2), round(new_tokens / (ms2 * 1e-3), 2)],
             "ms_per_token": round(min(ms, ms2) / new_tokens, 4), "mode": mode, "prefill_s": round(prefill_s, 3),
-            "distinct_tokens": int(seq.unique().numel())}
+            "compile_and_warmup_s": compile_s, "distinct_tokens": int(seq.unique().numel()),
+            "first_tokens": seq[0, :8].tolist()}
 
 
-def e2e(quantize_lm_head_too: bool = True):
+def _build_model(layers=LAYERS):
     from transformers import LlamaForCausalLM
 
-    res = {}
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            model = LlamaForCausalLM(llama_config())
+            model = LlamaForCausalLM(llama_config(layers))
     finally:
         torch.set_default_dtype(prev)
-    model.eval()
-    log(f"  model built: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
-        f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB")
-    res["bf16"] = decode_tokens_per_s(model)
-    log(f"  bf16: {res['bf16']}")
-    t0 = time.time()
+    return model.eval()
+
+
+def _quantize_decoder(model):
     with torch.no_grad():
         for layer in model.model.layers:
             for parent in (layer.self_attn, layer.mlp):
@@ -362,56 +419,131 @@ def e2e(quantize_lm_head_too: bool = True):
                         del child
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def e2e(compile_mode="default", variants=None, layers=LAYERS):
+    """Each variant is one decode measurement (see E2E_VARIANTS); the model is changed in place
+    from bf16 to int4 (decoder Linears), + lm_head, + fused q/k/v and gate/up."""
+    from anyquant.runtime.fuse import fuse_projections
+
+    variants = variants or E2E_VARIANTS
+    res = {"compile_mode": compile_mode, "layers": layers}
+
+    def measure(key, model, compiled):
+        if key not in variants:
+            return
+        t0 = time.time()
+        try:
+            res[key] = decode_tokens_per_s(model, compile_mode=compile_mode if compiled else None)
+        except Exception as exc:  # recorded, never silently dropped
+            res[key] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+        log(f"  {key}: {res[key]}  ({time.time() - t0:.0f}s)")
+
+    model = _build_model(layers)
+    log(f"  model built: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
+        f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB")
+    measure("bf16", model, False)
+    measure("bf16_compiled", model, True)
+    if "bf16_fused_compiled" in variants:
+        fuse_projections(model)
+        measure("bf16_fused_compiled", model, True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        model = _build_model(layers)    # same seed: the same weights, unfused
+    t0 = time.time()
+    _quantize_decoder(model)
     res["convert_s"] = round(time.time() - t0, 1)
-    x = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
     layer0 = model.model.layers[0]
     res["chosen_kernels_batch1"] = {
         n: kernels.choose_kernel(getattr(layer0.self_attn, n, None) or getattr(layer0.mlp, n),
                                  torch.empty(1, k, device="cuda", dtype=torch.bfloat16))
         for n, _, k in SHAPES
     }
-    res["int4"] = decode_tokens_per_s(model)
-    res["speedup"] = round(res["int4"]["tokens_per_s"] / res["bf16"]["tokens_per_s"], 2)
-    log(f"  int4 (decoder Linears): {res['int4']}  speedup {res['speedup']}x")
-    if quantize_lm_head_too:
-        with torch.no_grad():
-            model.lm_head = Int4Linear.from_float(model.lm_head, group_size=GROUP)
-        gc.collect()
-        torch.cuda.empty_cache()
-        res["int4_with_lm_head"] = decode_tokens_per_s(model)
-        res["speedup_with_lm_head"] = round(res["int4_with_lm_head"]["tokens_per_s"] / res["bf16"]["tokens_per_s"], 2)
-        log(f"  int4 (decoder Linears + lm_head): {res['int4_with_lm_head']}  speedup {res['speedup_with_lm_head']}x")
+    measure("int4", model, False)
+    with torch.no_grad():
+        model.lm_head = Int4Linear.from_float(model.lm_head, group_size=GROUP)
+    gc.collect()
+    torch.cuda.empty_cache()
+    measure("int4_with_lm_head", model, False)
+    fuse_projections(model)
+    gc.collect()
+    torch.cuda.empty_cache()
+    measure("int4_fused_with_lm_head", model, False)
+    measure("int4_fused_with_lm_head_compiled", model, True)
     del model
     gc.collect()
     torch.cuda.empty_cache()
+    base = res.get("bf16", {}).get("tokens_per_s")
+    base_c = res.get("bf16_compiled", {}).get("tokens_per_s")
+    res["speedup_vs_bf16"] = {k: round(v["tokens_per_s"] / base, 2) for k, v in res.items()
+                              if isinstance(v, dict) and "tokens_per_s" in v and base}
+    if base_c:
+        res["speedup_vs_bf16_compiled"] = {k: round(v["tokens_per_s"] / base_c, 2) for k, v in res.items()
+                                           if isinstance(v, dict) and "tokens_per_s" in v}
+    # kept for readers of the earlier JSON
+    if base and "int4" in res and "tokens_per_s" in res["int4"]:
+        res["speedup"] = res["speedup_vs_bf16"]["int4"]
+    if base and "tokens_per_s" in res.get("int4_with_lm_head", {}):
+        res["speedup_with_lm_head"] = res["speedup_vs_bf16"]["int4_with_lm_head"]
     return res
+
+
+E2E_VARIANTS = ("bf16", "bf16_compiled", "bf16_fused_compiled", "int4", "int4_with_lm_head",
+                "int4_fused_with_lm_head", "int4_fused_with_lm_head_compiled")
+E2E_LABELS = {
+    "bf16": "bf16 (eager step, CUDA graph)",
+    "bf16_compiled": "bf16 compiled",
+    "bf16_fused_compiled": "bf16 fused qkv/gate_up, compiled",
+    "int4": "int4 decoder Linears",
+    "int4_with_lm_head": "int4 + lm_head",
+    "int4_fused_with_lm_head": "int4 + lm_head, fused",
+    "int4_fused_with_lm_head_compiled": "int4 + lm_head, fused, compiled",
+}
 
 
 def print_tables(result):
     log("")
     log(f"{result['device']}  torch {result['torch']}  copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s (read + write)")
-    log(f"Kernel level: 32 layers x (q,k,v,o,gate,up,down), one CUDA graph, median of replays")
-    log(f"{'batch':>5} {'kernel':16} {'ms':>9} {'floor ms':>9} {'% floor':>8}")
+    log(f"Kernel level: 32 layers x (q,k,v,o,gate,up,down) [separate] or (qkv,o,gate_up,down) [fused], "
+        f"one CUDA graph, median of replays")
+    log(f"{'batch':>5} {'kernel':16} {'layout':9} {'ms':>9} {'floor ms':>9} {'% floor':>8}")
     for r in result.get("kernel_level", []):
+        lay = r.get("layout", "separate")
         if "error" in r:
-            log(f"{r['batch']:>5} {r['kernel']:16} {'-':>9} {'-':>9} {'-':>8}  {r['error'][:60]}")
+            log(f"{r['batch']:>5} {r['kernel']:16} {lay:9} {'-':>9} {'-':>9} {'-':>8}  {r['error'][:60]}")
         else:
-            log(f"{r['batch']:>5} {r['kernel']:16} {r['ms']:9.3f} {r['floor_ms']:9.3f} {r['pct_of_floor']:7.1f}%")
+            log(f"{r['batch']:>5} {r['kernel']:16} {lay:9} {r['ms']:9.3f} {r['floor_ms']:9.3f} {r['pct_of_floor']:7.1f}%")
     if "e2e" in result:
         e = result["e2e"]
-        log("End to end decode, batch 1, 128 new tokens after a 128-token prompt (static cache, CUDA graph per step)")
-        log(f"  bf16                      {e['bf16']['tokens_per_s']:8.1f} tok/s")
-        log(f"  anyquant int4 (decoder)   {e['int4']['tokens_per_s']:8.1f} tok/s  ({e['speedup']:.2f}x)")
-        if "int4_with_lm_head" in e:
-            log(f"  int4 decoder + lm_head    {e['int4_with_lm_head']['tokens_per_s']:8.1f} tok/s  ({e['speedup_with_lm_head']:.2f}x)")
+        log(f"End to end decode, batch 1, 128 new tokens after a 128-token prompt (static cache, CUDA graph per "
+            f"step; compiled = torch.compile mode {e.get('compile_mode')!r})")
+        sp, spc = e.get("speedup_vs_bf16", {}), e.get("speedup_vs_bf16_compiled", {})
+        for key in E2E_VARIANTS:
+            v = e.get(key)
+            if not isinstance(v, dict):
+                continue
+            if "tokens_per_s" not in v:
+                log(f"  {E2E_LABELS[key]:36s} FAILED {v.get('error', '')[:100]}")
+                continue
+            extra = f"  {sp.get(key, 0):.2f}x bf16" + (f", {spc[key]:.2f}x bf16 compiled" if key in spc else "")
+            log(f"  {E2E_LABELS[key]:36s} {v['tokens_per_s']:8.1f} tok/s{extra}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed_gpu.json"))
-    ap.add_argument("--tune", action="store_true", help="also sweep our Triton kernels' launch configurations")
+    ap.add_argument("--tune", nargs="?", const="gemv,gemv2,gemm", default=None,
+                    help="also sweep our Triton kernels' launch configurations (comma list of gemv, gemv2, gemm)")
+    ap.add_argument("--tune-shapes", choices=("separate", "fused", "both"), default="both")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--skip-separate", action="store_true", help="kernel level: only the fused layout")
+    ap.add_argument("--compile-mode", default="default",
+                    help="torch.compile mode for the compiled end-to-end rows (default, max-autotune-no-cudagraphs, "
+                         "reduce-overhead)")
+    ap.add_argument("--e2e", default=",".join(E2E_VARIANTS), help="comma list of end-to-end variants")
+    ap.add_argument("--e2e-layers", type=int, default=LAYERS, help="decoder layers of the end-to-end model (smoke tests)")
     ap.add_argument("--errors", default=None, help="JSON of measured kernel errors (tests/test_runtime_gpu.py) to include")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -422,7 +554,7 @@ def main(argv=None):
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "cuda": torch.version.cuda, "triton": version("triton"), "transformers": version("transformers"),
         "bitsandbytes": version("bitsandbytes"), "gemlite": version("gemlite"),
-        "shapes": SHAPES, "layers": LAYERS, "group_size": GROUP,
+        "shapes": SHAPES, "shapes_fused": SHAPES_FUSED, "layers": LAYERS, "group_size": GROUP,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -442,11 +574,33 @@ def main(argv=None):
             with_bnb = False
         layers = build_layers(with_bnb)
         log(f"built 32 layers in {time.time() - t0:.1f}s; {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
-        if args.tune:
-            result["tune"] = tune(layers, result["copy_bandwidth_GBps"])
+        bw = result["copy_bandwidth_GBps"]
+        which = tuple(args.tune.split(",")) if args.tune else ()
+        result["tune"], result["kernel_level"], result["per_shape"] = [], [], []
+        if which and args.tune_shapes in ("separate", "both"):
+            result["tune"] += tune(layers, bw, SHAPES, which)
             save()
-        rows, per_shape = kernel_rows(layers, [1, 16], result["copy_bandwidth_GBps"])
-        result["kernel_level"], result["per_shape"] = rows, per_shape
+        if not args.skip_separate:
+            rows, per_shape = kernel_rows(layers, [1, 16], bw)
+            result["kernel_level"] += rows
+            result["per_shape"] += per_shape
+            save()
+        for layer in layers:          # free the separate layout's kernel caches and nf4 copies
+            for e in layer.values():
+                e["int4"]._kernel_cache.clear()
+                e.pop("nf4", None)
+        layers = fuse_layers(layers)
+        gc.collect()
+        torch.cuda.empty_cache()
+        log(f"fused q/k/v and gate/up: {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
+        if which and args.tune_shapes in ("fused", "both"):
+            new = {(n, k) for _, n, k in SHAPES_FUSED} - ({(n, k) for _, n, k in SHAPES} if args.tune_shapes == "both" else set())
+            result["tune"] += tune(layers, bw, [s for s in SHAPES_FUSED if (s[1], s[2]) in new], which)
+            save()
+        rows, per_shape = kernel_rows(layers, [1, 16], bw, shapes=SHAPES_FUSED,
+                                      kinds=["bf16"] + ANYQUANT_KERNELS + ["anyquant_auto"], layout="fused")
+        result["kernel_level"] += rows
+        result["per_shape"] += per_shape
         save()
         del layers
         gc.collect()
@@ -454,7 +608,7 @@ def main(argv=None):
     if args.errors and Path(args.errors).exists():
         result["correctness"] = json.loads(Path(args.errors).read_text())
     if not args.skip_e2e:
-        result["e2e"] = e2e()
+        result["e2e"] = e2e(args.compile_mode, tuple(args.e2e.split(",")), args.e2e_layers)
     save()
     print_tables(result)
 

@@ -45,8 +45,12 @@ SHAPES = [
     ("gate_proj", 14336, 4096),
     ("up_proj", 14336, 4096),
     ("down_proj", 4096, 14336),
+    # fused by anyquant.runtime.fuse: q/k/v and gate/up
+    ("qkv_proj", 6144, 4096),
+    ("gate_up_proj", 28672, 4096),
 ]
-GPU_KERNELS = ["triton_gemv", "triton_gemm", "torch_int4", "gemlite"]
+GPU_KERNELS = ["triton_gemv", "triton_gemv2", "triton_gemm", "torch_int4", "gemlite"]
+BATCH1_ONLY = ("triton_gemv", "triton_gemv2")
 _MEASURED: list[dict] = []
 
 
@@ -83,8 +87,8 @@ def test_kernel_matches_dequantized_reference(modules, shape, kernel, batch):
     if not kernels.supports(kernel, m, x):
         if kernel == "gemlite" and not kernels.gemlite_installed():
             pytest.skip("gemlite is not installed")
-        if kernel == "triton_gemv" and batch != 1:
-            pytest.skip("triton_gemv is the batch-1 kernel")
+        if kernel in BATCH1_ONLY and batch != 1:
+            pytest.skip(f"{kernel} is a batch-1 kernel")
         pytest.fail(f"{kernel} does not support {shape} at batch {batch}")
     ref = F.linear(x.float(), m.dequantized_weight(torch.float32))
     errs = []
@@ -116,6 +120,24 @@ def test_dispatch_and_bias_and_3d_input():
         assert y.shape == (*shape[:-1], 256)
         assert _rel(ref, y) < BOUNDS.get((name, 16), RELATIVE_BOUND), (shape, name)
     assert any(k[0] == "triton" for k in m._kernel_cache)
+
+
+def test_fused_int4_linear_matches_its_parts():
+    """fuse._fuse_int4 on the GPU: the fused matmul's slices equal the separate matmuls."""
+    from anyquant.runtime import kernels
+    from anyquant.runtime.fuse import _fuse_int4
+    from anyquant.runtime.int4_linear import Int4Linear
+
+    parts = [Int4Linear.from_float(torch.nn.Linear(1024, n, bias=True, device="cuda", dtype=torch.bfloat16), 128)
+             for n in (512, 256, 256)]
+    fused = _fuse_int4(parts)
+    ref_w = torch.cat([p.dequantized_weight(torch.float32) for p in parts], 0)
+    torch.testing.assert_close(fused.dequantized_weight(torch.float32), ref_w, rtol=0, atol=0)
+    for batch in (1, 16):
+        x = torch.randn(batch, 1024, device="cuda", dtype=torch.bfloat16)
+        ref = F.linear(x.float(), ref_w, torch.cat([p.bias.float() for p in parts]))
+        y = fused(x)
+        assert _rel(ref, y) < BOUNDS.get((kernels.choose_kernel(fused, x), batch), RELATIVE_BOUND)
 
 
 @pytest.mark.parametrize("kernel", ["triton_gemv", "triton_gemm", "torch_int4"])

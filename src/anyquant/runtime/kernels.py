@@ -5,6 +5,7 @@ On a CUDA device (compute capability 8.0 or newer) one of these runs:
 
   triton_gemv  our Triton GEMV (runtime/triton_int4.py), batch 1: reads the saved packed
                weights as they are, fp32 accumulation, exact integer zero points
+  triton_gemv2 the same GEMV with fewer instructions per weight (interleaved layout only)
   triton_gemm  our Triton tensor-core kernel for batch > 1 (per-group fp32 accumulation)
   torch_int4   torch's built-in tinygemm kernel (torch.ops.aten._weight_int4pack_mm)
   gemlite      gemlite's A16W4 Triton kernels (PyPI `gemlite`), where it is installed
@@ -25,7 +26,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("reference", "triton_gemv", "triton_gemm", "torch_int4", "gemlite")
+KERNELS = ("reference", "triton_gemv", "triton_gemv2", "triton_gemm", "torch_int4", "gemlite")
 
 # Measured order of preference on sm_90 (H100), per batch-size bucket; see the module doc.
 # Buckets: 1, 2..16, 17+. Every GPU kernel also needs compute capability >= 8.0.
@@ -36,7 +37,7 @@ KERNELS = ("reference", "triton_gemv", "triton_gemm", "torch_int4", "gemlite")
 #   batch 16  triton_gemm 9.3 / 13.8 / 33.5 / 31.0; gemlite 6.1 / 13.5 / 37.7 / 37.5;
 #             torch_int4 7.9 / 21.3 / 69.3 / 66.6; bf16 8.4 / 16.5 / 45.2 / 42.3.
 _PREFERENCE = {
-    1: ("torch_int4", "triton_gemv", "triton_gemm", "gemlite"),
+    1: ("torch_int4", "triton_gemv2", "triton_gemv", "triton_gemm", "gemlite"),
     16: ("triton_gemm", "gemlite", "torch_int4"),
     None: ("triton_gemm", "gemlite", "torch_int4"),
 }
@@ -54,6 +55,9 @@ _GEMV_IL_CFG: dict[tuple[int, int], tuple[int, int, int]] = {
     (1024, 4096): (1, 1, 1), (4096, 4096): (2, 1, 1), (4096, 14336): (2, 1, 1), (14336, 4096): (2, 1, 1),
 }
 _GEMV_IL_DEFAULT = (2, 1, 1)
+# gemv_il2: (BLOCK_N, num_warps, R words per thread and group)
+_GEMV_IL2_CFG: dict[tuple[int, int], tuple[int, int, int]] = {}
+_GEMV_IL2_DEFAULT = (2, 1, 4)
 _GEMV_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {
     (1024, 4096): (2, 1024, 4, 3), (4096, 4096): (8, 1024, 4, 3),
     (4096, 14336): (8, 1024, 4, 3), (14336, 4096): (16, 1024, 4, 1),
@@ -106,6 +110,8 @@ def supports(name: str, module, x: torch.Tensor) -> bool:
     batch = x.numel() // x.shape[-1]
     if name == "triton_gemv":
         return triton_installed() and batch == 1 and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and g % 8 == 0
+    if name == "triton_gemv2":
+        return triton_installed() and batch == 1 and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and _interleaved(module)
     if name == "triton_gemm":
         return triton_installed() and x.dtype in (torch.bfloat16, torch.float16) and g >= 16 and g & (g - 1) == 0
     if name == "torch_int4":
@@ -196,6 +202,14 @@ def _run_triton_gemv(module, x2):
     return triton_int4.gemv(x2, packed, module.group_size, _GEMV_CFG.get(shape, _GEMV_DEFAULT))
 
 
+def _run_triton_gemv2(module, x2):
+    from anyquant.runtime import triton_int4
+
+    packed = _cached(module, ("triton", str(x2.device)), lambda: _pack_triton(module, x2.device))
+    shape = (module.out_features, module.in_features)
+    return triton_int4.gemv_il2(x2, packed, module.group_size, _GEMV_IL2_CFG.get(shape, _GEMV_IL2_DEFAULT))
+
+
 def _run_triton_gemm(module, x2):
     from anyquant.runtime import triton_int4
 
@@ -224,6 +238,7 @@ def _run_gemlite(module, x2):
 
 _RUN = {
     "triton_gemv": _run_triton_gemv,
+    "triton_gemv2": _run_triton_gemv2,
     "triton_gemm": _run_triton_gemm,
     "torch_int4": _run_torch_int4,
     "gemlite": _run_gemlite,
