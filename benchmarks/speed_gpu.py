@@ -6,12 +6,18 @@ CUDA graph; the time is the median of many replays. The floor of a row is the by
 its format must read (bits per weight x weights / 8) over the measured device-to-device copy
 bandwidth (bytes read + bytes written); "% of floor" is floor / measured time.
 
+The same weights are then timed with q/k/v and gate/up fused (anyquant.runtime.fuse: 5 matmuls
+per layer, qkv 6144 x 4096 and gate_up 28672 x 4096; the same bytes, so the same floor).
+
 End to end: decode tokens/s of a Llama-3-8B-shaped LlamaForCausalLM with random weights built on
 the GPU, bf16 vs anyquant int4 (each decoder nn.Linear replaced by Int4Linear.from_float, group
 128; kernels chosen by anyquant.runtime.kernels), batch 1, 128 new tokens (greedy) after a
-128-token prompt, static KV cache, each decode step one CUDA graph replay.
+128-token prompt, static KV cache, each decode step one CUDA graph replay. Variants: eager
+decode step in a graph; torch.compile (--compile-mode, "default") of the decode step, also in a
+graph, for bf16 and int4 alike; lm_head in int4 too; q/k/v and gate/up fused (bf16 and int4).
 
-  python benchmarks/speed_gpu.py [--out PATH] [--tune] [--skip-e2e] [--errors PATH]
+  python benchmarks/speed_gpu.py [--out PATH] [--tune [gemv,gemv2,gemm]] [--skip-e2e]
+      [--skip-kernels] [--compile-mode MODE] [--e2e VARIANTS] [--e2e-layers N] [--errors PATH]
 
 Prints tables and writes JSON (device, date, versions, every number) to --out.
 """
@@ -466,6 +472,7 @@ def e2e(compile_mode="default", variants=None, layers=LAYERS):
     gc.collect()
     torch.cuda.empty_cache()
     measure("int4_with_lm_head", model, False)
+    measure("int4_with_lm_head_compiled", model, True)
     fuse_projections(model)
     gc.collect()
     torch.cuda.empty_cache()
@@ -490,13 +497,14 @@ def e2e(compile_mode="default", variants=None, layers=LAYERS):
 
 
 E2E_VARIANTS = ("bf16", "bf16_compiled", "bf16_fused_compiled", "int4", "int4_with_lm_head",
-                "int4_fused_with_lm_head", "int4_fused_with_lm_head_compiled")
+                "int4_with_lm_head_compiled", "int4_fused_with_lm_head", "int4_fused_with_lm_head_compiled")
 E2E_LABELS = {
     "bf16": "bf16 (eager step, CUDA graph)",
     "bf16_compiled": "bf16 compiled",
     "bf16_fused_compiled": "bf16 fused qkv/gate_up, compiled",
     "int4": "int4 decoder Linears",
     "int4_with_lm_head": "int4 + lm_head",
+    "int4_with_lm_head_compiled": "int4 + lm_head, compiled",
     "int4_fused_with_lm_head": "int4 + lm_head, fused",
     "int4_fused_with_lm_head_compiled": "int4 + lm_head, fused, compiled",
 }

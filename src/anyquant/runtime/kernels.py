@@ -30,14 +30,20 @@ KERNELS = ("reference", "triton_gemv", "triton_gemv2", "triton_gemm", "torch_int
 
 # Measured order of preference on sm_90 (H100), per batch-size bucket; see the module doc.
 # Buckets: 1, 2..16, 17+. Every GPU kernel also needs compute capability >= 8.0.
-# H100, 2026-11-23, us per matmul (32 layers' matrices of one shape in one CUDA graph):
-#   batch 1   torch_int4 4.8 / 6.8 / 18.2 / 17.8 for (N, K) = (1024, 4096) / (4096, 4096) /
-#             (4096, 14336) / (14336, 4096); triton_gemv 5.1 / 9.2 / 26.5 / 25.1; gemlite 5.2 /
-#             9.0 / 22.0 / 21.9 (and gemlite's batch-1 path has 1e-2 to 4e-2 relative error).
-#   batch 16  triton_gemm 9.3 / 13.8 / 33.5 / 31.0; gemlite 6.1 / 13.5 / 37.7 / 37.5;
-#             torch_int4 7.9 / 21.3 / 69.3 / 66.6; bf16 8.4 / 16.5 / 45.2 / 42.3.
+# H100, 2026-11-24, us per matmul (32 layers' matrices of one shape in one CUDA graph):
+#   batch 1   (N, K) =        (1024, 4096) (4096, 4096) (6144, 4096) (14336, 4096) (28672, 4096) (4096, 14336)
+#             torch_int4          5.3          7.1          9.8          17.8          32.8          18.2
+#             triton_gemv         5.0          9.3         12.6          25.1          46.2          26.5
+#             triton_gemv2        6.6         10.3         14.1          28.1          52.0          30.9
+#             gemlite             5.3          9.2         11.6          22.1          40.6          22.1
+#             (gemlite's batch-1 path also has 1e-2 to 4e-2 relative error). (6144, 4096) and
+#             (28672, 4096) are the fused q/k/v and gate/up of anyquant.runtime.fuse.
+#   batch 16  triton_gemm         9.2         13.8         16.4          30.8          53.3          33.1
+#             gemlite             6.2         13.7         16.6          37.9          65.9          37.6
+#             torch_int4          7.9         21.3         34.8          66.6         129.9          67.9
+#             bf16 (cuBLAS)       8.3         16.5         21.3          42.5          83.0          45.2
 _PREFERENCE = {
-    1: ("torch_int4", "triton_gemv2", "triton_gemv", "triton_gemm", "gemlite"),
+    1: ("torch_int4", "triton_gemv", "triton_gemv2", "triton_gemm", "gemlite"),
     16: ("triton_gemm", "gemlite", "torch_int4"),
     None: ("triton_gemm", "gemlite", "torch_int4"),
 }
@@ -55,8 +61,13 @@ _GEMV_IL_CFG: dict[tuple[int, int], tuple[int, int, int]] = {
     (1024, 4096): (1, 1, 1), (4096, 4096): (2, 1, 1), (4096, 14336): (2, 1, 1), (14336, 4096): (2, 1, 1),
 }
 _GEMV_IL_DEFAULT = (2, 1, 1)
-# gemv_il2: (BLOCK_N, num_warps, R words per thread and group)
-_GEMV_IL2_CFG: dict[tuple[int, int], tuple[int, int, int]] = {}
+# gemv_il2: (BLOCK_N, num_warps, R words per thread and group). Best of the --tune sweep on an
+# H100 (2026-11-24), us per matmul: (4096, 4096) 9.57, (6144, 4096) 13.41, (4096, 14336) 29.30,
+# (28672, 4096) 51.10 -- still slower than triton_gemv and torch_int4 (the table above was
+# measured with the default (2, 1, 4)).
+_GEMV_IL2_CFG: dict[tuple[int, int], tuple[int, int, int]] = {
+    (4096, 4096): (1, 1, 4), (6144, 4096): (1, 1, 4), (4096, 14336): (1, 1, 4), (28672, 4096): (8, 2, 8),
+}
 _GEMV_IL2_DEFAULT = (2, 1, 4)
 _GEMV_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {
     (1024, 4096): (2, 1024, 4, 3), (4096, 4096): (8, 1024, 4, 3),
