@@ -63,8 +63,8 @@ SHAPES_FUSED = [
 FUSED_FROM = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 GROUP = 128
 BITS = {"bf16": 16.0, "int4_g128": 4.0 + 32 / GROUP, "nf4_dq": 4.0 + 8 / 64 + 32 / (64 * 256)}
-ANYQUANT_KERNELS = ["torch_int4", "gemlite", "triton_gemv", "triton_gemv2", "triton_gemm"]
-BATCH1_ONLY = ("triton_gemv", "triton_gemv2")
+ANYQUANT_KERNELS = ["cuda_gemv", "torch_int4", "gemlite", "triton_gemv", "triton_gemv2", "triton_gemm"]
+BATCH1_ONLY = ("cuda_gemv", "triton_gemv", "triton_gemv2")
 
 
 def log(*a):
@@ -253,11 +253,23 @@ def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm")):
     gemm_cfgs = [(16, bn, sk, w, st) for bn in (16, 32, 64, 128) for sk in (1, 2, 4) for w, st in ((4, 1), (4, 2), (8, 2))]
     sweeps = {"gemv": (1, gemv_cfgs, triton_int4.gemv_il), "gemv2": (1, gemv2_cfgs, triton_int4.gemv_il2),
               "gemm": (16, gemm_cfgs, triton_int4.gemm_il)}
+    if "cuda" in which:
+        from anyquant.runtime import cuda_int4
+
+        cuda_cfgs = [(r, u, w, cps, pdl) for (r, u) in cuda_int4.VARIANTS for w in (4, 8) for cps in (1, 2, 4)
+                     for pdl in (0, 1)]
+        sweeps["cuda"] = (1, cuda_cfgs, cuda_int4.gemv)
+    dev = torch.device("cuda:0")
     for (n, k) in sorted({(n, k) for _, n, k in shapes}):
         names = [nm for nm, nn, kk in shapes if (nn, kk) == (n, k)]
         mods = [layer[nm]["int4"] for layer in layers for nm in names]
-        packs = [kernels._cached(m, ("triton", "cuda:0"), lambda m=m: kernels._pack_triton(m, torch.device("cuda:0"))) for m in mods]
         for kname in which:
+            if kname == "cuda":
+                from anyquant.runtime import cuda_int4
+
+                packs = [kernels._cached(m, ("cuda_gemv", str(dev)), lambda m=m: cuda_int4.repack(m, dev)) for m in mods]
+            else:
+                packs = [kernels._cached(m, ("triton", str(dev)), lambda m=m: kernels._pack_triton(m, dev)) for m in mods]
             b, cfgs, fn = sweeps[kname]
             x = torch.randn(b, k, device="cuda", dtype=torch.bfloat16)
             best = None
@@ -541,8 +553,11 @@ def print_tables(result):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed_gpu.json"))
-    ap.add_argument("--tune", nargs="?", const="gemv,gemv2,gemm", default=None,
-                    help="also sweep our Triton kernels' launch configurations (comma list of gemv, gemv2, gemm)")
+    ap.add_argument("--tune", nargs="?", const="cuda,gemv,gemv2,gemm", default=None,
+                    help="also sweep our kernels' launch configurations (comma list of cuda, gemv, gemv2, gemm)")
+    ap.add_argument("--kinds", default=None,
+                    help="kernel level: comma list of rows to time (default: bf16, bnb_nf4, every anyquant kernel, "
+                         "anyquant_auto)")
     ap.add_argument("--tune-shapes", choices=("separate", "fused", "both"), default="both")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
@@ -580,6 +595,9 @@ def main(argv=None):
         except ImportError as exc:
             log(f"bitsandbytes not importable: {exc}")
             with_bnb = False
+        kinds = args.kinds.split(",") if args.kinds else None
+        if kinds and "bnb_nf4" not in kinds:
+            with_bnb = False
         layers = build_layers(with_bnb)
         log(f"built 32 layers in {time.time() - t0:.1f}s; {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
         bw = result["copy_bandwidth_GBps"]
@@ -589,7 +607,7 @@ def main(argv=None):
             result["tune"] += tune(layers, bw, SHAPES, which)
             save()
         if not args.skip_separate:
-            rows, per_shape = kernel_rows(layers, [1, 16], bw)
+            rows, per_shape = kernel_rows(layers, [1, 16], bw, kinds=kinds)
             result["kernel_level"] += rows
             result["per_shape"] += per_shape
             save()
@@ -606,7 +624,8 @@ def main(argv=None):
             result["tune"] += tune(layers, bw, [s for s in SHAPES_FUSED if (s[1], s[2]) in new], which)
             save()
         rows, per_shape = kernel_rows(layers, [1, 16], bw, shapes=SHAPES_FUSED,
-                                      kinds=["bf16"] + ANYQUANT_KERNELS + ["anyquant_auto"], layout="fused")
+                                      kinds=[k for k in kinds if k != "bnb_nf4"] if kinds else
+                                      ["bf16"] + ANYQUANT_KERNELS + ["anyquant_auto"], layout="fused")
         result["kernel_level"] += rows
         result["per_shape"] += per_shape
         save()

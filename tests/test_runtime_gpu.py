@@ -28,10 +28,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _cuda(f):
+    for m in needs_cuda:
+        f = m(f)
+    return f
 
 RELATIVE_BOUND = 2.5e-3
 # gemlite (not chosen by anyquant's dispatch at batch 1) adds split-K partial sums in bf16:
@@ -53,9 +56,18 @@ SHAPES = [
     ("qkv_proj", 6144, 4096),
     ("gate_up_proj", 28672, 4096),
 ]
-GPU_KERNELS = ["triton_gemv", "triton_gemv2", "triton_gemm", "torch_int4", "gemlite"]
-BATCH1_ONLY = ("triton_gemv", "triton_gemv2")
+GPU_KERNELS = ["cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "torch_int4", "gemlite"]
+BATCH1_ONLY = ("cuda_gemv", "triton_gemv", "triton_gemv2")
 _MEASURED: list[dict] = []
+
+
+def _cuda_gemv_missing() -> str | None:
+    """Why cuda_gemv cannot run here (no nvcc, or its build failed), else None."""
+    from anyquant.runtime import cuda_int4
+
+    if cuda_int4.available(torch.device("cuda", 0)):
+        return None
+    return f"cuda_gemv unavailable: {cuda_int4._failed}"
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +92,7 @@ def _rel(ref: torch.Tensor, y: torch.Tensor) -> float:
     return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+@_cuda
 @pytest.mark.parametrize("batch", [1, 16])
 @pytest.mark.parametrize("kernel", GPU_KERNELS)
 @pytest.mark.parametrize("shape", [s[0] for s in SHAPES])
@@ -91,6 +104,8 @@ def test_kernel_matches_dequantized_reference(modules, shape, kernel, batch):
     if not kernels.supports(kernel, m, x):
         if kernel == "gemlite" and not kernels.gemlite_installed():
             pytest.skip("gemlite is not installed")
+        if kernel == "cuda_gemv" and batch == 1 and _cuda_gemv_missing():
+            pytest.skip(_cuda_gemv_missing())
         if kernel in BATCH1_ONLY and batch != 1:
             pytest.skip(f"{kernel} is a batch-1 kernel")
         pytest.fail(f"{kernel} does not support {shape} at batch {batch}")
@@ -109,6 +124,7 @@ def test_kernel_matches_dequantized_reference(modules, shape, kernel, batch):
     assert max(errs) < bound, f"{kernel} {shape} batch {batch}: rel err {errs} (bound {bound})"
 
 
+@_cuda
 def test_dispatch_and_bias_and_3d_input():
     from anyquant.runtime import kernels
     from anyquant.runtime.int4_linear import Int4Linear
@@ -126,6 +142,7 @@ def test_dispatch_and_bias_and_3d_input():
     assert any(k[0] == "triton" for k in m._kernel_cache)
 
 
+@_cuda
 def test_fused_int4_linear_matches_its_parts():
     """fuse._fuse_int4 on the GPU: the fused matmul's slices equal the separate matmuls."""
     from anyquant.runtime import kernels
@@ -144,23 +161,28 @@ def test_fused_int4_linear_matches_its_parts():
         assert _rel(ref, y) < BOUNDS.get((kernels.choose_kernel(fused, x), batch), RELATIVE_BOUND)
 
 
-@pytest.mark.parametrize("kernel", ["triton_gemv", "triton_gemm", "torch_int4"])
+@_cuda
+@pytest.mark.parametrize("kernel", ["cuda_gemv", "triton_gemv", "triton_gemm", "torch_int4"])
 def test_shape_outside_the_interleaved_layout(kernel):
-    """in_features = 384 is not a multiple of 8 groups: the plain Triton kernels serve it."""
+    """in_features = 384 is not a multiple of 8 groups: the plain Triton kernels serve it (and
+    cuda_gemv, whose lanes then read 12 chunks of 32 columns, most lanes none)."""
     from anyquant.runtime import kernels
     from anyquant.runtime.int4_linear import Int4Linear
 
     lin = torch.nn.Linear(384, 256, bias=False, device="cuda", dtype=torch.bfloat16)
     m = Int4Linear.from_float(lin, group_size=128)
     for batch in (1, 5):
-        if kernel == "triton_gemv" and batch != 1:
+        if kernel in BATCH1_ONLY and batch != 1:
             continue
+        if kernel == "cuda_gemv" and _cuda_gemv_missing():
+            pytest.skip(_cuda_gemv_missing())
         x = torch.randn(batch, 384, device="cuda", dtype=torch.bfloat16)
         ref = F.linear(x.float(), m.dequantized_weight(torch.float32))
         bound = BOUNDS.get((kernel, 1), RELATIVE_BOUND)
         assert _rel(ref, kernels.int4_linear_forward(m, x, kernel=kernel)) < bound
 
 
+@_cuda
 def test_cpu_reference_still_used_for_cpu_inputs():
     from anyquant.runtime import kernels
     from anyquant.runtime.int4_linear import Int4Linear
@@ -170,3 +192,63 @@ def test_cpu_reference_still_used_for_cpu_inputs():
     x = torch.randn(3, 256)
     assert kernels.choose_kernel(m, x) == "reference"
     torch.testing.assert_close(m(x), F.linear(x, m.dequantized_weight()), rtol=1e-5, atol=1e-5)
+
+
+@_cuda
+@pytest.mark.parametrize("k,n,group", [(3072, 1000, 96), (4608, 515, 96), (1024, 77, 32), (4096, 300, 256), (2048, 129, 64)])
+def test_cuda_gemv_other_groups_and_ragged_rows(k, n, group):
+    """Group sizes other than 128 (96 is not a power of two) and row counts that do not fill the
+    last block; the output is poisoned first, so unwritten rows would show."""
+    from anyquant.runtime import cuda_int4, kernels
+    from anyquant.runtime.int4_linear import Int4Linear
+
+    if _cuda_gemv_missing():
+        pytest.skip(_cuda_gemv_missing())
+    lin = torch.nn.Linear(k, n, bias=True, device="cuda", dtype=torch.bfloat16)
+    m = Int4Linear.from_float(lin, group_size=group)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    assert kernels.supports("cuda_gemv", m, x)
+    packed = kernels._cached(m, ("cuda_gemv", str(x.device)), lambda: cuda_int4.repack(m, x.device))
+    ref = F.linear(x.float(), m.dequantized_weight(torch.float32))
+    cfgs = [(r, u, w, cps, pdl) for (r, u) in cuda_int4.VARIANTS for (w, cps, pdl) in ((1, 1, 0), (8, 2, 1), (4, 4, 1))]
+    for cfg in [kernels._CUDA_GEMV_DEFAULT] + cfgs:   # (1, 1, 0): 132 one-warp CTAs, several tiles a warp
+        poison = torch.full((1, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        del poison  # the caching allocator hands this block to the kernel's output next
+        y = cuda_int4.gemv(x, packed, group, cfg)
+        assert torch.isfinite(y).all(), cfg
+        err = _rel(ref, y)
+        assert err < RELATIVE_BOUND, (cfg, err)
+    y = kernels.int4_linear_forward(m, x, kernel="cuda_gemv")
+    # the bias is added to the bf16 output in bf16: a second rounding (measured up to 2.6e-3)
+    assert _rel(F.linear(x.float(), m.dequantized_weight(torch.float32), m.bias.float()), y) < 4e-3
+
+
+@_cuda
+def test_cuda_gemv_declines_what_it_cannot_run():
+    from anyquant.runtime import kernels
+    from anyquant.runtime.int4_linear import Int4Linear
+
+    m16 = Int4Linear.from_float(torch.nn.Linear(256, 64, bias=False, device="cuda", dtype=torch.bfloat16), 16)
+    m = Int4Linear.from_float(torch.nn.Linear(256, 64, bias=False, device="cuda", dtype=torch.bfloat16), 128)
+    x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+    assert not kernels.supports("cuda_gemv", m16, x)                      # group 16
+    assert not kernels.supports("cuda_gemv", m, x.repeat(2, 1))           # batch 2
+    assert not kernels.supports("cuda_gemv", m, x.half())                 # fp16 activations
+    assert kernels.choose_kernel(m16, x) != "cuda_gemv"
+
+
+def test_cuda_gemv_is_not_built_at_import_and_declines_cpu():
+    """Runs everywhere (CPU CI too): importing the runtime builds nothing, CPU inputs never
+    reach the CUDA kernel, and a machine without nvcc or CUDA reports it unavailable."""
+    from anyquant.runtime import cuda_int4, kernels
+    from anyquant.runtime.int4_linear import Int4Linear
+
+    built_before = cuda_int4._build.cache_info().currsize
+    m = Int4Linear.from_float(torch.nn.Linear(256, 64, bias=False), group_size=128)
+    x = torch.randn(1, 256)
+    assert not kernels.supports("cuda_gemv", m, x)
+    assert kernels.choose_kernel(m, x) == "reference"
+    assert cuda_int4._build.cache_info().currsize == built_before
+    if not torch.cuda.is_available():
+        assert not cuda_int4.available(torch.device("cpu"))
+        assert built_before == 0

@@ -3,6 +3,9 @@
 On CPU the reference path runs: dequantize to the activation dtype, then one matmul.
 On a CUDA device (compute capability 8.0 or newer) one of these runs:
 
+  cuda_gemv    our CUDA C++ GEMV (runtime/cuda_int4.py, cuda_int4_gemv.cu), batch 1, bf16: built
+               with load_inline at first use where nvcc is present; reads the saved packed
+               weights as they are, fp32 accumulation, exact integer zero points
   triton_gemv  our Triton GEMV (runtime/triton_int4.py), batch 1: reads the saved packed
                weights as they are, fp32 accumulation, exact integer zero points
   triton_gemv2 the same GEMV with fewer instructions per weight (interleaved layout only)
@@ -15,7 +18,7 @@ measurement on an H100 (benchmarks/speed_gpu.py, benchmarks/results/speed_gpu.js
 kernel that is available and supports the input wins. Each kernel's layout is built from the
 module's saved buffers once per (kernel, device, dtype) and kept in `module._kernel_cache`,
 so memory stays at about 4 bits per weight plus that one copy. GPU-only imports (triton,
-gemlite) happen inside functions, never when this module is imported.
+gemlite) and the CUDA build happen inside functions, never when this module is imported.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("reference", "triton_gemv", "triton_gemv2", "triton_gemm", "torch_int4", "gemlite")
+KERNELS = ("reference", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "torch_int4", "gemlite")
 
 # Measured order of preference on sm_90 (H100), per batch-size bucket; see the module doc.
 # Buckets: 1, 2..16, 17+. Every GPU kernel also needs compute capability >= 8.0.
@@ -69,6 +72,10 @@ _GEMV_IL2_CFG: dict[tuple[int, int], tuple[int, int, int]] = {
     (4096, 4096): (1, 1, 4), (6144, 4096): (1, 1, 4), (4096, 14336): (1, 1, 4), (28672, 4096): (8, 2, 8),
 }
 _GEMV_IL2_DEFAULT = (2, 1, 4)
+# cuda_gemv: (rows per warp R, chunks per step U, warps per block, CTAs per multiprocessor,
+# programmatic dependent launch); the (R, U) pairs compiled are cuda_int4.VARIANTS.
+_CUDA_GEMV_CFG: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}
+_CUDA_GEMV_DEFAULT = (1, 4, 8, 2, 1)
 _GEMV_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {
     (1024, 4096): (2, 1024, 4, 3), (4096, 4096): (8, 1024, 4, 3),
     (4096, 14336): (8, 1024, 4, 3), (14336, 4096): (16, 1024, 4, 1),
@@ -119,6 +126,11 @@ def supports(name: str, module, x: torch.Tensor) -> bool:
         return False
     k, n, g = module.in_features, module.out_features, module.group_size
     batch = x.numel() // x.shape[-1]
+    if name == "cuda_gemv":
+        from anyquant.runtime import cuda_int4
+
+        return (batch == 1 and x.dtype == torch.bfloat16 and cuda_int4.shape_ok(k, g)
+                and cuda_int4.available(x.device))
     if name == "triton_gemv":
         return triton_installed() and batch == 1 and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and g % 8 == 0
     if name == "triton_gemv2":
@@ -203,6 +215,14 @@ def _pack_gemlite(module, device, dtype):
 
 # ---- forward per kernel ----------------------------------------------------------------------
 
+def _run_cuda_gemv(module, x2):
+    from anyquant.runtime import cuda_int4
+
+    packed = _cached(module, ("cuda_gemv", str(x2.device)), lambda: cuda_int4.repack(module, x2.device))
+    cfg = _CUDA_GEMV_CFG.get((module.out_features, module.in_features), _CUDA_GEMV_DEFAULT)
+    return cuda_int4.gemv(x2, packed, module.group_size, cfg)
+
+
 def _run_triton_gemv(module, x2):
     from anyquant.runtime import triton_int4
 
@@ -248,6 +268,7 @@ def _run_gemlite(module, x2):
 
 
 _RUN = {
+    "cuda_gemv": _run_cuda_gemv,
     "triton_gemv": _run_triton_gemv,
     "triton_gemv2": _run_triton_gemv2,
     "triton_gemm": _run_triton_gemm,

@@ -1,0 +1,151 @@
+"""`cuda_gemv`: anyquant's batch-1 int4 GEMV in CUDA C++ (runtime/cuda_int4_gemv.cu).
+
+Built with `torch.utils.cpp_extension.load_inline` the first time it is needed on a CUDA
+device where nvcc is present (never at import); torch caches the build under its extensions
+directory (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), keyed by a hash of the
+sources and the target architecture, so later processes load the cached library. If nvcc or
+CUDA is missing, or the build fails, `available()` is False (the failure is warned once) and
+kernel dispatch skips `cuda_gemv`.
+
+Layout (built once per module and device, `repack`): the weights are read as they are saved
+(`weight_packed`, int32 [N, K/8], 16-byte aligned rows when K % 32 == 0: no copy); the group
+metadata becomes one uint32 per (row, group): the float32 bits of the 16-bit scale (whose low
+13 bits are 0) with the low 4 bits replaced by the unsigned zero point zu = zp + 8 -- 0.25 bits
+per weight at group 128, the same as the saved scale and zero point.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+_SRC = Path(__file__).with_name("cuda_int4_gemv.cu")
+
+_CPP = r"""
+#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+const char* anyquant_int4_gemv_launch(const void* x, const void* w, const void* meta, void* y, int N, int K, int G,
+                                      int chunks_per_group, int R, int U, int warps, int ctas_per_sm, int pdl,
+                                      void* stream);
+
+torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor meta, int64_t group, int64_t R, int64_t U,
+                   int64_t warps, int64_t ctas_per_sm, int64_t pdl) {
+  TORCH_CHECK(x.is_cuda() && w.is_cuda() && meta.is_cuda(), "cuda_gemv: CUDA tensors expected");
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "cuda_gemv: bfloat16 activations expected");
+  TORCH_CHECK(w.scalar_type() == torch::kInt32 && meta.scalar_type() == torch::kInt32, "cuda_gemv: int32 buffers");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && meta.is_contiguous(), "cuda_gemv: contiguous tensors");
+  const int64_t K = x.size(-1), N = w.size(0);
+  TORCH_CHECK(x.numel() == K, "cuda_gemv: batch 1 only");
+  TORCH_CHECK(K % 32 == 0 && w.size(1) * 8 == K && group % 32 == 0 && K % group == 0, "cuda_gemv: shape");
+  TORCH_CHECK(meta.size(0) == N && meta.size(1) == K / group, "cuda_gemv: metadata shape");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
+              "cuda_gemv: 16-byte aligned x and weights expected");
+  c10::cuda::CUDAGuard guard(x.device());
+  auto y = torch::empty({1, N}, x.options());
+  const char* err = anyquant_int4_gemv_launch(x.data_ptr(), w.data_ptr(), meta.data_ptr(), y.data_ptr(), (int)N, (int)K,
+                                              (int)(K / group), (int)(group / 32), (int)R, (int)U, (int)warps, (int)ctas_per_sm, (int)pdl,
+                                              (void*)c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == nullptr, "cuda_gemv launch failed: ", err ? err : "");
+  return y;
+}
+"""
+
+# Compiled (rows per warp R, chunks per step U) variants; see the .cu file. A launch
+# configuration is (R, U, warps per block, CTAs per multiprocessor, programmatic dependent launch).
+VARIANTS = ((1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (4, 2))
+MAX_K = 48 * 1024  # x is staged as fp32 in shared memory: 4 K bytes per CTA (<= 192 KiB)
+SUPPORTED_GROUPS = (32, 64, 96, 128, 160, 192, 224, 256)
+
+_failed: str | None = None
+
+
+def nvcc_path() -> str | None:
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    cand = os.path.join(home, "bin", "nvcc") if home else None
+    if cand and os.path.exists(cand):
+        return cand
+    return shutil.which("nvcc")
+
+
+@functools.lru_cache(maxsize=None)
+def _build(arch: str):
+    from torch.utils.cpp_extension import load_inline
+
+    cu = _SRC.read_text()
+    digest = hashlib.sha1((cu + _CPP).encode()).hexdigest()[:12]
+    gencode = f"-gencode=arch=compute_{arch},code=sm_{arch}"
+    return load_inline(
+        name=f"anyquant_cuda_int4_{digest}_sm{arch}",
+        cpp_sources=[_CPP],
+        cuda_sources=[cu],
+        functions=["gemv"],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", gencode, "-std=c++17"],
+        verbose=os.environ.get("ANYQUANT_VERBOSE_BUILD") == "1",
+    )
+
+
+def module_for(device: torch.device):
+    """The built extension for this device's architecture (builds it on first call)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return _build(f"{major}{minor}")
+
+
+def available(device: torch.device) -> bool:
+    """nvcc present, a CUDA device of compute capability >= 8.0, and the extension builds."""
+    global _failed
+    if _failed is not None:
+        return False
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if nvcc_path() is None:
+        _failed = "nvcc not found"
+        return False
+    try:
+        module_for(device)
+    except Exception as exc:  # a failed build disables the kernel, once, loudly
+        _failed = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"anyquant cuda_gemv disabled: building the CUDA extension failed: {_failed[:2000]}")
+        return False
+    return True
+
+
+def shape_ok(in_features: int, group_size: int) -> bool:
+    return in_features % 32 == 0 and group_size in SUPPORTED_GROUPS and in_features <= MAX_K
+
+
+def repack(module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, metadata) for the kernel: the saved packed weights (no copy when already on
+    the device and contiguous) and uint32 [N, K/g] = float32 bits of the scale | zu."""
+    w = module.weight_packed.to(device)
+    if not w.is_contiguous() or w.data_ptr() % 16:
+        w = w.contiguous().clone()
+    scale = module.weight_scale.to(device).float()
+    bits = scale.view(torch.int32)
+    if (bits & 0x1FFF).any():
+        raise ValueError("cuda_gemv: scales must be 16-bit numbers (bf16 / fp16)")
+    zu = (module.zero_points().to(device).to(torch.int32) + 8)
+    meta = ((bits & ~0xF) | zu).contiguous()
+    return w, meta
+
+
+def gemv(x2: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], group_size: int,
+         cfg: tuple[int, int, int, int, int]) -> torch.Tensor:
+    """y [1, N] = x2 [1, K] @ W^T; cfg = (R, U, warps per block, CTAs per SM, pdl)."""
+    w, meta = packed
+    if not x2.is_contiguous() or x2.data_ptr() % 16:
+        x2 = x2.contiguous().clone()
+    r, u, warps, cps, pdl = cfg
+    if pdl and torch.cuda.get_device_capability(x2.device) < (9, 0):
+        pdl = 0
+    return module_for(x2.device).gemv(x2, w, meta, group_size, r, u, warps, cps, pdl)
