@@ -135,3 +135,21 @@ def test_config_round_trip():
         make_config("int4", group_size=12)
     with pytest.raises(AnyquantError, match="do not apply"):
         make_config("nf4", group_size=64)
+
+
+def test_loaded_weights_do_not_live_in_the_file_mapping(tmp_path):
+    """transformers leaves weights as views into the mapped safetensors file; anyquant copies
+    them out (model.load._own_weights), so a quantized layer's float weight is really freed.
+    Seen through the file: bytes rewritten in place show through a mapping, not through a copy."""
+    from anyquant.model.load import load_model
+    from tests.conftest import make_tiny_llama
+
+    path = make_tiny_llama(tmp_path / "m", layers=1)
+    model, _, _ = load_model(path, dtype=torch.float32)
+    before = model.model.layers[0].mlp.up_proj.weight.clone()
+    f = next(path.glob("*.safetensors"))
+    size = f.stat().st_size
+    with open(f, "r+b") as fh:  # same inode and size, other bytes in the tensor data
+        fh.seek(size // 2)
+        fh.write(b"\x7f" * (size // 2 - 16))
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)

@@ -208,10 +208,30 @@ def _from_pretrained(path, info, trust_remote_code, dtype, requantize):
         if model is None:
             raise AnyquantError(f"{path}: transformers cannot load this model ({last_error})")
     model.eval()
+    _own_weights(model)
     if requantize and qc:
         model = dequantize_model(model)
         log.warning("%s was already quantized (%s); dequantized before quantizing again", path, qc.get("quant_method"))
     return model
+
+
+@torch.no_grad()
+def _own_weights(model: torch.nn.Module) -> None:
+    """Copy CPU weights out of the safetensors file mapping into the process's own memory.
+
+    transformers maps each weight file and leaves tensors as views into that mapping, which
+    lives as long as any one of them does (the tied embedding, for instance). Quantizing
+    replaces the float weights, but their pages stay mapped and resident, so the process kept
+    the whole float model for its whole life and block-by-block calibration grew by about a
+    float block per block (benchmarks/calib_memory.py). Once copied, a replaced weight is
+    really freed. Copies go one tensor at a time: the transient extra is one tensor, plus the
+    file's pages, which the kernel can drop at any time."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "cpu" and not t.is_meta:
+            t.data = t.data.clone()
+    import gc
+
+    gc.collect()  # drop the last views, so the mapping goes now rather than at some later collection
 
 
 def dequantize_model(model: torch.nn.Module) -> torch.nn.Module:
