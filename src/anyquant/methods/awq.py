@@ -6,9 +6,11 @@ in [0, 1); the objective is the summed output error of those linears on the cali
 activations, sum ||X W^T - (X / s) Q(W s)^T||^2. 1/s is folded into the module that produced X
 (found by probing too: the module whose output tensor *is* X) when it is a Linear or has a
 per-channel weight (a norm), and the fold is then checked numerically: the float block must
-give the same outputs. When no module produced X (an operation between modules did, e.g.
-o_proj's and down_proj's inputs in Llama) or the check fails, the group is not scaled (plain
-RTN) and the report says so. alpha = 0 is on the grid, so on the calibration data the
+give the same outputs. When an operation between modules made X (Llama's down_proj reads
+act(gate) * up; o_proj reads the attention output), each Linear of the block with as many
+outputs is tried under the same check: up_proj passes, gate_proj does not (the activation is
+not linear), v_proj does where it has one head per query head (without grouped-query
+attention). When nothing passes, the group is not scaled (plain RTN) and the report says so. alpha = 0 is on the grid, so on the calibration data the
 objective is never worse than RTN.
 """
 
@@ -140,8 +142,18 @@ def awq_scale_block(ctx, grid: int):
         where = f"{ctx.name}: {'/'.join(group)}"
         if nonfinite(activations=X, mean_abs=xmean):
             continue  # the guard in ctx.install reports it per layer and falls back to RTN
-        target, why = _fold_target(block, producer, X.shape[1])
-        if target is None:
+        if producer is not None:
+            target, why = _fold_target(block, producer, X.shape[1])
+            candidates = [(producer, target)] if target is not None else []
+        else:
+            # An operation between modules made X (Llama's act(gate) * up, or attention): a Linear
+            # whose output rows X is linear in can take 1/s (up_proj, and v_proj where every head
+            # has its own). Which one is found by trying, with the same numerical check.
+            candidates = [(n, m) for n, m in block.named_modules()
+                          if isinstance(m, nn.Linear) and m.out_features == X.shape[1] and n not in group]
+            why = f"its input is made by an operation outside any module, and no Linear of {X.shape[1]} outputs " \
+                  "can take 1/s (tried: " + (", ".join(n for n, _ in candidates) or "none") + ")"
+        if not candidates:
             ctx.notes.append(f"{'/'.join(group)}: not scaled: {why}")
             continue
         weights = [block.get_submodule(n).weight for n in group]
@@ -154,18 +166,24 @@ def awq_scale_block(ctx, grid: int):
         if alpha == 0.0:
             continue
         s = s.to(weights[0].device)
-        for n in group:
-            _scale_params(block.get_submodule(n), s, inverse=False)
-        _scale_params(target, s, inverse=True)
-        y1 = run_block(block, probe_batch).float()
-        err = P.relative_error(y0, y1)
-        if not err < tol:
+        def fold(target, s):
             for n in group:
-                _scale_params(block.get_submodule(n), 1 / s, inverse=False)
-            _scale_params(target, 1 / s, inverse=True)
-            ctx.notes.append(f"{'/'.join(group)}: not scaled: folding 1/s into {producer} changed the float "
-                             f"block output by {err:.2g} (its output is used elsewhere, or it is not a plain scale)")
+                _scale_params(block.get_submodule(n), s, inverse=False)
+            _scale_params(target, s, inverse=True)
+
+        errors = []  # each candidate tried and undone; the one that changes the block least is kept
+        for cand_name, target in candidates:
+            fold(target, s)
+            errors.append((P.relative_error(y0, run_block(block, probe_batch).float()), cand_name, target))
+            fold(target, 1 / s)
+        err, folded, target = min(errors, key=lambda e: e[0])
+        if not err < tol:
+            if producer is not None:
+                why = (f"folding 1/s into {producer} changed the float block output by {err:.2g} (its output "
+                       "is used elsewhere, or it is not a plain scale)")
+            ctx.notes.append(f"{'/'.join(group)}: not scaled: {why}")
             continue
+        fold(target, s)
         for n in group:
             scaled[n] = s
         del where
