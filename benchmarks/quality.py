@@ -86,9 +86,10 @@ def main() -> None:
             method, _, extra = spec.partition(":")
             opts = json.loads(extra) if extra else {}
             if method != "nf4":
-                opts["group_size"] = args.group_size
+                opts.setdefault("group_size", args.group_size)
             if method in CALIBRATED:
-                opts.update(n_samples=args.n_samples, seq_len=args.seq_len)
+                opts.setdefault("n_samples", args.n_samples)
+                opts.setdefault("seq_len", args.seq_len)
             t0 = time.perf_counter()
             r = anyquant.quantize(str(model_dir), method, dtype="float32", progress=False, **opts)
             tq = time.perf_counter() - t0

@@ -144,3 +144,57 @@ def test_search_qparams_never_worse_than_min_max_under_its_weighted_error():
     assert e1.sum() < 0.9 * e0.sum()  # shrinking the range pays off on these groups
     s2, z2 = P.search_qparams(w, 4, 32, column_weight=cw, shrinks=(1.0,))
     assert torch.equal(s2, s0) and torch.equal(z2, z0)
+
+
+def _layer_objective(W, H, codes, scale, zero, g):
+    Wq = (codes.float() - zero.float().repeat_interleave(g, 1)) * scale.repeat_interleave(g, 1)
+    E = W - Wq
+    return ((E @ H) * E).sum(1)
+
+
+def _outlier_hessian(cols: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(2048, cols, generator=gen) * (torch.rand(cols, generator=gen) * 3)
+    X[:, :4] *= 20  # a few large channels, as trained LLMs have
+    return X, 2 * X.T @ X / X.shape[0]
+
+
+def test_refit_scales_never_raises_the_layer_objective_and_gptq_refits_lower_it():
+    from anyquant.methods.gptq import gptq_grid, gptq_refined, refit_scales
+
+    g, (out, cols) = 96, (128, 576)
+    _, H = _outlier_hessian(cols)
+    W = torch.randn(out, cols, generator=torch.Generator().manual_seed(1)) * 0.02
+    codes, scale, zero = gptq_grid(W, H, g, act_order=True, scale_dtype=torch.float16, clip_search=True)
+    before = _layer_objective(W, H, codes, scale, zero, g)
+    refit = refit_scales(W, H, codes, scale, zero, g, torch.float16)
+    after = _layer_objective(W, H, codes, refit, zero, g)
+    assert (after <= before).all()  # kept per row only where lower
+    assert refit.to(torch.float16).float().equal(refit)  # as it will be stored
+    # Measured: the refit lowers the total by 3.7% on this layer, one round of re-running
+    # GPTQ on refit scales by 4.3%, two rounds 4.5%.
+    assert after.sum() < 0.98 * before.sum()
+    c1, s1, z1 = gptq_refined(W, H, g, False, 0.01, True, torch.float16, True, refits=1)
+    assert _layer_objective(W, H, c1, s1, z1, g).sum() < 0.98 * before.sum()
+
+
+def test_float_target_weight_is_the_asymmetric_least_squares_solution():
+    """GPTQ on W* with H = X^T X minimises ||X_float W^T - X Q^T||: the two objectives differ
+    by a constant for every Q, which is checked here on random Q."""
+    from anyquant.methods.gptq import float_target_weight
+
+    cols, out = 64, 16
+    X, _ = _outlier_hessian(cols, seed=2)
+    X = X.double()
+    Xf = X + 0.05 * torch.randn(X.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    W = torch.randn(out, cols, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    n = X.shape[0]
+    H, C = 2 * X.T @ X / n, 2 * (Xf - X).T @ X / n
+    Wstar = float_target_weight(W, H, C, damp=1e-12).double()
+    gaps = []
+    for seed in range(3):
+        Q = W + 0.1 * torch.randn(W.shape, generator=torch.Generator().manual_seed(10 + seed), dtype=torch.float64)
+        asym = ((Xf @ W.T - X @ Q.T) ** 2).sum()
+        sym = ((X @ Wstar.T - X @ Q.T) ** 2).sum()
+        gaps.append(float(asym - sym))
+    assert max(gaps) - min(gaps) < 1e-6 * abs(gaps[0])

@@ -146,12 +146,16 @@ class GPTQConfig(CalibratedInt4Config):
     act_order: bool = True
     clip_search: bool = True
     awq_scales: bool = False  # AWQ's activation-aware scales (searched, folded) before GPTQ
+    float_targets: bool = False  # match the float model's activations (GPTAQ), not the float layer's
+    refits: int = 0  # rounds of least-squares scale refit + GPTQ again (methods.gptq.gptq_refined)
     method: ClassVar[str] = "gptq"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (0 < self.damp < 1):
             raise AnyquantError(f"gptq: damp={self.damp} must be in (0, 1)")
+        if not (0 <= self.refits <= 10):
+            raise AnyquantError(f"gptq: refits={self.refits} must be between 0 and 10")
 
 
 _CONFIGS: dict[str, type[MethodConfig]] = {}

@@ -300,6 +300,10 @@ class BlockContext:
     fallbacks: list[Fallback] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     weight_errors: dict[str, float] = field(default_factory=dict)
+    # The float model's own inputs to this block (same order as `batches`), carried only for
+    # algorithms that ask for them (config.float_targets): these match the float model's
+    # activations instead of the float block's output on already-quantized inputs.
+    float_batches: list[Batch] | None = None
 
     def group_size(self, rel: str) -> int:
         return int(self.linears[rel].get("group_size", self.config.group_size))
@@ -456,6 +460,8 @@ def run(
         ckdir = Path(checkpoint_dir) / key
 
     batches = capture_inputs(model, blocks[0], calib_ids, batch_size)
+    # Only for a fresh run: after a resumed block the float model's inputs are not known.
+    float_batches = list(batches) if getattr(config, "float_targets", False) else None
     entries: list[dict] = []
     fallbacks: list[dict] = []
     notes: list[str] = []
@@ -466,18 +472,23 @@ def run(
             bname = f"{blocks_name}.{i}" if blocks_name else str(i)
             linears = per_block[i]
             entry = _load_block(ckdir, i, block, linears, config, compute_dtype) if ckdir else None
+            float_outs = None
             if entry is not None:
                 resumed += 1
                 entry["resumed"] = True
                 outs = block_outputs(block, batches)
+                float_batches = None
             else:
                 ref = block_outputs(block, batches)
+                if float_batches is not None:
+                    float_outs = block_outputs(block, float_batches)
                 if linears:
                     rtn = copy.deepcopy(block)
                     rtn_block(rtn, linears, config.group_size, config.symmetric, compute_dtype)
                     before = relative_error(ref, block_outputs(rtn, batches))
                     del rtn
-                    ctx = BlockContext(block, bname, linears, batches, config, compute_dtype)
+                    ctx = BlockContext(block, bname, linears, batches, config, compute_dtype,
+                                       float_batches=float_batches)
                     quantize_block(ctx)
                     left = [r for r in linears if isinstance(block.get_submodule(r), nn.Linear)]
                     if left:
@@ -501,7 +512,9 @@ def run(
             weight_errors.update(entry["weight_errors"])
             entries.append(entry)
             batches = [with_hidden(b, o) for b, o in zip(batches, outs)]
-            del outs
+            if float_batches is not None and float_outs is not None:
+                float_batches = [with_hidden(b, o) for b, o in zip(float_batches, float_outs)]
+            del outs, float_outs
             release_freed_memory()
             advance()
     return {

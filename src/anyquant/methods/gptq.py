@@ -15,6 +15,7 @@ input together), each group's Hessians measured with the earlier groups already 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -36,8 +37,10 @@ def gptq_grid(
     scale_dtype: torch.dtype = torch.float32,
     block: int = 128,
     clip_search: bool = False,
+    grids: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes int8 [out, in], scale [out, in/g], zero int8 [out, in/g]) for weight `w`, Hessian `H`."""
+    """(codes int8 [out, in], scale [out, in/g], zero int8 [out, in/g]) for weight `w`, Hessian `H`.
+    `grids`: (scale, zero) to use as they are instead of choosing each group's grid."""
     qmin, qmax = P.qrange(4)
     W = w.detach().float().clone()
     H = H.detach().float().clone()
@@ -61,8 +64,11 @@ def gptq_grid(
         zero[:, gi] = z[:, 0]
 
     perm = None
+    if grids is not None:
+        scale.copy_(grids[0])
+        zero.copy_(grids[1])
     if act_order:
-        for gi in range(ngroups):  # static groups from the original weights
+        for gi in range(ngroups if grids is None else 0):  # static groups from the original weights
             set_group(gi, W[:, gi * group_size:(gi + 1) * group_size])
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
@@ -87,7 +93,7 @@ def gptq_grid(
         for i in range(i2 - i1):
             c = i1 + i
             gi = cg[c]
-            if perm is None and c % group_size == 0:
+            if perm is None and grids is None and c % group_size == 0:
                 set_group(gi, W1[:, i:i + group_size])
             s, z = scale[:, gi], zero[:, gi].float()
             x = W1[:, i]
@@ -104,18 +110,88 @@ def gptq_grid(
     return Q, scale, zero
 
 
+@torch.no_grad()
+def refit_scales(w: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 group_size: int, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The group scales that minimise the layer's output error tr((W - Ŵ) H (W - Ŵ)^T) for fixed
+    codes and zero points: Ŵ is linear in the scales, so each row's scales solve one small
+    least-squares system (ngroups x ngroups, cross-group terms of H included). GPTQ picks codes
+    against scales fixed before it sees the error it will spread; this closes that gap.
+    Per row, the refit (rounded to its storage dtype) is kept only where it lowers the error."""
+    W = w.detach().float()
+    H = H.detach().float()
+    rows, cols = W.shape
+    ng = cols // group_size
+    D = (codes.float() - zero.float().repeat_interleave(group_size, dim=1)).view(rows, ng, group_size)
+    Hg = H.view(ng, group_size, ng, group_size)
+    P = torch.einsum("aibj,rbj->raib", Hg, D)  # H times each group's code column block
+    M = torch.einsum("rai,raib->rab", D, P)
+    b = (D * (W @ H).view(rows, ng, group_size)).sum(-1)
+    ridge = 1e-6 * M.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-12)
+    M = M + ridge[:, None, None] * torch.eye(ng, device=W.device)
+    new = torch.linalg.solve(M, b.unsqueeze(-1)).squeeze(-1)
+    ok = torch.isfinite(new) & (new > 0)
+    new = P_round(torch.where(ok, new, scale), scale_dtype)
+
+    def err(s):
+        E = W - (D * s.unsqueeze(-1)).reshape(rows, cols)
+        return ((E @ H) * E).sum(1)
+
+    better = err(new) < err(scale)
+    return torch.where(better.unsqueeze(1), new, scale)
+
+
+def P_round(s: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    return P.round_scale(s.clamp(min=torch.finfo(torch.float16).tiny), scale_dtype)
+
+
+def gptq_refined(w, H, group_size, symmetric, damp, act_order, scale_dtype, clip_search, refits: int):
+    """gptq_grid, then `refits` rounds of: refit the scales to the codes, re-run GPTQ on them."""
+    codes, scale, zero = gptq_grid(w, H, group_size, symmetric, damp, act_order, scale_dtype, clip_search=clip_search)
+    Hd = H.float().clone()
+    Hd.diagonal().add_(damp * torch.mean(torch.diag(Hd)))
+    for _ in range(refits):
+        scale = refit_scales(w, Hd, codes, scale, zero, group_size, scale_dtype)
+        codes, scale, zero = gptq_grid(w, H, group_size, symmetric, damp, act_order, scale_dtype,
+                                       grids=(scale, zero))
+    if refits:
+        scale = refit_scales(w, Hd, codes, scale, zero, group_size, scale_dtype)
+    return codes, scale, zero
+
+
 class _Hessian:
-    def __init__(self, n: int, device) -> None:
+    """Running 2 X^T X / n of a layer's inputs X; with `x_float`, also the cross term
+    2 (X_float - X)^T X / n against the float model's own inputs to that layer."""
+
+    def __init__(self, n: int, device, cross: bool = False) -> None:
         self.H = torch.zeros(n, n, device=device, dtype=torch.float32)
+        self.C = torch.zeros(n, n, device=device, dtype=torch.float32) if cross else None
         self.count = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         m = x.shape[0]
-        self.H *= self.count / (self.count + m)
+        keep = self.count / (self.count + m)
+        self.H *= keep
         self.count += m
-        x = math.sqrt(2 / self.count) * x
-        self.H += x.t() @ x
+        k = 2 / self.count
+        self.H += k * (x.t() @ x)
+        if self.C is not None:
+            self.C *= keep
+            self.C += k * ((x_float.reshape(-1, x.shape[-1]).float() - x).t() @ x)
+
+
+def float_target_weight(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float) -> torch.Tensor:
+    """W* = W + W C H^-1 (GPTAQ's asymmetric calibration, Li et al., 2025): the weight whose
+    output on the quantized model's inputs X best matches W's on the float model's X_float.
+    ||W X_float - Q X||^2 = ||W* X - Q X||^2 + a term free of Q, so GPTQ on W* with the same H
+    minimises the error against the float model's activations, not the float layer's output on
+    inputs that earlier quantized layers already moved."""
+    dt = torch.promote_types(w.dtype, torch.float32)
+    W, H, C = w.to(dt), H.to(dt), C.to(dt)
+    Hd = H.clone()
+    Hd.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    return W + torch.linalg.solve(Hd, (W @ C).t()).t()  # H symmetric: (W C) H^-1 = (H^-1 (W C)^T)^T
 
 
 class _Done(Exception):
@@ -136,26 +212,47 @@ def gptq_block(ctx) -> None:
 
         awq_scale_block(ctx, AWQConfig.grid)  # awq's own default grid over alpha
     probe = probe_block(ctx.block, ctx.batches[0], list(ctx.linears))
+    cross = cfg.float_targets and ctx.float_batches is not None
+    # The float block as it is now (after any AWQ folding, so its layers see the same inputs'
+    # scaling), run on the float model's inputs for the cross term.
+    float_block = copy.deepcopy(ctx.block) if cross else None
     for group in probe.groups:
         first = ctx.block.get_submodule(group[0])
-        hess = _Hessian(first.in_features, first.weight.device)
+        hess = _Hessian(first.in_features, first.weight.device, cross=cross)
+        seen: list[torch.Tensor] = []
 
         def pre(m, args):
-            hess.add(args[0])
+            if cross:
+                hess.add(args[0], seen.pop())
+            else:
+                hess.add(args[0])
+            raise _Done
+
+        def pre_float(m, args):
+            seen.append(args[0])
             raise _Done
 
         h = first.register_forward_pre_hook(pre)
+        hf = float_block.get_submodule(group[0]).register_forward_pre_hook(pre_float) if cross else None
         try:
-            for b in ctx.batches:
-                try:
-                    run_block(ctx.block, b)
-                except _Done:
-                    pass
+            for k, b in enumerate(ctx.batches):
+                for blk, batch in ([(float_block, ctx.float_batches[k])] if cross else []) + [(ctx.block, b)]:
+                    try:
+                        run_block(blk, batch)
+                    except _Done:
+                        pass
         finally:
             h.remove()
-        H = hess.H
+            if hf is not None:
+                hf.remove()
+        H, C = hess.H, hess.C
         del hess
         weights = [ctx.block.get_submodule(n).weight.detach() for n in group]
+        if C is not None and nonfinite(hessian=H, cross=C) is None:
+            try:
+                weights = [float_target_weight(w, H, C, cfg.damp) for w in weights]
+            except torch.linalg.LinAlgError as e:  # plain GPTQ for this group, said in the report
+                ctx.notes.append(f"{group}: float targets skipped ({e})")
         gsizes = {ctx.group_size(n) for n in group}
         result: object
         bad = nonfinite(hessian=H)
@@ -165,8 +262,8 @@ def gptq_block(ctx) -> None:
             result = None
         else:
             try:
-                result = gptq_grid(torch.cat(weights), H, gsizes.pop(), cfg.symmetric, cfg.damp, cfg.act_order,
-                                   ctx.compute_dtype, clip_search=cfg.clip_search)
+                result = gptq_refined(torch.cat(weights), H, gsizes.pop(), cfg.symmetric, cfg.damp, cfg.act_order,
+                                      ctx.compute_dtype, cfg.clip_search, cfg.refits)
             except (torch.linalg.LinAlgError, FloatingPointError, RuntimeError) as e:
                 result = e
         row = 0
@@ -178,13 +275,14 @@ def gptq_block(ctx) -> None:
                 if isinstance(result, Exception):
                     raise result
                 if result is None:
-                    return gptq_grid(w, H, ctx.group_size(n), cfg.symmetric, cfg.damp, cfg.act_order,
-                                     ctx.compute_dtype, clip_search=cfg.clip_search)
+                    return gptq_refined(w, H, ctx.group_size(n), cfg.symmetric, cfg.damp, cfg.act_order,
+                                        ctx.compute_dtype, cfg.clip_search, cfg.refits)
                 codes, scale, zero = result
                 return codes[r0:r1], scale[r0:r1], zero[r0:r1]
 
             ctx.install(n, algorithm, inputs={"hessian": H})
-        del H, result
+        del H, C, result
+    del float_block
 
 
 class GPTQ(CalibratedInt4):
