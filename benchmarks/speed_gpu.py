@@ -243,8 +243,10 @@ def kernel_rows(layers, batches, copy_bw, shapes=SHAPES, kinds=None, layout="sep
     return rows, per_shape
 
 
-def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm")):
-    """Sweep our Triton kernels' launch configurations per unique shape (batch 1 and 16)."""
+def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm"), apply=False):
+    """Sweep our kernels' launch configurations per unique shape (batch 1 and 16). With apply,
+    cuda_gemv's best configuration per shape, and whether it beat torch_int4 there, are put in
+    kernels' tables for the rest of the run (copy them into kernels.py to keep them)."""
     from anyquant.runtime import triton_int4
 
     out = []
@@ -256,7 +258,7 @@ def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm")):
     if "cuda" in which:
         from anyquant.runtime import cuda_int4
 
-        cuda_cfgs = [(r, u, w, cps, pdl) for (r, u) in cuda_int4.VARIANTS for w in (4, 8) for cps in (1, 2, 4)
+        cuda_cfgs = [(r, u, w, cps, pdl) for (r, u) in cuda_int4.VARIANTS for w in (4, 8) for cps in (0, 1, 2, 4)
                      for pdl in (0, 1)]
         sweeps["cuda"] = (1, cuda_cfgs, cuda_int4.gemv)
     dev = torch.device("cuda:0")
@@ -286,6 +288,17 @@ def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm")):
                 out.append({"kernel": kname, "n": n, "k": k, "batch": b, "cfg": list(cfg), "us": round(us, 2), "pct_of_floor": round(pct, 1)})
                 if best is None or us < best[0]:
                     best = (us, cfg, pct)
+            if kname == "cuda" and best is not None:
+                # against torch_int4 on the same matrices, the same way (decides the dispatch order)
+                def run_t():
+                    for m in mods:
+                        kernels.int4_linear_forward(m, x, kernel="torch_int4")
+                us_t = 1e3 * graph_time_ms(run_t, replays=15) / len(mods)
+                out.append({"kernel": "torch_int4", "n": n, "k": k, "batch": 1, "us": round(us_t, 2)})
+                log(f"  tune cuda  n={n:5d} k={k:5d}: torch_int4 {us_t:.2f} us/matmul")
+                if apply:
+                    kernels._CUDA_GEMV_CFG[(n, k)] = tuple(best[1])
+                    (kernels._CUDA_GEMV_PREFERRED.add if best[0] < us_t else kernels._CUDA_GEMV_PREFERRED.discard)((n, k))
             if best is None:
                 log(f"  tune {kname} n={n:5d} k={k:5d}: every configuration failed: {out[-1].get('error')}")
             else:
@@ -555,6 +568,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed_gpu.json"))
     ap.add_argument("--tune", nargs="?", const="cuda,gemv,gemv2,gemm", default=None,
                     help="also sweep our kernels' launch configurations (comma list of cuda, gemv, gemv2, gemm)")
+    ap.add_argument("--apply-tune", action="store_true",
+                    help="use cuda_gemv's tuned configurations and dispatch order (vs torch_int4) for the timed rows")
     ap.add_argument("--kinds", default=None,
                     help="kernel level: comma list of rows to time (default: bf16, bnb_nf4, every anyquant kernel, "
                          "anyquant_auto)")
@@ -604,7 +619,7 @@ def main(argv=None):
         which = tuple(args.tune.split(",")) if args.tune else ()
         result["tune"], result["kernel_level"], result["per_shape"] = [], [], []
         if which and args.tune_shapes in ("separate", "both"):
-            result["tune"] += tune(layers, bw, SHAPES, which)
+            result["tune"] += tune(layers, bw, SHAPES, which, args.apply_tune)
             save()
         if not args.skip_separate:
             rows, per_shape = kernel_rows(layers, [1, 16], bw, kinds=kinds)
@@ -621,7 +636,8 @@ def main(argv=None):
         log(f"fused q/k/v and gate/up: {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
         if which and args.tune_shapes in ("fused", "both"):
             new = {(n, k) for _, n, k in SHAPES_FUSED} - ({(n, k) for _, n, k in SHAPES} if args.tune_shapes == "both" else set())
-            result["tune"] += tune(layers, bw, [s for s in SHAPES_FUSED if (s[1], s[2]) in new], which)
+            result["tune"] += tune(layers, bw, [s for s in SHAPES_FUSED if (s[1], s[2]) in new], which,
+                                   args.apply_tune)
             save()
         rows, per_shape = kernel_rows(layers, [1, 16], bw, shapes=SHAPES_FUSED,
                                       kinds=[k for k in kinds if k != "bnb_nf4"] if kinds else
@@ -632,6 +648,9 @@ def main(argv=None):
         del layers
         gc.collect()
         torch.cuda.empty_cache()
+    result["cuda_gemv_tables"] = {"cfg": {f"{n}x{k}": list(v) for (n, k), v in sorted(kernels._CUDA_GEMV_CFG.items())},
+                                  "preferred_over_torch_int4": sorted(f"{n}x{k}" for n, k in kernels._CUDA_GEMV_PREFERRED)}
+    log(f"cuda_gemv tables: {result['cuda_gemv_tables']}")
     if args.errors and Path(args.errors).exists():
         result["correctness"] = json.loads(Path(args.errors).read_text())
     if not args.skip_e2e:

@@ -14,6 +14,10 @@ Re-measured 2026-11-24 with the fused shapes (qkv 6144 x 4096, gate_up 28672 x 4
 triton_gemv2: triton_gemv 1.64e-3 to 1.73e-3, triton_gemv2 1.62e-3 to 1.68e-3, triton_gemm
 1.65e-3 to 1.70e-3, torch_int4 2.20e-3 to 2.28e-3, gemlite 1.4e-2 to 3.7e-2 (batch 1) and
 4.3e-3 to 5.5e-3 (batch 16).
+cuda_gemv (CUDA C++, runtime/cuda_int4.py), H100 2026-11-24, all 9 shapes: 1.65e-3 to 1.74e-3
+(fp32 accumulation, exact integer zero points: the output's bf16 rounding); its extra tests
+(groups 32/64/96/256, ragged row counts, every compiled variant) stay under the same bound, and
+2.6e-3 was measured once where the bias is added to the bf16 output (two roundings: bound 4e-3).
 RELATIVE_BOUND = 2.5e-3 is about 1.5x the largest value measured for our kernels; the kernels
 with their own numerics get their own bounds (BOUNDS), again about 1.5x to 2x what was measured.
 A wrong nibble order, group or zero point gives errors above 1e-1.

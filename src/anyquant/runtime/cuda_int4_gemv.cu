@@ -146,8 +146,8 @@ __device__ __forceinline__ void grid_launch_dependents() {
 // A warp's work is a sequence of steps (tile, block of U chunks): tiles warp, warp + T, ...
 // (T = warps in the grid), each tile of R rows split into ceil(ceil(C / 32) / U) blocks. The
 // loads of step s + 1 are issued before step s is computed (two register buffers), also
-// across tiles, so a warp always has one block of loads in flight. The grid is at most one
-// wave (the launcher sizes it), x is staged once per CTA. With programmatic dependent launch
+// across tiles, so a warp always has one block of loads in flight. The launcher sizes the grid
+// to one wave (x staged once per CTA) or to one tile per warp. With programmatic dependent launch
 // the first loads (weights only, which no earlier kernel writes) go out before
 // griddepcontrol.wait; x is read and y written only after it.
 template <int R, int U>
@@ -225,7 +225,7 @@ static KernelFn pick(int R, int U) {
 
 // Returns nullptr on success, else an error message. ctas_per_sm: the grid is at most
 // ctas_per_sm (capped by occupancy) CTAs per multiprocessor, sized so that every warp gets the
-// same number of tiles; pdl: launch with programmatic stream serialization (sm_90).
+// same number of tiles (0: one tile per warp, however many waves); pdl: launch with programmatic stream serialization (sm_90).
 const char* anyquant_int4_gemv_launch(const void* x, const void* w, const void* meta, void* y, int N, int K, int G,
                                       int chunks_per_group, int R, int U, int warps, int ctas_per_sm, int pdl,
                                       void* stream) {
@@ -261,9 +261,12 @@ const char* anyquant_int4_gemv_launch(const void* x, const void* w, const void* 
   }
   const int per_sm = ctas_per_sm < occ[dev][vid][warps] ? ctas_per_sm : occ[dev][vid][warps];
   const long tiles = (N + R - 1) / R;
-  const long max_warps = (long)sms[dev] * per_sm * warps;
-  const long tiles_per_warp = (tiles + max_warps - 1) / max_warps;
-  const long warps_needed = (tiles + tiles_per_warp - 1) / tiles_per_warp;
+  long warps_needed = tiles;  // ctas_per_sm == 0: one tile per warp, as many waves as that takes
+  if (ctas_per_sm > 0) {
+    const long max_warps = (long)sms[dev] * per_sm * warps;
+    const long tiles_per_warp = (tiles + max_warps - 1) / max_warps;
+    warps_needed = (tiles + tiles_per_warp - 1) / tiles_per_warp;
+  }
   const int grid = (int)((warps_needed + warps - 1) / warps);
   const uint32_t cpg_mul = (uint32_t)(((1u << 20) + chunks_per_group - 1) / chunks_per_group);
 

@@ -46,7 +46,7 @@ KERNELS = ("reference", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm
 #             torch_int4          7.9         21.3         34.8          66.6         129.9          67.9
 #             bf16 (cuBLAS)       8.3         16.5         21.3          42.5          83.0          45.2
 _PREFERENCE = {
-    1: ("torch_int4", "triton_gemv", "triton_gemv2", "triton_gemm", "gemlite"),
+    1: ("torch_int4", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "gemlite"),
     16: ("triton_gemm", "gemlite", "torch_int4"),
     None: ("triton_gemm", "gemlite", "torch_int4"),
 }
@@ -74,8 +74,22 @@ _GEMV_IL2_CFG: dict[tuple[int, int], tuple[int, int, int]] = {
 _GEMV_IL2_DEFAULT = (2, 1, 4)
 # cuda_gemv: (rows per warp R, chunks per step U, warps per block, CTAs per multiprocessor,
 # programmatic dependent launch); the (R, U) pairs compiled are cuda_int4.VARIANTS.
-_CUDA_GEMV_CFG: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}
+# Best of `speed_gpu.py --tune cuda` on an H100 (2026-11-24), us per matmul (32 or 64 matrices of
+# the shape in one CUDA graph), cuda_gemv vs torch_int4 timed the same way:
+#   (1024, 4096) 2.76 vs 5.23; (4096, 4096) 6.20 vs 6.90; (6144, 4096) 8.86 vs 9.88;
+#   (14336, 4096) 18.00 vs 18.08; (28672, 4096) 32.26 vs 32.79; (4096, 14336) 19.77 vs 18.50.
+_CUDA_GEMV_CFG: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
+    (1024, 4096): (1, 4, 8, 4, 1), (4096, 4096): (2, 4, 8, 2, 1), (4096, 14336): (1, 2, 8, 0, 1),
+    (6144, 4096): (2, 4, 8, 0, 1), (14336, 4096): (2, 4, 4, 0, 1), (28672, 4096): (2, 4, 4, 0, 1),
+}
 _CUDA_GEMV_DEFAULT = (1, 4, 8, 2, 1)
+# Shapes (out_features, in_features) where cuda_gemv is tried before torch_int4 at batch 1.
+# Empty: at kernel level cuda_gemv was faster on every shape but down_proj (the graph of the
+# Linears alone: fused 2.111 ms with it on those shapes vs 2.182 torch_int4), yet end to end the
+# fused compiled int4 decode ran 288.9 tok/s with it against 303.1 with torch_int4 alone (H100,
+# 2026-11-24), so dispatch keeps torch_int4 first. The measured set was
+#   {(1024, 4096), (4096, 4096), (6144, 4096), (14336, 4096), (28672, 4096)}.
+_CUDA_GEMV_PREFERRED: set[tuple[int, int]] = set()
 _GEMV_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {
     (1024, 4096): (2, 1024, 4, 3), (4096, 4096): (8, 1024, 4, 3),
     (4096, 14336): (8, 1024, 4, 3), (14336, 4096): (16, 1024, 4, 1),
@@ -149,6 +163,8 @@ def choose_kernel(module, x: torch.Tensor) -> str:
         return "reference"
     batch = x.numel() // x.shape[-1]
     order = _PREFERENCE[_bucket(batch)]
+    if batch == 1 and (module.out_features, module.in_features) in _CUDA_GEMV_PREFERRED:
+        order = ("cuda_gemv",) + tuple(k for k in order if k != "cuda_gemv")
     if _bucket(batch) == 16 and module.out_features <= _SMALL_N:
         order = _SMALL_N_PREFERENCE_16
     for name in order:
