@@ -172,6 +172,8 @@ def test_configs():
         make_config("hqq", symmetric=True)
     with pytest.raises(AnyquantError, match="damp"):
         make_config("gptq", damp=2.0)
+    with pytest.raises(AnyquantError, match="refits"):
+        make_config("gptq", refits=11)
 
 
 @pytest.mark.slow
@@ -223,3 +225,40 @@ def test_cli_kill9_then_same_command_resumes_and_gives_the_same_output(tmp_path)
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_awq_scales_down_proj_through_up_proj_and_keeps_the_block_function(outlier_llama, calib):
+    """down_proj reads act(gate) * up, made by no module: the fold target is found by trying the
+    block's Linears with as many outputs (up_proj passes; gate_proj cannot: silu is not linear)."""
+    from anyquant.config import make_config
+    from anyquant.methods.awq import awq_scale_block
+
+    model = AutoModelForCausalLM.from_pretrained(outlier_llama).eval()
+    block = model.model.layers[0]
+    batches = runner.capture_inputs(model, block, calib, 8)
+    before = runner.block_outputs(block, batches)
+    up_before = block.mlp.up_proj.weight.detach().clone()
+    linears = {n: {} for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    ctx = runner.BlockContext(block, "model.layers.0", linears, batches, make_config("awq", group_size=64),
+                              torch.float32)
+    _, _, scaled = awq_scale_block(ctx, 20)
+    assert "mlp.down_proj" in scaled, ctx.notes
+    s = scaled["mlp.down_proj"]
+    s_in = scaled.get("mlp.up_proj", torch.ones(up_before.shape[1]))  # its own inputs' scale, as gate/up reader
+    torch.testing.assert_close(block.mlp.up_proj.weight, up_before * s_in.unsqueeze(0) / s.unsqueeze(1),
+                               rtol=1e-5, atol=1e-7)
+    # Measured 2e-7 relative (float32 rounding of the folded weights).
+    assert runner.relative_error(before, runner.block_outputs(block, batches)) < 1e-5
+    # This tiny Llama has grouped-query attention (4 heads, 2 kv heads): v_proj has half o_proj's
+    # inputs, so o_proj cannot be scaled, and the report says what was tried.
+    assert any(n.startswith("self_attn.o_proj: not scaled") and "tried:" in n for n in ctx.notes), ctx.notes
+
+
+@pytest.mark.parametrize("opts", [{"float_targets": True}, {"refits": 1}])
+def test_gptq_options_run_and_beat_rtn_per_block(outlier_llama, calib, ids, opts):
+    r = anyquant.quantize(str(outlier_llama), "gptq", progress=False, calib=calib, checkpoint_dir=None,
+                          n_samples=8, seq_len=CALIB_SEQ, **opts)
+    assert torch.isfinite(r.model(ids).logits).all()
+    assert not r.report["calibration"]["fallbacks"]
+    for b in r.report["calibration"]["blocks"]:
+        assert b["output_error"] < b["output_error_rtn"], b
