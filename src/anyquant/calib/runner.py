@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -411,6 +412,7 @@ def release_freed_memory() -> None:
     overhead above the loaded model 63 MiB at 8 layers, 108 at 32; 74 -> 146 without it): the
     source weights stay mapped from the safetensors file after their block is replaced, and
     the int4 blocks add up. A no-op off glibc."""
+    gc.collect()  # a block's copies can sit in reference cycles (modules, hooks, closures) until the next collection
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
