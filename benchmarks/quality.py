@@ -46,7 +46,8 @@ CALIBRATED = {"awq", "gptq"}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model directory (default: anyquant's SmolLM2-135M)")
+    ap.add_argument("--model", default=None,
+                    help="model directory, or gemma3-270m (make bench-deps installs it); default: SmolLM2-135M")
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -67,6 +68,10 @@ def main() -> None:
         from anyquant.model.default import default_model_dir
 
         model_dir = default_model_dir()
+    elif args.model == "gemma3-270m":
+        from anyquant.model.default import gemma3_270m_dir
+
+        model_dir = gemma3_270m_dir()
     else:
         model_dir = Path(args.model)
     tok = AutoTokenizer.from_pretrained(model_dir)
