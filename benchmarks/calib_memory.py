@@ -217,10 +217,10 @@ def main() -> None:
                     if p.returncode != 0 or not lines:
                         sys.stderr.write(p.stdout[-4000:] + p.stderr[-4000:])
                         raise SystemExit(f"{method} at {d} layers failed (exit {p.returncode})")
-                        row = json.loads(lines[-1][len("RESULT "):])
+                    row = json.loads(lines[-1][len("RESULT "):])
                     row["repeat"] = rep
                     rows.append(row)
-                    print(f"{method} {d} layers: after load {mib(row['rss_after_load_bytes'])} MiB, peak "
+                    print(f"{method} {d} layers (run {rep + 1}): after load {mib(row['rss_after_load_bytes'])} MiB, peak "
                           f"{mib(row['peak_rss_during_quantize_bytes'])} MiB, overhead {mib(row['calib_overhead_bytes'])} MiB "
                           f"({row['seconds_quantize']:.1f}s)", flush=True)
 
