@@ -6,6 +6,8 @@ random tokens (the algorithms' cost does not depend on what the tokens say). Eac
 a fresh model through anyquant.quantize (the same code path as the CLI), block by block.
 
   python benchmarks/quantize_gpu.py [--methods int4,hqq,awq,gptq] [--layers 32] [--n-samples 128]
+  (a method may carry options as JSON after a colon; separate such specs with ';':
+   --methods 'awq;gptq:{"awq_scales": true}')
                                     [--seq-len 512] [--out benchmarks/results/quantize_gpu.json]
 
 Target (issue 5): awq and gptq each under 5 minutes on one H100.
@@ -58,12 +60,13 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     calib = torch.randint(0, 128256, (args.n_samples, args.seq_len), generator=g)
     rows = []
-    for method in [m for m in args.methods.split(",") if m]:
+    for spec in [m for m in args.methods.split(";" if ";" in args.methods else ",") if m]:
+        method, _, extra = spec.partition(":")  # name:{json options}, as in quality.py
         model = build(args.layers)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        opts = {"group_size": args.group_size}
+        opts = {"group_size": args.group_size, **(json.loads(extra) if extra else {})}
         if method in CALIBRATED:
             opts.update(n_samples=args.n_samples, seq_len=args.seq_len)
         t0 = time.perf_counter()
@@ -75,7 +78,7 @@ def main() -> None:
         cal = r.report.get("calibration") or {}
         blocks = cal.get("blocks", [])
         row = {
-            "method": method, "wall_s": wall, "peak_gpu_gib": peak / 2**30,
+            "method": spec, "wall_s": wall, "peak_gpu_gib": peak / 2**30,
             "peak_over_model_gib": (peak - base) / 2**30, "model_gib": base / 2**30,
             "probe_logits_relative_error": r.report["probe_logits_relative_error"],
             "fallbacks": len(cal.get("fallbacks", [])),

@@ -84,24 +84,35 @@ def gptq_grid(
     Hinv = torch.linalg.cholesky(Hinv, upper=True)
     Q = torch.zeros(rows, cols, dtype=torch.int8, device=W.device)
     cg = col_group.tolist()
+    fixed = perm is not None or grids is not None  # every grid is known before the sweep
 
+    # The column loop is launch-bound on a GPU (one small kernel per operation and column), so
+    # it reads each grid once per lazy block or group rather than per column, and writes
+    # codes once per block.
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
+        Q1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        if fixed:
+            idx = col_group[i1:i2].to(W.device)
+            S1, Z1 = scale[:, idx], zero[:, idx].float()
+        current = -1
         for i in range(i2 - i1):
-            c = i1 + i
-            gi = cg[c]
-            if perm is None and grids is None and c % group_size == 0:
-                set_group(gi, W1[:, i:i + group_size])
-            s, z = scale[:, gi], zero[:, gi].float()
+            if fixed:
+                s, z = S1[:, i], Z1[:, i]
+            elif cg[i1 + i] != current:  # groups are contiguous here and start inside this block
+                current = cg[i1 + i]
+                set_group(current, W1[:, i:i + group_size])
+                s, z = scale[:, current], zero[:, current].float()
             x = W1[:, i]
             q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
-            Q[:, c] = q.to(torch.int8)
+            Q1[:, i] = q
             err = (x - (q - z) * s) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
+        Q[:, i1:i2] = Q1.to(torch.int8)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
         if not torch.isfinite(W1).all():
             raise FloatingPointError(f"gptq: non-finite weights after columns {i1}..{i2}")
