@@ -45,8 +45,10 @@ class Int4RTN:
         return True, {"group_size": g}, "quantize", f"int4 round-to-nearest, group size {g}"
 
     def finalize(self, plan, model_map, config: Int4Config) -> None:
-        """One group size for the whole model: transformers' compressed-tensors loader applies a
-        single group size per checkpoint in practice (mixed sizes fail to dequantize), so the
+        """One group size for the whole model: transformers (5.23) dequantizes every layer of an
+        asymmetric compressed-tensors checkpoint with one config group's scheme (its
+        CompressedTensorsDequantize takes the dense scheme, not the layer's), so mixed sizes
+        fail to load there (symmetric checkpoints, loaded compressed, do load per group); the
         largest group size (see fit_group_size) that divides every quantized layer is used,
         and the plan says so."""
         todo = plan.to_quantize()
