@@ -129,4 +129,6 @@ def test_method_flag_that_does_not_apply(tiny_llama, tmp_path):
                      "--act-order does not apply to int4", "gptq")
     assert_bad_input(run("quantize", tiny_llama, "--method", "nf4", "--group-size", "64", "--out", tmp_path / "o"),
                      "--group-size does not apply to nf4", "awq, gptq, hqq, int4")
+    assert_bad_input(run("quantize", tiny_llama, "--method", "awq", "--awq-scales", "--out", tmp_path / "o"),
+                     "--awq-scales does not apply to awq", "gptq")
     assert not (tmp_path / "o").exists()
