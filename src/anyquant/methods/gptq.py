@@ -142,7 +142,7 @@ def refit_scales(w: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scale: t
     M = M + ridge[:, None, None] * torch.eye(ng, device=W.device)
     new = torch.linalg.solve(M, b.unsqueeze(-1)).squeeze(-1)
     ok = torch.isfinite(new) & (new > 0)
-    new = P_round(torch.where(ok, new, scale), scale_dtype)
+    new = P.round_scale(torch.where(ok, new, scale), scale_dtype)  # as stored; never 0 or inf
 
     def err(s):
         E = W - (D * s.unsqueeze(-1)).reshape(rows, cols)
@@ -150,10 +150,6 @@ def refit_scales(w: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scale: t
 
     better = err(new) < err(scale)
     return torch.where(better.unsqueeze(1), new, scale)
-
-
-def P_round(s: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    return P.round_scale(s.clamp(min=torch.finfo(torch.float16).tiny), scale_dtype)
 
 
 def gptq_refined(w, H, group_size, symmetric, damp, act_order, scale_dtype, clip_search, refits: int):
