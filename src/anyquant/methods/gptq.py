@@ -135,8 +135,8 @@ def refit_scales(w: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scale: t
     ng = cols // group_size
     D = (codes.float() - zero.float().repeat_interleave(group_size, dim=1)).view(rows, ng, group_size)
     Hg = H.view(ng, group_size, ng, group_size)
-    P = torch.einsum("aibj,rbj->raib", Hg, D)  # H times each group's code column block
-    M = torch.einsum("rai,raib->rab", D, P)
+    HD = torch.einsum("aibj,rbj->raib", Hg, D)  # H times each group's code column block
+    M = torch.einsum("rai,raib->rab", D, HD)
     b = (D * (W @ H).view(rows, ng, group_size)).sum(-1)
     ridge = 1e-6 * M.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-12)
     M = M + ridge[:, None, None] * torch.eye(ng, device=W.device)
