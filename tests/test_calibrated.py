@@ -262,3 +262,31 @@ def test_gptq_options_run_and_beat_rtn_per_block(outlier_llama, calib, ids, opts
     assert not r.report["calibration"]["fallbacks"]
     for b in r.report["calibration"]["blocks"]:
         assert b["output_error"] < b["output_error_rtn"], b
+
+
+def test_awq_folds_into_gemma_norms_that_compute_one_plus_weight(calib):
+    """Gemma's RMSNorm multiplies by (1 + weight): 1/s goes in as (1 + weight) / s - 1, found by
+    trying both forms under the fold check (before, every such group was left unscaled)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from anyquant.config import make_config
+    from anyquant.methods.awq import awq_scale_block
+
+    cfg = Gemma3TextConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=32, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    block = model.model.layers[0]
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # a few large channels, as trained models have (AWQ has nothing to do on flat ones)
+        for norm in (block.input_layernorm, block.pre_feedforward_layernorm):
+            norm.weight[torch.randperm(norm.weight.numel(), generator=g)[:8]] = 19.0
+    batches = runner.capture_inputs(model, block, calib, 8)
+    before = runner.block_outputs(block, batches)
+    linears = {n: {} for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    ctx = runner.BlockContext(block, "model.layers.0", linears, batches, make_config("awq", group_size=64),
+                              torch.float32)
+    _, _, scaled = awq_scale_block(ctx, 20)
+    assert {"self_attn.q_proj", "mlp.gate_proj"} <= set(scaled), ctx.notes
+    # Measured 4.6e-7 on Gemma-3-270M's first block (float32 rounding of the folded weights).
+    assert runner.relative_error(before, runner.block_outputs(block, batches)) < 1e-5

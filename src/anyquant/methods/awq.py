@@ -70,9 +70,18 @@ def _fold_target(block: nn.Module, producer: str | None, channels: int):
     return None, f"producer {producer} ({type(mod).__name__}) has no per-channel weight"
 
 
-def _scale_params(mod: nn.Module, s: torch.Tensor, inverse: bool) -> None:
+def _scale_params(mod: nn.Module, s: torch.Tensor, inverse: bool, offset: bool = False) -> None:
+    """Scale a consumer's input columns by s, or a producer's outputs by 1/s (inverse). With
+    `offset` the producer is a norm computing x * (1 + weight) (Gemma's): its weight becomes
+    (1 + weight) / s - 1."""
     f = (1 / s) if inverse else s
     w = mod.weight.data
+    if offset:
+        w.copy_((w.float() + 1).mul_(f.to(w.device)).sub_(1).to(w.dtype))
+        b = getattr(mod, "bias", None)
+        if isinstance(b, torch.Tensor):
+            b.data.mul_(f.to(b.dtype))
+        return
     if w.dim() == 2 and isinstance(mod, nn.Linear):
         if mod.out_features == s.shape[0] and inverse:  # producer: scale its output rows
             w.mul_(f.to(w.dtype).unsqueeze(1))
@@ -144,15 +153,17 @@ def awq_scale_block(ctx, grid: int):
             continue  # the guard in ctx.install reports it per layer and falls back to RTN
         if producer is not None:
             target, why = _fold_target(block, producer, X.shape[1])
-            candidates = [(producer, target)] if target is not None else []
+            # A norm's weight may multiply directly or as (1 + weight): both are tried.
+            candidates = ([(producer, target, False)] + ([(producer, target, True)] if not isinstance(target, nn.Linear)
+                                                        else [])) if target is not None else []
         else:
             # An operation between modules made X (Llama's act(gate) * up, or attention): a Linear
             # whose output rows X is linear in can take 1/s (up_proj, and v_proj where every head
             # has its own). Which one is found by trying, with the same numerical check.
-            candidates = [(n, m) for n, m in block.named_modules()
+            candidates = [(n, m, False) for n, m in block.named_modules()
                           if isinstance(m, nn.Linear) and m.out_features == X.shape[1] and n not in group]
             why = f"its input is made by an operation outside any module, and no Linear of {X.shape[1]} outputs " \
-                  "can take 1/s (tried: " + (", ".join(n for n, _ in candidates) or "none") + ")"
+                  "can take 1/s (tried: " + (", ".join(n for n, _, _ in candidates) or "none") + ")"
         if not candidates:
             ctx.notes.append(f"{'/'.join(group)}: not scaled: {why}")
             continue
@@ -166,24 +177,25 @@ def awq_scale_block(ctx, grid: int):
         if alpha == 0.0:
             continue
         s = s.to(weights[0].device)
-        def fold(target, s):
+
+        def fold(target, s, offset):
             for n in group:
                 _scale_params(block.get_submodule(n), s, inverse=False)
-            _scale_params(target, s, inverse=True)
+            _scale_params(target, s, inverse=True, offset=offset)
 
         errors = []  # each candidate tried and undone; the one that changes the block least is kept
-        for cand_name, target in candidates:
-            fold(target, s)
-            errors.append((P.relative_error(y0, run_block(block, probe_batch).float()), cand_name, target))
-            fold(target, 1 / s)
-        err, folded, target = min(errors, key=lambda e: e[0])
+        for cand_name, target, offset in candidates:
+            fold(target, s, offset)
+            errors.append((P.relative_error(y0, run_block(block, probe_batch).float()), cand_name, target, offset))
+            fold(target, 1 / s, offset)
+        err, folded, target, offset = min(errors, key=lambda e: e[0])
         if not err < tol:
             if producer is not None:
                 why = (f"folding 1/s into {producer} changed the float block output by {err:.2g} (its output "
                        "is used elsewhere, or it is not a plain scale)")
             ctx.notes.append(f"{'/'.join(group)}: not scaled: {why}")
             continue
-        fold(target, s)
+        fold(target, s, offset)
         for n in group:
             scaled[n] = s
         del where
