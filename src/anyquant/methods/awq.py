@@ -148,7 +148,6 @@ def awq_scale_block(ctx, grid: int):
     for group, producer in zip(probe.groups, probe.producers):
         X = torch.cat(rows[group[0]])
         xmean = sums[group[0]] / max(1, counts[group[0]])
-        where = f"{ctx.name}: {'/'.join(group)}"
         if nonfinite(activations=X, mean_abs=xmean):
             continue  # the guard in ctx.install reports it per layer and falls back to RTN
         if producer is not None:
@@ -198,7 +197,6 @@ def awq_scale_block(ctx, grid: int):
         fold(target, s, offset)
         for n in group:
             scaled[n] = s
-        del where
     return probe, rows, scaled
 
 

@@ -26,6 +26,14 @@ from anyquant.methods.registry import register
 from anyquant.methods.rtn import CalibratedInt4
 
 
+def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """H + damp * mean(diag H) * I, a new tensor: GPTQ's dampening, one definition for the sweep,
+    the scale refit and the float-target weight."""
+    Hd = H.clone()
+    Hd.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    return Hd
+
+
 @torch.no_grad()
 def gptq_grid(
     w: torch.Tensor,
@@ -78,7 +86,7 @@ def gptq_grid(
         # lazy-update blocks hold whole groups, so a group's grid sees all earlier updates
         block = max(group_size, (block // group_size) * group_size)
 
-    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    H = damped(H, damp)
     L = torch.linalg.cholesky(H)
     Hinv = torch.cholesky_inverse(L)
     Hinv = torch.linalg.cholesky(Hinv, upper=True)
@@ -155,8 +163,7 @@ def refit_scales(w: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scale: t
 def gptq_refined(w, H, group_size, symmetric, damp, act_order, scale_dtype, clip_search, refits: int):
     """gptq_grid, then `refits` rounds of: refit the scales to the codes, re-run GPTQ on them."""
     codes, scale, zero = gptq_grid(w, H, group_size, symmetric, damp, act_order, scale_dtype, clip_search=clip_search)
-    Hd = H.float().clone()
-    Hd.diagonal().add_(damp * torch.mean(torch.diag(Hd)))
+    Hd = damped(H.float(), damp)
     for _ in range(refits):
         scale = refit_scales(w, Hd, codes, scale, zero, group_size, scale_dtype)
         codes, scale, zero = gptq_grid(w, H, group_size, symmetric, damp, act_order, scale_dtype,
@@ -196,8 +203,7 @@ def float_target_weight(w: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp:
     inputs that earlier quantized layers already moved."""
     dt = torch.promote_types(w.dtype, torch.float32)
     W, H, C = w.to(dt), H.to(dt), C.to(dt)
-    Hd = H.clone()
-    Hd.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    Hd = damped(H, damp)
     return W + torch.linalg.solve(Hd, (W @ C).t()).t()  # H symmetric: (W C) H^-1 = (H^-1 (W C)^T)^T
 
 
