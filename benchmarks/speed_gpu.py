@@ -16,8 +16,9 @@ the GPU, bf16 vs anyquant int4 (each decoder nn.Linear replaced by Int4Linear.fr
 decode step in a graph; torch.compile (--compile-mode, "default") of the decode step, also in a
 graph, for bf16 and int4 alike; lm_head in int4 too; q/k/v and gate/up fused (bf16 and int4).
 
-  python benchmarks/speed_gpu.py [--out PATH] [--tune [gemv,gemv2,gemm]] [--skip-e2e]
-      [--skip-kernels] [--compile-mode MODE] [--e2e VARIANTS] [--e2e-layers N] [--errors PATH]
+  python benchmarks/speed_gpu.py [--out PATH] [--tune [mma,cuda,gemv,gemv2,gemm]] [--apply-tune]
+      [--skip-e2e] [--skip-kernels] [--skip-separate] [--kinds K1,K2] [--compile-mode MODE]
+      [--e2e VARIANTS] [--e2e-layers N] [--batch1-first KERNEL] [--e2e-compare KERNEL] [--errors PATH]
 
 Prints tables and writes JSON (device, date, versions, every number) to --out.
 """
@@ -63,8 +64,8 @@ SHAPES_FUSED = [
 FUSED_FROM = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 GROUP = 128
 BITS = {"bf16": 16.0, "int4_g128": 4.0 + 32 / GROUP, "nf4_dq": 4.0 + 8 / 64 + 32 / (64 * 256)}
-ANYQUANT_KERNELS = ["cuda_gemv", "torch_int4", "gemlite", "triton_gemv", "triton_gemv2", "triton_gemm"]
-BATCH1_ONLY = ("cuda_gemv", "triton_gemv", "triton_gemv2")
+ANYQUANT_KERNELS = ["cuda_mma", "cuda_gemv", "torch_int4", "gemlite", "triton_gemv", "triton_gemv2", "triton_gemm"]
+BATCH1_ONLY = ("cuda_mma", "cuda_gemv", "triton_gemv", "triton_gemv2")
 
 
 def log(*a):
@@ -261,12 +262,19 @@ def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm"), apply=
         cuda_cfgs = [(r, u, w, cps, pdl) for (r, u) in cuda_int4.VARIANTS for w in (4, 8) for cps in (0, 1, 2, 4)
                      for pdl in (0, 1)]
         sweeps["cuda"] = (1, cuda_cfgs, cuda_int4.gemv)
+    if "mma" in which:
+        from anyquant.runtime import cuda_int4
+
+        tiles = ((1, 1), (1, 2), (1, 4), (1, 8), (1, 16), (2, 1), (2, 2), (2, 4), (4, 1), (4, 2), (8, 1))
+        mma_cfgs = [(u, rt, sk, cps, 1) for u in cuda_int4.MMA_UNROLLS for (rt, sk) in tiles for cps in (0, 1, 2)
+                    if rt * sk <= (8 if u >= 8 else 16)]
+        sweeps["mma"] = (1, mma_cfgs, cuda_int4.gemv_mma)
     dev = torch.device("cuda:0")
     for (n, k) in sorted({(n, k) for _, n, k in shapes}):
         names = [nm for nm, nn, kk in shapes if (nn, kk) == (n, k)]
         mods = [layer[nm]["int4"] for layer in layers for nm in names]
         for kname in which:
-            if kname == "cuda":
+            if kname in ("cuda", "mma"):
                 from anyquant.runtime import cuda_int4
 
                 packs = [kernels._cached(m, ("cuda_gemv", str(dev)), lambda m=m: cuda_int4.repack(m, dev)) for m in mods]
@@ -288,6 +296,19 @@ def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm"), apply=
                 out.append({"kernel": kname, "n": n, "k": k, "batch": b, "cfg": list(cfg), "us": round(us, 2), "pct_of_floor": round(pct, 1)})
                 if best is None or us < best[0]:
                     best = (us, cfg, pct)
+            if kname == "mma" and best is not None:
+                # the best configuration without programmatic dependent launch, for the record
+                cfg0 = tuple(best[1][:4]) + (0,)
+
+                def run0():
+                    for p in packs:
+                        fn(x, p, GROUP, cfg0)
+                us0 = 1e3 * graph_time_ms(run0, replays=15) / len(packs)
+                out.append({"kernel": kname, "n": n, "k": k, "batch": b, "cfg": list(cfg0), "us": round(us0, 2),
+                            "note": "best configuration, pdl off"})
+                log(f"  tune mma   n={n:5d} k={k:5d}: best {best[1]} without pdl {us0:.2f} us/matmul")
+                if apply:
+                    kernels._CUDA_MMA_CFG[(n, k)] = tuple(best[1])
             if kname == "cuda" and best is not None:
                 # against torch_int4 on the same matrices, the same way (decides the dispatch order)
                 def run_t():
@@ -452,7 +473,14 @@ def _quantize_decoder(model):
     torch.cuda.empty_cache()
 
 
-def e2e(compile_mode="default", variants=None, layers=LAYERS):
+def set_batch1_first(kernel):
+    """Put `kernel` first in the batch-1 dispatch order (None: leave it)."""
+    if kernel:
+        order = kernels._PREFERENCE[1]
+        kernels._PREFERENCE[1] = (kernel,) + tuple(k for k in order if k != kernel)
+
+
+def e2e(compile_mode="default", variants=None, layers=LAYERS, compare=None):
     """Each variant is one decode measurement (see E2E_VARIANTS); the model is changed in place
     from bf16 to int4 (decoder Linears), + lm_head, + fused q/k/v and gate/up."""
     from anyquant.runtime.fuse import fuse_projections
@@ -503,6 +531,21 @@ def e2e(compile_mode="default", variants=None, layers=LAYERS):
     torch.cuda.empty_cache()
     measure("int4_fused_with_lm_head", model, False)
     measure("int4_fused_with_lm_head_compiled", model, True)
+    if compare:
+        # the same fused model and weights with another kernel first at batch 1
+        saved = kernels._PREFERENCE[1]
+        set_batch1_first(compare)
+        res[f"chosen_kernels_batch1_{compare}"] = {
+            n: kernels.choose_kernel(m, torch.empty(1, m.in_features, device="cuda", dtype=torch.bfloat16))
+            for n, m in (("qkv_proj", layer0.self_attn.qkv_proj), ("o_proj", layer0.self_attn.o_proj),
+                         ("gate_up_proj", layer0.mlp.gate_up_proj), ("down_proj", layer0.mlp.down_proj),
+                         ("lm_head", model.lm_head))
+        }
+        for key in ("int4_fused_with_lm_head", "int4_fused_with_lm_head_compiled"):
+            if key in variants:
+                variants = tuple(variants) + (f"{key}_{compare}",)
+                measure(f"{key}_{compare}", model, key.endswith("compiled"))
+        kernels._PREFERENCE[1] = saved
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -552,15 +595,17 @@ def print_tables(result):
         log(f"End to end decode, batch 1, 128 new tokens after a 128-token prompt (static cache, CUDA graph per "
             f"step; compiled = torch.compile mode {e.get('compile_mode')!r})")
         sp, spc = e.get("speedup_vs_bf16", {}), e.get("speedup_vs_bf16_compiled", {})
-        for key in E2E_VARIANTS:
+        keys = list(E2E_VARIANTS) + [k for k in e if k.startswith("int4_fused_with_lm_head_") and k not in E2E_VARIANTS
+                                     and isinstance(e[k], dict) and "tokens_per_s" in e[k]]
+        for key in keys:
             v = e.get(key)
             if not isinstance(v, dict):
                 continue
             if "tokens_per_s" not in v:
-                log(f"  {E2E_LABELS[key]:36s} FAILED {v.get('error', '')[:100]}")
+                log(f"  {E2E_LABELS.get(key, key):36s} FAILED {v.get('error', '')[:100]}")
                 continue
             extra = f"  {sp.get(key, 0):.2f}x bf16" + (f", {spc[key]:.2f}x bf16 compiled" if key in spc else "")
-            log(f"  {E2E_LABELS[key]:36s} {v['tokens_per_s']:8.1f} tok/s{extra}")
+            log(f"  {E2E_LABELS.get(key, key):36s} {v['tokens_per_s']:8.1f} tok/s{extra}")
 
 
 def main(argv=None):
@@ -582,10 +627,15 @@ def main(argv=None):
                          "reduce-overhead)")
     ap.add_argument("--e2e", default=",".join(E2E_VARIANTS), help="comma list of end-to-end variants")
     ap.add_argument("--e2e-layers", type=int, default=LAYERS, help="decoder layers of the end-to-end model (smoke tests)")
+    ap.add_argument("--batch1-first", default=None,
+                    help="put this kernel first in the batch-1 dispatch order for the whole run (e.g. cuda_mma)")
+    ap.add_argument("--e2e-compare", default=None,
+                    help="end to end: also time the fused int4 variants with this kernel first at batch 1")
     ap.add_argument("--errors", default=None, help="JSON of measured kernel errors (tests/test_runtime_gpu.py) to include")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("speed_gpu.py needs a CUDA device")
+    set_batch1_first(args.batch1_first)
     props = torch.cuda.get_device_properties(0)
     result = {
         "device": props.name, "capability": list(torch.cuda.get_device_capability(0)),
@@ -648,13 +698,15 @@ def main(argv=None):
         del layers
         gc.collect()
         torch.cuda.empty_cache()
+    result["cuda_mma_cfg"] = {f"{n}x{k}": list(v) for (n, k), v in sorted(kernels._CUDA_MMA_CFG.items())}
+    result["batch1_order"] = list(kernels._PREFERENCE[1])
     result["cuda_gemv_tables"] = {"cfg": {f"{n}x{k}": list(v) for (n, k), v in sorted(kernels._CUDA_GEMV_CFG.items())},
                                   "preferred_over_torch_int4": sorted(f"{n}x{k}" for n, k in kernels._CUDA_GEMV_PREFERRED)}
     log(f"cuda_gemv tables: {result['cuda_gemv_tables']}")
     if args.errors and Path(args.errors).exists():
         result["correctness"] = json.loads(Path(args.errors).read_text())
     if not args.skip_e2e:
-        result["e2e"] = e2e(args.compile_mode, tuple(args.e2e.split(",")), args.e2e_layers)
+        result["e2e"] = e2e(args.compile_mode, tuple(args.e2e.split(",")), args.e2e_layers, args.e2e_compare)
     save()
     print_tables(result)
 

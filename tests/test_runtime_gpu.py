@@ -60,8 +60,8 @@ SHAPES = [
     ("qkv_proj", 6144, 4096),
     ("gate_up_proj", 28672, 4096),
 ]
-GPU_KERNELS = ["cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "torch_int4", "gemlite"]
-BATCH1_ONLY = ("cuda_gemv", "triton_gemv", "triton_gemv2")
+GPU_KERNELS = ["cuda_mma", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "torch_int4", "gemlite"]
+BATCH1_ONLY = ("cuda_mma", "cuda_gemv", "triton_gemv", "triton_gemv2")
 _MEASURED: list[dict] = []
 
 
@@ -108,7 +108,7 @@ def test_kernel_matches_dequantized_reference(modules, shape, kernel, batch):
     if not kernels.supports(kernel, m, x):
         if kernel == "gemlite" and not kernels.gemlite_installed():
             pytest.skip("gemlite is not installed")
-        if kernel == "cuda_gemv" and batch == 1 and _cuda_gemv_missing():
+        if kernel in ("cuda_gemv", "cuda_mma") and batch == 1 and _cuda_gemv_missing():
             pytest.skip(_cuda_gemv_missing())
         if kernel in BATCH1_ONLY and batch != 1:
             pytest.skip(f"{kernel} is a batch-1 kernel")
@@ -166,7 +166,7 @@ def test_fused_int4_linear_matches_its_parts():
 
 
 @_cuda
-@pytest.mark.parametrize("kernel", ["cuda_gemv", "triton_gemv", "triton_gemm", "torch_int4"])
+@pytest.mark.parametrize("kernel", ["cuda_mma", "cuda_gemv", "triton_gemv", "triton_gemm", "torch_int4"])
 def test_shape_outside_the_interleaved_layout(kernel):
     """in_features = 384 is not a multiple of 8 groups: the plain Triton kernels serve it (and
     cuda_gemv, whose lanes then read 12 chunks of 32 columns, most lanes none)."""
@@ -178,7 +178,7 @@ def test_shape_outside_the_interleaved_layout(kernel):
     for batch in (1, 5):
         if kernel in BATCH1_ONLY and batch != 1:
             continue
-        if kernel == "cuda_gemv" and _cuda_gemv_missing():
+        if kernel in ("cuda_gemv", "cuda_mma") and _cuda_gemv_missing():
             pytest.skip(_cuda_gemv_missing())
         x = torch.randn(batch, 384, device="cuda", dtype=torch.bfloat16)
         ref = F.linear(x.float(), m.dequantized_weight(torch.float32))
@@ -228,6 +228,59 @@ def test_cuda_gemv_other_groups_and_ragged_rows(k, n, group):
 
 
 @_cuda
+@pytest.mark.parametrize("k,n,group", [(4096, 300, 256), (1024, 77, 128), (14336, 1000, 128), (512, 16, 128),
+                                       (384, 40, 128), (4096, 1024, 128)])
+def test_cuda_mma_every_unroll_tiling_and_grid(k, n, group):
+    """cuda_mma's launch configurations (unroll U, row tiles RT and K-split S per CTA, one-wave and
+    one-tile-per-CTA grids, with and without dependent launch) on ragged row counts, groups 128 and
+    256, and K-splits that do not divide the 128-column blocks evenly; each output is poisoned
+    first (the caching allocator hands the NaN block to the kernel's output) and checked finite."""
+    from anyquant.runtime import cuda_int4, kernels
+    from anyquant.runtime.int4_linear import Int4Linear
+
+    if _cuda_gemv_missing():
+        pytest.skip(_cuda_gemv_missing())
+    lin = torch.nn.Linear(k, n, bias=True, device="cuda", dtype=torch.bfloat16)
+    m = Int4Linear.from_float(lin, group_size=group)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    assert kernels.supports("cuda_mma", m, x)
+    packed = kernels._cached(m, ("cuda_gemv", str(x.device)), lambda: cuda_int4.repack(m, x.device))
+    ref = F.linear(x.float(), m.dequantized_weight(torch.float32))
+    cfgs = [kernels._CUDA_MMA_DEFAULT] + [
+        (u, rt, s, cps, pdl) for u in cuda_int4.MMA_UNROLLS
+        for (rt, s, cps, pdl) in ((1, 1, 0, 0), (1, 3, 1, 1), (2, 4, 0, 1), (4, 2, 2, 1), (1, 16, 1, 0), (8, 1, 1, 1))
+        if rt * s <= (8 if u >= 8 else 16)]
+    for cfg in cfgs:
+        x = torch.randn_like(x)
+        ref = F.linear(x.float(), m.dequantized_weight(torch.float32))
+        poison = torch.full((1, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        del poison
+        y = cuda_int4.gemv_mma(x, packed, group, cfg)
+        assert torch.isfinite(y).all(), cfg
+        err = _rel(ref, y)
+        _MEASURED.append({"shape": f"{n}x{k} g{group}", "kernel": "cuda_mma", "cfg": list(cfg), "batch": 1,
+                          "rel_err": err})
+        assert err < RELATIVE_BOUND, (cfg, err)
+    y = kernels.int4_linear_forward(m, x, kernel="cuda_mma")
+    assert _rel(F.linear(x.float(), m.dequantized_weight(torch.float32), m.bias.float()), y) < 4e-3
+
+
+@_cuda
+def test_cuda_mma_declines_what_it_cannot_run():
+    from anyquant.runtime import kernels
+    from anyquant.runtime.int4_linear import Int4Linear
+
+    m64 = Int4Linear.from_float(torch.nn.Linear(256, 64, bias=False, device="cuda", dtype=torch.bfloat16), 64)
+    m96 = Int4Linear.from_float(torch.nn.Linear(288, 64, bias=False, device="cuda", dtype=torch.bfloat16), 96)
+    m = Int4Linear.from_float(torch.nn.Linear(256, 64, bias=False, device="cuda", dtype=torch.bfloat16), 128)
+    x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+    assert not kernels.supports("cuda_mma", m64, x)                        # group 64
+    assert not kernels.supports("cuda_mma", m96, torch.randn(1, 288, device="cuda", dtype=torch.bfloat16))
+    assert not kernels.supports("cuda_mma", m, x.repeat(2, 1))             # batch 2
+    assert not kernels.supports("cuda_mma", m, x.half())                   # fp16 activations
+
+
+@_cuda
 def test_cuda_gemv_declines_what_it_cannot_run():
     from anyquant.runtime import kernels
     from anyquant.runtime.int4_linear import Int4Linear
@@ -251,6 +304,7 @@ def test_cuda_gemv_is_not_built_at_import_and_declines_cpu():
     m = Int4Linear.from_float(torch.nn.Linear(256, 64, bias=False), group_size=128)
     x = torch.randn(1, 256)
     assert not kernels.supports("cuda_gemv", m, x)
+    assert not kernels.supports("cuda_mma", m, x)
     assert kernels.choose_kernel(m, x) == "reference"
     assert cuda_int4._build.cache_info().currsize == built_before
     if not torch.cuda.is_available():

@@ -1,4 +1,8 @@
-"""`cuda_gemv`: anyquant's batch-1 int4 GEMV in CUDA C++ (runtime/cuda_int4_gemv.cu).
+"""`cuda_gemv` and `cuda_mma`: anyquant's batch-1 int4 GEMVs in CUDA C++ (runtime/cuda_int4_gemv.cu).
+
+`cuda_gemv` dequantizes with fp32 FMAs (any group that is a multiple of 32); `cuda_mma` turns two
+nibbles into a bf16x2 register with one LOP3 and multiplies on the tensor cores (mma.sync
+m16n8k16, fp32 accumulation; groups that are multiples of 128). Both read the same buffers.
 
 Built with `torch.utils.cpp_extension.load_inline` the first time it is needed on a CUDA
 device where nvcc is present (never at import); torch caches the build under its extensions
@@ -35,6 +39,9 @@ _CPP = r"""
 const char* anyquant_int4_gemv_launch(const void* x, const void* w, const void* meta, void* y, int N, int K, int G,
                                       int chunks_per_group, int R, int U, int warps, int ctas_per_sm, int pdl,
                                       void* stream);
+const char* anyquant_int4_mma_launch(const void* x, const void* w, const void* meta, void* y, int N, int K, int G,
+                                     int blocks_per_group, int U, int RT, int S, int ctas_per_sm, int pdl,
+                                     void* stream);
 
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor meta, int64_t group, int64_t R, int64_t U,
                    int64_t warps, int64_t ctas_per_sm, int64_t pdl) {
@@ -56,6 +63,27 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor meta, int64_t
   TORCH_CHECK(err == nullptr, "cuda_gemv launch failed: ", err ? err : "");
   return y;
 }
+
+torch::Tensor gemv_mma(torch::Tensor x, torch::Tensor w, torch::Tensor meta, int64_t group, int64_t U, int64_t RT,
+                       int64_t S, int64_t ctas_per_sm, int64_t pdl) {
+  TORCH_CHECK(x.is_cuda() && w.is_cuda() && meta.is_cuda(), "cuda_mma: CUDA tensors expected");
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "cuda_mma: bfloat16 activations expected");
+  TORCH_CHECK(w.scalar_type() == torch::kInt32 && meta.scalar_type() == torch::kInt32, "cuda_mma: int32 buffers");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && meta.is_contiguous(), "cuda_mma: contiguous tensors");
+  const int64_t K = x.size(-1), N = w.size(0);
+  TORCH_CHECK(x.numel() == K, "cuda_mma: batch 1 only");
+  TORCH_CHECK(K % 128 == 0 && w.size(1) * 8 == K && group % 128 == 0 && K % group == 0, "cuda_mma: shape");
+  TORCH_CHECK(meta.size(0) == N && meta.size(1) == K / group, "cuda_mma: metadata shape");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
+              "cuda_mma: 16-byte aligned x and weights expected");
+  c10::cuda::CUDAGuard guard(x.device());
+  auto y = torch::empty({1, N}, x.options());
+  const char* err = anyquant_int4_mma_launch(x.data_ptr(), w.data_ptr(), meta.data_ptr(), y.data_ptr(), (int)N, (int)K,
+                                             (int)(K / group), (int)(group / 128), (int)U, (int)RT, (int)S,
+                                             (int)ctas_per_sm, (int)pdl, (void*)c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == nullptr, "cuda_mma launch failed: ", err ? err : "");
+  return y;
+}
 """
 
 # Compiled (rows per warp R, chunks per step U) variants; see the .cu file. A launch
@@ -65,6 +93,13 @@ MAX_K = 48 * 1024  # x is staged as fp32 in shared memory: 4 K bytes per CTA (<=
 SUPPORTED_GROUPS = (32, 64, 96, 128, 160, 192, 224, 256)
 
 _failed: str | None = None
+
+
+# cuda_mma (the tensor-core GEMV in the same .cu file): compiled unrolls U (128-column blocks per
+# warp step); a launch configuration is (U, RT row tiles of 16 rows per CTA, S warps along K per
+# CTA, CTAs per multiprocessor (0: one CTA per CTA tile), programmatic dependent launch).
+MMA_UNROLLS = (1, 2, 4, 8)
+MMA_MAX_K = 64 * 1024  # x staged as bf16: 2 K bytes + K / 16 per CTA
 
 
 def nvcc_path() -> str | None:
@@ -88,7 +123,7 @@ def _build(arch: str):
         name=f"anyquant_cuda_int4_{digest}_sm{arch}",
         cpp_sources=[_CPP],
         cuda_sources=[cu],
-        functions=["gemv"],
+        functions=["gemv", "gemv_mma"],
         extra_cflags=["-O3"],
         extra_cuda_cflags=["-O3", gencode, "-std=c++17"],
         verbose=os.environ.get("ANYQUANT_VERBOSE_BUILD") == "1",
@@ -124,6 +159,10 @@ def shape_ok(in_features: int, group_size: int) -> bool:
     return in_features % 32 == 0 and group_size in SUPPORTED_GROUPS and in_features <= MAX_K
 
 
+def mma_shape_ok(in_features: int, group_size: int) -> bool:
+    return in_features % 128 == 0 and group_size % 128 == 0 and in_features <= MMA_MAX_K
+
+
 def repack(module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, metadata) for the kernel: the saved packed weights (no copy when already on
     the device and contiguous) and uint32 [N, K/g] = float32 bits of the scale | zu."""
@@ -149,3 +188,16 @@ def gemv(x2: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], group_size
     if pdl and torch.cuda.get_device_capability(x2.device) < (9, 0):
         pdl = 0
     return module_for(x2.device).gemv(x2, w, meta, group_size, r, u, warps, cps, pdl)
+
+
+def gemv_mma(x2: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], group_size: int,
+             cfg: tuple[int, int, int, int, int]) -> torch.Tensor:
+    """y [1, N] = x2 [1, K] @ W^T on the tensor cores; cfg = (U, RT, S, CTAs per SM, pdl).
+    Same packed buffers as `gemv` (`repack`)."""
+    w, meta = packed
+    if not x2.is_contiguous() or x2.data_ptr() % 16:
+        x2 = x2.contiguous().clone()
+    u, rt, s, cps, pdl = cfg
+    if pdl and torch.cuda.get_device_capability(x2.device) < (9, 0):
+        pdl = 0
+    return module_for(x2.device).gemv_mma(x2, w, meta, group_size, u, rt, s, cps, pdl)

@@ -285,3 +285,338 @@ const char* anyquant_int4_gemv_launch(const void* x, const void* w, const void* 
   if (e == cudaSuccess) e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
+
+// ============================================================================================
+// cuda_mma: batch-1 int4 GEMV on the tensor cores (mma.sync m16n8k16, bf16 in, fp32 out), for
+// groups that are a multiple of 128 and K % 128 == 0. Same inputs as gemv_kernel (the saved
+// packed weights as they are, the scale|zu metadata).
+//
+// Dequantization: two nibbles (columns c and c + 4 of a word) become one bf16x2 register with one
+// LOP3: (w' & mask) | 0x43004300 = (128 + u * 2^p, ...) where w' = w >> {0, 1, 8, 9} puts nibble
+// j at bit p = 0 (j even) or 3 (j odd) of each 16-bit half: 128 + u or 128 + 8u, exact in bf16.
+// So a weight costs 7/16 integer instructions (3 shifts + 4 LOP3 per word of one row) and 1/8 of
+// an mma per lane, against 3 in gemv_kernel. The offset and the 8 are folded into x instead:
+// x for odd nibbles is stored divided by 8 (exact), so the mma sums u * x + o * x over the 16
+// columns of a k-step with o = 128 (even) or 16 (odd); per 128-column block b the x-only terms
+// A_b = 128 * sum of the stored x' and B_b = sum of x are computed once per CTA, and
+//   sum_k (u_k - zu) x_k = C - A_b - zu * B_b          (fp32; C = the mma's sum over the block)
+//   y[n] += s[n, group(b)] * (C - A_b - zu * B_b)
+// The cancellation of A_b costs about 5 of fp32's 24 bits (A_b is about 30 times the result),
+// far under the output's bf16 rounding.
+//
+// Work split: a warp owns a 16-row tile (mma rows: lane l = 4g + t holds rows g and g + 8) and
+// a range of 128-column blocks; lane t of each row group reads 16-byte chunk 4b + t of its two
+// rows (so the 4 lanes of a row read 64 contiguous bytes per block and the block's 128 columns
+// are one group). The B operand (x) is the same for all 8 mma columns: every output column
+// holds the same sum, and lanes t = 0 keep columns 0. A CTA has RT x S warps: RT row tiles,
+// each split over S warps along K (split-K inside the CTA, partial sums added through shared
+// memory, no atomics); CTAs loop over CTA tiles (a one-wave grid when ctas_per_sm > 0).
+// x is staged per CTA in shared memory in the order the lanes read it (one 16-byte load per
+// lane, word and k-step: (x0, x4), (x1/8, x5/8), (x2, x6), (x3/8, x7/8)).
+// ============================================================================================
+
+namespace anyquant_int4_mma {
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+// (a & 0x000F000F) | 0x43004300
+__device__ __forceinline__ uint32_t lo_nib(uint32_t a) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(r) : "r"(a));
+  return r;
+}
+// (a & 0x00780078) | 0x43004300
+__device__ __forceinline__ uint32_t hi_nib(uint32_t a) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, 0x00780078, 0x43004300, 0xEA;" : "=r"(r) : "r"(a));
+  return r;
+}
+
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void grid_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+struct Args {
+  const __nv_bfloat16* x;
+  const uint4* w;
+  const uint32_t* meta;
+  __nv_bfloat16* y;
+  int N, K, G, bpg, RT, S;
+};
+
+// Loads of block k (steps k*U .. k*U+U-1 of this warp's block range) of CTA tile T.
+template <int U>
+__device__ __forceinline__ void load_steps(uint4 (&wv)[U][2], uint32_t (&mv)[U][2], const Args& a, int T, int k,
+                                           int rt, int g, int t, int b_begin, int nsteps, int C) {
+  const int r0 = min((T * a.RT + rt) * 16 + g, a.N - 1);
+  const int r1 = min((T * a.RT + rt) * 16 + g + 8, a.N - 1);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int i = k * U + u;
+    if (i < nsteps) {
+      const int b = b_begin + i;
+      wv[u][0] = ld_stream(a.w + (size_t)r0 * C + 4 * b + t);
+      wv[u][1] = ld_stream(a.w + (size_t)r1 * C + 4 * b + t);
+      const int grp = b / a.bpg;
+      mv[u][0] = __ldg(a.meta + (size_t)r0 * a.G + grp);
+      mv[u][1] = __ldg(a.meta + (size_t)r1 * a.G + grp);
+    }
+  }
+}
+
+template <int U>
+__device__ __forceinline__ void compute_steps(const uint4 (&wv)[U][2], const uint32_t (&mv)[U][2],
+                                              const uint4* __restrict__ xs, const float2* __restrict__ xab,
+                                              float& acc0, float& acc1, int k, int t, int b_begin, int nsteps) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int i = k * U + u;
+    if (i < nsteps) {
+      const int b = b_begin + i;
+      float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      const uint32_t w0[4] = {wv[u][0].x, wv[u][0].y, wv[u][0].z, wv[u][0].w};
+      const uint32_t w1[4] = {wv[u][1].x, wv[u][1].y, wv[u][1].z, wv[u][1].w};
+#pragma unroll
+      for (int wi = 0; wi < 4; ++wi) {
+        const uint4 xb = xs[(b * 4 + wi) * 4 + t];
+        const uint32_t p = w0[wi], q = w1[wi];
+        const uint32_t p1 = p >> 1, q1 = q >> 1, p8 = p >> 8, q8 = q >> 8, p9 = p >> 9, q9 = q >> 9;
+        mma16816(d, lo_nib(p), lo_nib(q), hi_nib(p1), hi_nib(q1), xb.x, xb.y);
+        mma16816(d, lo_nib(p8), lo_nib(q8), hi_nib(p9), hi_nib(q9), xb.z, xb.w);
+      }
+      const float2 ab = xab[b];
+      const uint32_t m0 = mv[u][0], m1 = mv[u][1];
+      const float s0 = __uint_as_float(m0 & 0xFFFFFFF0u), s1 = __uint_as_float(m1 & 0xFFFFFFF0u);
+      const float z0 = __uint_as_float((m0 & 0xFu) | 0x4B000000u) - 8388608.0f;
+      const float z1 = __uint_as_float((m1 & 0xFu) | 0x4B000000u) - 8388608.0f;
+      acc0 = fmaf(s0, fmaf(-z0, ab.y, d[0] - ab.x), acc0);
+      acc1 = fmaf(s1, fmaf(-z1, ab.y, d[2] - ab.x), acc1);
+    }
+  }
+}
+
+__device__ __forceinline__ void cta_barrier() { asm volatile("bar.sync 1, %0;" ::"r"(blockDim.x) : "memory"); }
+
+// End of a CTA tile for this warp: write its rows (S == 1) or its partial sums, then (S > 1)
+// one barrier and the partial sums added by the first 16 * RT threads.
+__device__ __forceinline__ void finish_tile(const Args& a, float* red, int& parity, float& acc0, float& acc1, int T,
+                                            int rt, int s, int g, int t) {
+  if (a.S == 1) {
+    if (t == 0) {
+      const int r0 = (T * a.RT + rt) * 16 + g;
+      if (r0 < a.N) a.y[r0] = __float2bfloat16_rn(acc0);
+      if (r0 + 8 < a.N) a.y[r0 + 8] = __float2bfloat16_rn(acc1);
+    }
+  } else {
+    float* rb = red + parity * (a.RT * a.S * 16);
+    if (t == 0) {
+      rb[(rt * a.S + s) * 16 + g] = acc0;
+      rb[(rt * a.S + s) * 16 + g + 8] = acc1;
+    }
+    cta_barrier();
+    for (int i = threadIdx.x; i < a.RT * 16; i += blockDim.x) {
+      const int rr = i >> 4, r = i & 15;
+      float v = 0.0f;
+      for (int ss = 0; ss < a.S; ++ss) v += rb[(rr * a.S + ss) * 16 + r];
+      const int row = (T * a.RT + rr) * 16 + r;
+      if (row < a.N) a.y[row] = __float2bfloat16_rn(v);
+    }
+    parity ^= 1;
+  }
+  acc0 = 0.0f;
+  acc1 = 0.0f;
+}
+
+template <int U>
+__global__ void __launch_bounds__(U >= 8 ? 256 : 512) gemv_mma_kernel(const Args a) {
+  extern __shared__ uint4 smem[];
+  const int NB = a.K >> 7;  // 128-column blocks
+  uint4* xs = smem;                                          // NB * 16 x 16 bytes
+  float2* xab = reinterpret_cast<float2*>(smem + NB * 16);  // NB x (A_b, B_b)
+  float* red = reinterpret_cast<float*>(xab + NB);          // 2 x RT x S x 16 (S > 1)
+  const int C = a.K >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int rt = warp / a.S, s = warp - rt * a.S;
+  const int b_begin = s * NB / a.S, nsteps = (s + 1) * NB / a.S - b_begin;
+  const int nblk = (nsteps + U - 1) / U;
+  const int ntiles = (a.N + 16 * a.RT - 1) / (16 * a.RT);
+
+  uint4 wa[U][2], wb[U][2];
+  uint32_t ma[U][2], mb[U][2];
+  int T0 = blockIdx.x, k0 = 0;
+  if (T0 < ntiles) load_steps<U>(wa, ma, a, T0, 0, rt, g, t, b_begin, nsteps, C);
+
+  grid_dependency_wait();
+  {
+    // stage x: item i = (b, wi, t) = 16 b + 4 wi + t covers columns 128 b + 32 t + 8 wi .. + 7
+    const uint4* x4 = reinterpret_cast<const uint4*>(a.x);
+    const int items = NB * 16;
+    for (int i0 = 0; i0 < items; i0 += blockDim.x) {
+      const int i = i0 + threadIdx.x;
+      float pa = 0.0f, pb = 0.0f;
+      if (i < items) {
+        const int b = i >> 4, wi = (i >> 2) & 3, tt = i & 3;
+        const uint4 raw = __ldg(x4 + b * 16 + tt * 4 + wi);
+        float f[8];
+        f[0] = __uint_as_float(raw.x << 16);
+        f[1] = __uint_as_float(raw.x & 0xFFFF0000u);
+        f[2] = __uint_as_float(raw.y << 16);
+        f[3] = __uint_as_float(raw.y & 0xFFFF0000u);
+        f[4] = __uint_as_float(raw.z << 16);
+        f[5] = __uint_as_float(raw.z & 0xFFFF0000u);
+        f[6] = __uint_as_float(raw.w << 16);
+        f[7] = __uint_as_float(raw.w & 0xFFFF0000u);
+        // odd columns divided by 8: exact (a power of two), and bf16 keeps the exponent range
+        const float o1 = f[1] * 0.125f, o5 = f[5] * 0.125f, o3 = f[3] * 0.125f, o7 = f[7] * 0.125f;
+        uint4 out;
+        out.x = __byte_perm(raw.x, raw.z, 0x5410);
+        out.y = (__float_as_uint(o1) >> 16) | (__float_as_uint(o5) & 0xFFFF0000u);
+        out.z = __byte_perm(raw.y, raw.w, 0x5410);
+        out.w = (__float_as_uint(o3) >> 16) | (__float_as_uint(o7) & 0xFFFF0000u);
+        xs[i] = out;
+        pa = 128.0f * (((f[0] + f[4]) + (f[2] + f[6])) + ((o1 + o5) + (o3 + o7)));
+        pb = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
+      }
+#pragma unroll
+      for (int off = 8; off > 0; off >>= 1) {
+        pa += __shfl_xor_sync(0xFFFFFFFFu, pa, off);
+        pb += __shfl_xor_sync(0xFFFFFFFFu, pb, off);
+      }
+      if (i < items && (i & 15) == 0) xab[i >> 4] = make_float2(pa, pb);
+    }
+  }
+  __syncthreads();
+  grid_launch_dependents();
+  if (T0 >= ntiles) return;  // the whole CTA
+
+  float acc0 = 0.0f, acc1 = 0.0f;
+  int parity = 0;
+  while (true) {
+    int T1 = T0, k1 = k0 + 1;
+    if (k1 == nblk) { k1 = 0; T1 += gridDim.x; }
+    if (T1 < ntiles) load_steps<U>(wb, mb, a, T1, k1, rt, g, t, b_begin, nsteps, C);
+    compute_steps<U>(wa, ma, xs, xab, acc0, acc1, k0, t, b_begin, nsteps);
+    if (k0 == nblk - 1) finish_tile(a, red, parity, acc0, acc1, T0, rt, s, g, t);
+    if (T1 >= ntiles) break;
+    int T2 = T1, k2 = k1 + 1;
+    if (k2 == nblk) { k2 = 0; T2 += gridDim.x; }
+    if (T2 < ntiles) load_steps<U>(wa, ma, a, T2, k2, rt, g, t, b_begin, nsteps, C);
+    compute_steps<U>(wb, mb, xs, xab, acc0, acc1, k1, t, b_begin, nsteps);
+    if (k1 == nblk - 1) finish_tile(a, red, parity, acc0, acc1, T1, rt, s, g, t);
+    if (T2 >= ntiles) break;
+    T0 = T2;
+    k0 = k2;
+  }
+}
+
+typedef void (*MmaKernelFn)(const Args);
+
+#define ANYQUANT_MMA_VARIANTS(X) X(1) X(2) X(4) X(8)
+
+static MmaKernelFn pick(int U) {
+#define ANYQUANT_PICK(u) \
+  if (U == u) return gemv_mma_kernel<u>;
+  ANYQUANT_MMA_VARIANTS(ANYQUANT_PICK)
+#undef ANYQUANT_PICK
+  return nullptr;
+}
+
+}  // namespace anyquant_int4_mma
+
+// Returns nullptr on success, else an error message. U: 128-column blocks per step and warp
+// (loads of the next U in flight); RT row tiles of 16 rows and S warps along K per CTA (RT * S
+// <= 16 warps); ctas_per_sm > 0: a grid of at most that many CTAs per multiprocessor (capped by
+// occupancy) looping over CTA tiles; 0: one CTA per tile.
+const char* anyquant_int4_mma_launch(const void* x, const void* w, const void* meta, void* y, int N, int K, int G,
+                                     int blocks_per_group, int U, int RT, int S, int ctas_per_sm, int pdl,
+                                     void* stream) {
+  using namespace anyquant_int4_mma;
+  MmaKernelFn fn = pick(U);
+  if (!fn) return "anyquant cuda_mma: no compiled variant for this unroll";
+  const int NB = K / 128;
+  if (K % 128 || NB < 1) return "anyquant cuda_mma: K must be a multiple of 128";
+  if (S < 1 || RT < 1 || RT * S > (U >= 8 ? 8 : 16)) return "anyquant cuda_mma: need 1 <= RT * S <= 16 warps (8 for U = 8)";
+  if (S > NB) S = NB;
+  const int warps = RT * S;
+  const int smem = NB * 256 + NB * 8 + (S > 1 ? 2 * RT * S * 16 * 4 : 0);
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev >= 16) return "anyquant cuda_mma: device index >= 16";
+  static int smem_set[16][9];
+  static int sms[16];
+  static int occ[16][9][17];
+  static int occ_smem[16][9][17];
+  if (smem > 48 * 1024 && smem > smem_set[dev][U]) {
+    cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return cudaGetErrorString(e);
+    smem_set[dev][U] = smem;
+  }
+  if (!sms[dev]) {
+    cudaError_t e = cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev);
+    if (e != cudaSuccess) return cudaGetErrorString(e);
+  }
+  if (occ_smem[dev][U][warps] != smem) {
+    int nb = 0;
+    cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, fn, 32 * warps, smem);
+    if (e != cudaSuccess) return cudaGetErrorString(e);
+    if (nb < 1) return "anyquant cuda_mma: no block fits on a multiprocessor";
+    occ[dev][U][warps] = nb;
+    occ_smem[dev][U][warps] = smem;
+  }
+  const long ntiles = (N + 16L * RT - 1) / (16L * RT);
+  long grid = ntiles;
+  if (ctas_per_sm > 0) {
+    const int per_sm = ctas_per_sm < occ[dev][U][warps] ? ctas_per_sm : occ[dev][U][warps];
+    const long maxg = (long)sms[dev] * per_sm;
+    const long per_cta = (ntiles + maxg - 1) / maxg;  // tiles per CTA, then as few CTAs as that needs
+    grid = (ntiles + per_cta - 1) / per_cta;
+  }
+  Args args;
+  args.x = (const __nv_bfloat16*)x;
+  args.w = (const uint4*)w;
+  args.meta = (const uint32_t*)meta;
+  args.y = (__nv_bfloat16*)y;
+  args.N = N;
+  args.K = K;
+  args.G = G;
+  args.bpg = blocks_per_group;
+  args.RT = RT;
+  args.S = S;
+
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)grid);
+  cfg.blockDim = dim3(32 * warps);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = (cudaStream_t)stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  cudaError_t e = cudaLaunchKernelEx(&cfg, fn, args);
+  if (e == cudaSuccess) e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}

@@ -3,6 +3,9 @@
 On CPU the reference path runs: dequantize to the activation dtype, then one matmul.
 On a CUDA device (compute capability 8.0 or newer) one of these runs:
 
+  cuda_mma     our CUDA C++ tensor-core GEMV (same file and build as cuda_gemv), batch 1, bf16,
+               groups that are multiples of 128: LOP3 nibble -> bf16x2, mma.sync m16n8k16 with fp32
+               accumulation, exact integer zero points (folded into per-block sums of x)
   cuda_gemv    our CUDA C++ GEMV (runtime/cuda_int4.py, cuda_int4_gemv.cu), batch 1, bf16: built
                with load_inline at first use where nvcc is present; reads the saved packed
                weights as they are, fp32 accumulation, exact integer zero points
@@ -29,7 +32,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("reference", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "torch_int4", "gemlite")
+KERNELS = ("reference", "cuda_mma", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "torch_int4", "gemlite")
 
 # Measured order of preference on sm_90 (H100), per batch-size bucket; see the module doc.
 # Buckets: 1, 2..16, 17+. Every GPU kernel also needs compute capability >= 8.0.
@@ -46,7 +49,7 @@ KERNELS = ("reference", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm
 #             torch_int4          7.9         21.3         34.8          66.6         129.9          67.9
 #             bf16 (cuBLAS)       8.3         16.5         21.3          42.5          83.0          45.2
 _PREFERENCE = {
-    1: ("torch_int4", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "gemlite"),
+    1: ("torch_int4", "cuda_mma", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "gemlite"),
     16: ("triton_gemm", "gemlite", "torch_int4"),
     None: ("triton_gemm", "gemlite", "torch_int4"),
 }
@@ -90,6 +93,16 @@ _CUDA_GEMV_DEFAULT = (1, 4, 8, 2, 1)
 # 2026-11-24), so dispatch keeps torch_int4 first. The measured set was
 #   {(1024, 4096), (4096, 4096), (6144, 4096), (14336, 4096), (28672, 4096)}.
 _CUDA_GEMV_PREFERRED: set[tuple[int, int]] = set()
+# cuda_mma: (U blocks of 128 columns per warp step, RT row tiles of 16 rows per CTA, S warps along
+# K per CTA, CTAs per multiprocessor (0: one CTA per tile), programmatic dependent launch).
+# Best of `speed_gpu.py --tune mma` on an H100 (2026-11-25), us per matmul (32 or 64 matrices of the
+# shape in one CUDA graph): (1024, 4096) 2.88; (4096, 4096) 5.74; (6144, 4096) 8.54;
+# (14336, 4096) 15.62; (28672, 4096) 28.58; (4096, 14336) 15.63.
+_CUDA_MMA_CFG: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
+    (1024, 4096): (4, 1, 16, 0, 1), (4096, 4096): (1, 1, 16, 2, 1), (6144, 4096): (8, 2, 4, 0, 1),
+    (14336, 4096): (1, 1, 8, 0, 1), (28672, 4096): (1, 1, 16, 2, 1), (4096, 14336): (1, 1, 16, 0, 1),
+}
+_CUDA_MMA_DEFAULT = (1, 1, 16, 2, 1)
 _GEMV_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {
     (1024, 4096): (2, 1024, 4, 3), (4096, 4096): (8, 1024, 4, 3),
     (4096, 14336): (8, 1024, 4, 3), (14336, 4096): (16, 1024, 4, 1),
@@ -140,6 +153,11 @@ def supports(name: str, module, x: torch.Tensor) -> bool:
         return False
     k, n, g = module.in_features, module.out_features, module.group_size
     batch = x.numel() // x.shape[-1]
+    if name == "cuda_mma":
+        from anyquant.runtime import cuda_int4
+
+        return (batch == 1 and x.dtype == torch.bfloat16 and cuda_int4.mma_shape_ok(k, g)
+                and _capability(x.device.index or 0) >= (8, 0) and cuda_int4.available(x.device))
     if name == "cuda_gemv":
         from anyquant.runtime import cuda_int4
 
@@ -239,6 +257,14 @@ def _run_cuda_gemv(module, x2):
     return cuda_int4.gemv(x2, packed, module.group_size, cfg)
 
 
+def _run_cuda_mma(module, x2):
+    from anyquant.runtime import cuda_int4
+
+    packed = _cached(module, ("cuda_gemv", str(x2.device)), lambda: cuda_int4.repack(module, x2.device))
+    cfg = _CUDA_MMA_CFG.get((module.out_features, module.in_features), _CUDA_MMA_DEFAULT)
+    return cuda_int4.gemv_mma(x2, packed, module.group_size, cfg)
+
+
 def _run_triton_gemv(module, x2):
     from anyquant.runtime import triton_int4
 
@@ -284,6 +310,7 @@ def _run_gemlite(module, x2):
 
 
 _RUN = {
+    "cuda_mma": _run_cuda_mma,
     "cuda_gemv": _run_cuda_gemv,
     "triton_gemv": _run_triton_gemv,
     "triton_gemv2": _run_triton_gemv2,
