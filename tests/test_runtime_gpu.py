@@ -46,6 +46,9 @@ RELATIVE_BOUND = 2.5e-3
 # torch_int4 rounds its float zero points to bf16: measured up to 2.3e-3 (Llama shapes) and
 # 2.5e-3 (in_features 384).
 BOUNDS = {("gemlite", 1): 6e-2, ("gemlite", 16): 1e-2, ("torch_int4", 1): 4e-3, ("torch_int4", 16): 4e-3}
+# Where a bias is added to a kernel's bf16 output in bf16 (cuda_mma, cuda_gemv): two roundings,
+# measured up to 2.6e-3 (cuda_gemv, 2026-11-24).
+BIAS_BOUND = 4e-3
 
 # (name, out_features, in_features) of one Llama-3-8B decoder layer's Linears.
 SHAPES = [
@@ -142,7 +145,7 @@ def test_dispatch_and_bias_and_3d_input():
         y = m(x)
         ref = F.linear(x.float(), m.dequantized_weight(torch.float32), m.bias.float())
         assert y.shape == (*shape[:-1], 256)
-        assert _rel(ref, y) < BOUNDS.get((name, 16), RELATIVE_BOUND), (shape, name)
+        assert _rel(ref, y) < max(BOUNDS.get((name, 16), RELATIVE_BOUND), BIAS_BOUND), (shape, name)
     assert any(k[0] == "triton" for k in m._kernel_cache)
 
 
@@ -162,7 +165,7 @@ def test_fused_int4_linear_matches_its_parts():
         x = torch.randn(batch, 1024, device="cuda", dtype=torch.bfloat16)
         ref = F.linear(x.float(), ref_w, torch.cat([p.bias.float() for p in parts]))
         y = fused(x)
-        assert _rel(ref, y) < BOUNDS.get((kernels.choose_kernel(fused, x), batch), RELATIVE_BOUND)
+        assert _rel(ref, y) < max(BOUNDS.get((kernels.choose_kernel(fused, x), batch), RELATIVE_BOUND), BIAS_BOUND)
 
 
 @_cuda
@@ -231,7 +234,8 @@ def test_cuda_gemv_other_groups_and_ragged_rows(k, n, group):
 @pytest.mark.parametrize("k,n,group", [(4096, 300, 256), (1024, 77, 128), (14336, 1000, 128), (512, 16, 128),
                                        (384, 40, 128), (4096, 1024, 128)])
 def test_cuda_mma_every_unroll_tiling_and_grid(k, n, group):
-    """cuda_mma's launch configurations (unroll U, row tiles RT and K-split S per CTA, one-wave and
+    """cuda_mma's launch configurations (register and cp.async pipelines and their depths, row
+    tiles RT and K-split S per CTA, one-wave and
     one-tile-per-CTA grids, with and without dependent launch) on ragged row counts, groups 128 and
     256, and K-splits that do not divide the 128-column blocks evenly; each output is poisoned
     first (the caching allocator hands the NaN block to the kernel's output) and checked finite."""
@@ -247,9 +251,11 @@ def test_cuda_mma_every_unroll_tiling_and_grid(k, n, group):
     packed = kernels._cached(m, ("cuda_gemv", str(x.device)), lambda: cuda_int4.repack(m, x.device))
     ref = F.linear(x.float(), m.dequantized_weight(torch.float32))
     cfgs = [kernels._CUDA_MMA_DEFAULT] + [
-        (u, rt, s, cps, pdl) for u in cuda_int4.MMA_UNROLLS
+        (0, u, rt, s, cps, pdl) for u in cuda_int4.MMA_UNROLLS
         for (rt, s, cps, pdl) in ((1, 1, 0, 0), (1, 3, 1, 1), (2, 4, 0, 1), (4, 2, 2, 1), (1, 16, 1, 0), (8, 1, 1, 1))
-        if rt * s <= (8 if u >= 8 else 16)]
+        if rt * s <= (8 if u >= 8 else 16)] + [
+        (1, p, rt, s, cps, pdl) for p in cuda_int4.MMA_STAGES
+        for (rt, s, cps, pdl) in ((1, 1, 0, 0), (1, 3, 1, 1), (2, 4, 0, 1), (4, 2, 2, 1), (1, 8, 1, 0), (8, 1, 1, 1))]
     for cfg in cfgs:
         x = torch.randn_like(x)
         ref = F.linear(x.float(), m.dequantized_weight(torch.float32))
@@ -260,7 +266,10 @@ def test_cuda_mma_every_unroll_tiling_and_grid(k, n, group):
         err = _rel(ref, y)
         _MEASURED.append({"shape": f"{n}x{k} g{group}", "kernel": "cuda_mma", "cfg": list(cfg), "batch": 1,
                           "rel_err": err})
-        assert err < RELATIVE_BOUND, (cfg, err)
+        # with few outputs the norm does not average the bf16 rounding of the output (up to 2^-8
+        # relative per element): 16 outputs measured up to 2.51e-3 (H100, 2026-11-25) where the
+        # 9 Llama shapes measure 1.66e-3 to 1.70e-3, like every fp32-accumulating kernel here
+        assert err < (RELATIVE_BOUND if n >= 64 else 4.5e-3), (cfg, err)
     y = kernels.int4_linear_forward(m, x, kernel="cuda_mma")
     assert _rel(F.linear(x.float(), m.dequantized_weight(torch.float32), m.bias.float()), y) < 4e-3
 
@@ -272,6 +281,8 @@ def test_cuda_mma_declines_what_it_cannot_run():
 
     m64 = Int4Linear.from_float(torch.nn.Linear(256, 64, bias=False, device="cuda", dtype=torch.bfloat16), 64)
     m96 = Int4Linear.from_float(torch.nn.Linear(288, 64, bias=False, device="cuda", dtype=torch.bfloat16), 96)
+    m384 = Int4Linear.from_float(torch.nn.Linear(768, 64, bias=False, device="cuda", dtype=torch.bfloat16), 384)
+    assert not kernels.supports("cuda_mma", m384, torch.randn(1, 768, device="cuda", dtype=torch.bfloat16))
     m = Int4Linear.from_float(torch.nn.Linear(256, 64, bias=False, device="cuda", dtype=torch.bfloat16), 128)
     x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
     assert not kernels.supports("cuda_mma", m64, x)                        # group 64

@@ -40,8 +40,8 @@ const char* anyquant_int4_gemv_launch(const void* x, const void* w, const void* 
                                       int chunks_per_group, int R, int U, int warps, int ctas_per_sm, int pdl,
                                       void* stream);
 const char* anyquant_int4_mma_launch(const void* x, const void* w, const void* meta, void* y, int N, int K, int G,
-                                     int blocks_per_group, int U, int RT, int S, int ctas_per_sm, int pdl,
-                                     void* stream);
+                                     int blocks_per_group, int pipe, int depth, int RT, int S, int ctas_per_sm,
+                                     int pdl, void* stream);
 
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor meta, int64_t group, int64_t R, int64_t U,
                    int64_t warps, int64_t ctas_per_sm, int64_t pdl) {
@@ -64,8 +64,8 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor meta, int64_t
   return y;
 }
 
-torch::Tensor gemv_mma(torch::Tensor x, torch::Tensor w, torch::Tensor meta, int64_t group, int64_t U, int64_t RT,
-                       int64_t S, int64_t ctas_per_sm, int64_t pdl) {
+torch::Tensor gemv_mma(torch::Tensor x, torch::Tensor w, torch::Tensor meta, int64_t group, int64_t pipe,
+                       int64_t depth, int64_t RT, int64_t S, int64_t ctas_per_sm, int64_t pdl) {
   TORCH_CHECK(x.is_cuda() && w.is_cuda() && meta.is_cuda(), "cuda_mma: CUDA tensors expected");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "cuda_mma: bfloat16 activations expected");
   TORCH_CHECK(w.scalar_type() == torch::kInt32 && meta.scalar_type() == torch::kInt32, "cuda_mma: int32 buffers");
@@ -79,7 +79,7 @@ torch::Tensor gemv_mma(torch::Tensor x, torch::Tensor w, torch::Tensor meta, int
   c10::cuda::CUDAGuard guard(x.device());
   auto y = torch::empty({1, N}, x.options());
   const char* err = anyquant_int4_mma_launch(x.data_ptr(), w.data_ptr(), meta.data_ptr(), y.data_ptr(), (int)N, (int)K,
-                                             (int)(K / group), (int)(group / 128), (int)U, (int)RT, (int)S,
+                                             (int)(K / group), (int)(group / 128), (int)pipe, (int)depth, (int)RT, (int)S,
                                              (int)ctas_per_sm, (int)pdl, (void*)c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == nullptr, "cuda_mma launch failed: ", err ? err : "");
   return y;
@@ -95,10 +95,12 @@ SUPPORTED_GROUPS = (32, 64, 96, 128, 160, 192, 224, 256)
 _failed: str | None = None
 
 
-# cuda_mma (the tensor-core GEMV in the same .cu file): compiled unrolls U (128-column blocks per
-# warp step); a launch configuration is (U, RT row tiles of 16 rows per CTA, S warps along K per
-# CTA, CTAs per multiprocessor (0: one CTA per CTA tile), programmatic dependent launch).
-MMA_UNROLLS = (1, 2, 4, 8)
+# cuda_mma (the tensor-core GEMV in the same .cu file): a launch configuration is (pipe, depth,
+# RT row tiles of 16 rows per CTA, S warps along K per CTA, CTAs per multiprocessor (0: one CTA
+# per CTA tile), programmatic dependent launch); pipe 0 keeps the next `depth` (= U) steps' loads
+# in registers, pipe 1 copies `depth` (= P) steps ahead into shared memory with cp.async.
+MMA_UNROLLS = (1, 2, 4, 8)      # pipe 0 depths compiled
+MMA_STAGES = (3, 4, 6, 8)       # pipe 1 depths compiled
 MMA_MAX_K = 64 * 1024  # x staged as bf16: 2 K bytes + K / 16 per CTA
 
 
@@ -160,7 +162,9 @@ def shape_ok(in_features: int, group_size: int) -> bool:
 
 
 def mma_shape_ok(in_features: int, group_size: int) -> bool:
-    return in_features % 128 == 0 and group_size % 128 == 0 and in_features <= MMA_MAX_K
+    per = group_size // 128
+    return (in_features % 128 == 0 and group_size % 128 == 0 and per & (per - 1) == 0
+            and in_features <= MMA_MAX_K)
 
 
 def repack(module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,13 +195,13 @@ def gemv(x2: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], group_size
 
 
 def gemv_mma(x2: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], group_size: int,
-             cfg: tuple[int, int, int, int, int]) -> torch.Tensor:
-    """y [1, N] = x2 [1, K] @ W^T on the tensor cores; cfg = (U, RT, S, CTAs per SM, pdl).
-    Same packed buffers as `gemv` (`repack`)."""
+             cfg: tuple[int, int, int, int, int, int]) -> torch.Tensor:
+    """y [1, N] = x2 [1, K] @ W^T on the tensor cores; cfg = (pipe, depth, RT, S, CTAs per SM,
+    pdl). Same packed buffers as `gemv` (`repack`)."""
     w, meta = packed
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.contiguous().clone()
-    u, rt, s, cps, pdl = cfg
+    pipe, depth, rt, s, cps, pdl = cfg
     if pdl and torch.cuda.get_device_capability(x2.device) < (9, 0):
         pdl = 0
-    return module_for(x2.device).gemv_mma(x2, w, meta, group_size, u, rt, s, cps, pdl)
+    return module_for(x2.device).gemv_mma(x2, w, meta, group_size, pipe, depth, rt, s, cps, pdl)

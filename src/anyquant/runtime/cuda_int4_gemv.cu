@@ -363,7 +363,7 @@ struct Args {
   const uint4* w;
   const uint32_t* meta;
   __nv_bfloat16* y;
-  int N, K, G, bpg, RT, S;
+  int N, K, G, bshift, RT, S;  // bshift: log2 of 128-column blocks per group
 };
 
 // Loads of block k (steps k*U .. k*U+U-1 of this warp's block range) of CTA tile T.
@@ -379,11 +379,34 @@ __device__ __forceinline__ void load_steps(uint4 (&wv)[U][2], uint32_t (&mv)[U][
       const int b = b_begin + i;
       wv[u][0] = ld_stream(a.w + (size_t)r0 * C + 4 * b + t);
       wv[u][1] = ld_stream(a.w + (size_t)r1 * C + 4 * b + t);
-      const int grp = b / a.bpg;
+      const int grp = b >> a.bshift;
       mv[u][0] = __ldg(a.meta + (size_t)r0 * a.G + grp);
       mv[u][1] = __ldg(a.meta + (size_t)r1 * a.G + grp);
     }
   }
+}
+
+// One 128-column block b of the lane's two rows: 8 mma k-steps, then the block's scale and zero point.
+__device__ __forceinline__ void compute_one(const uint4 wv0, const uint4 wv1, const uint32_t m0, const uint32_t m1,
+                                            const uint4* __restrict__ xs, const float2* __restrict__ xab,
+                                            float& acc0, float& acc1, int b, int t) {
+  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const uint32_t w0[4] = {wv0.x, wv0.y, wv0.z, wv0.w};
+  const uint32_t w1[4] = {wv1.x, wv1.y, wv1.z, wv1.w};
+#pragma unroll
+  for (int wi = 0; wi < 4; ++wi) {
+    const uint4 xb = xs[(b * 4 + wi) * 4 + t];
+    const uint32_t p = w0[wi], q = w1[wi];
+    const uint32_t p1 = p >> 1, q1 = q >> 1, p8 = p >> 8, q8 = q >> 8, p9 = p >> 9, q9 = q >> 9;
+    mma16816(d, lo_nib(p), lo_nib(q), hi_nib(p1), hi_nib(q1), xb.x, xb.y);
+    mma16816(d, lo_nib(p8), lo_nib(q8), hi_nib(p9), hi_nib(q9), xb.z, xb.w);
+  }
+  const float2 ab = xab[b];
+  const float s0 = __uint_as_float(m0 & 0xFFFFFFF0u), s1 = __uint_as_float(m1 & 0xFFFFFFF0u);
+  const float z0 = __uint_as_float((m0 & 0xFu) | 0x4B000000u) - 8388608.0f;
+  const float z1 = __uint_as_float((m1 & 0xFu) | 0x4B000000u) - 8388608.0f;
+  acc0 = fmaf(s0, fmaf(-z0, ab.y, d[0] - ab.x), acc0);
+  acc1 = fmaf(s1, fmaf(-z1, ab.y, d[2] - ab.x), acc1);
 }
 
 template <int U>
@@ -393,27 +416,7 @@ __device__ __forceinline__ void compute_steps(const uint4 (&wv)[U][2], const uin
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int i = k * U + u;
-    if (i < nsteps) {
-      const int b = b_begin + i;
-      float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      const uint32_t w0[4] = {wv[u][0].x, wv[u][0].y, wv[u][0].z, wv[u][0].w};
-      const uint32_t w1[4] = {wv[u][1].x, wv[u][1].y, wv[u][1].z, wv[u][1].w};
-#pragma unroll
-      for (int wi = 0; wi < 4; ++wi) {
-        const uint4 xb = xs[(b * 4 + wi) * 4 + t];
-        const uint32_t p = w0[wi], q = w1[wi];
-        const uint32_t p1 = p >> 1, q1 = q >> 1, p8 = p >> 8, q8 = q >> 8, p9 = p >> 9, q9 = q >> 9;
-        mma16816(d, lo_nib(p), lo_nib(q), hi_nib(p1), hi_nib(q1), xb.x, xb.y);
-        mma16816(d, lo_nib(p8), lo_nib(q8), hi_nib(p9), hi_nib(q9), xb.z, xb.w);
-      }
-      const float2 ab = xab[b];
-      const uint32_t m0 = mv[u][0], m1 = mv[u][1];
-      const float s0 = __uint_as_float(m0 & 0xFFFFFFF0u), s1 = __uint_as_float(m1 & 0xFFFFFFF0u);
-      const float z0 = __uint_as_float((m0 & 0xFu) | 0x4B000000u) - 8388608.0f;
-      const float z1 = __uint_as_float((m1 & 0xFu) | 0x4B000000u) - 8388608.0f;
-      acc0 = fmaf(s0, fmaf(-z0, ab.y, d[0] - ab.x), acc0);
-      acc1 = fmaf(s1, fmaf(-z1, ab.y, d[2] - ab.x), acc1);
-    }
+    if (i < nsteps) compute_one(wv[u][0], wv[u][1], mv[u][0], mv[u][1], xs, xab, acc0, acc1, b_begin + i, t);
   }
 }
 
@@ -449,6 +452,47 @@ __device__ __forceinline__ void finish_tile(const Args& a, float* red, int& pari
   acc1 = 0.0f;
 }
 
+// x staged in shared memory in the order the lanes read it, and the per-block sums A_b, B_b.
+__device__ __forceinline__ void stage_x(const Args& a, uint4* __restrict__ xs, float2* __restrict__ xab) {
+  const int NB = a.K >> 7;
+  // item i = (b, wi, t) = 16 b + 4 wi + t covers columns 128 b + 32 t + 8 wi .. + 7
+  const uint4* x4 = reinterpret_cast<const uint4*>(a.x);
+  const int items = NB * 16;
+  for (int i0 = 0; i0 < items; i0 += blockDim.x) {
+    const int i = i0 + threadIdx.x;
+    float pa = 0.0f, pb = 0.0f;
+    if (i < items) {
+      const int b = i >> 4, wi = (i >> 2) & 3, tt = i & 3;
+      const uint4 raw = __ldg(x4 + b * 16 + tt * 4 + wi);
+      float f[8];
+      f[0] = __uint_as_float(raw.x << 16);
+      f[1] = __uint_as_float(raw.x & 0xFFFF0000u);
+      f[2] = __uint_as_float(raw.y << 16);
+      f[3] = __uint_as_float(raw.y & 0xFFFF0000u);
+      f[4] = __uint_as_float(raw.z << 16);
+      f[5] = __uint_as_float(raw.z & 0xFFFF0000u);
+      f[6] = __uint_as_float(raw.w << 16);
+      f[7] = __uint_as_float(raw.w & 0xFFFF0000u);
+      // odd columns divided by 8: exact (a power of two), and bf16 keeps the exponent range
+      const float o1 = f[1] * 0.125f, o5 = f[5] * 0.125f, o3 = f[3] * 0.125f, o7 = f[7] * 0.125f;
+      uint4 out;
+      out.x = __byte_perm(raw.x, raw.z, 0x5410);
+      out.y = (__float_as_uint(o1) >> 16) | (__float_as_uint(o5) & 0xFFFF0000u);
+      out.z = __byte_perm(raw.y, raw.w, 0x5410);
+      out.w = (__float_as_uint(o3) >> 16) | (__float_as_uint(o7) & 0xFFFF0000u);
+      xs[i] = out;
+      pa = 128.0f * (((f[0] + f[4]) + (f[2] + f[6])) + ((o1 + o5) + (o3 + o7)));
+      pb = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
+    }
+#pragma unroll
+    for (int off = 8; off > 0; off >>= 1) {
+      pa += __shfl_xor_sync(0xFFFFFFFFu, pa, off);
+      pb += __shfl_xor_sync(0xFFFFFFFFu, pb, off);
+    }
+    if (i < items && (i & 15) == 0) xab[i >> 4] = make_float2(pa, pb);
+  }
+}
+
 template <int U>
 __global__ void __launch_bounds__(U >= 8 ? 256 : 512) gemv_mma_kernel(const Args a) {
   extern __shared__ uint4 smem[];
@@ -470,44 +514,7 @@ __global__ void __launch_bounds__(U >= 8 ? 256 : 512) gemv_mma_kernel(const Args
   if (T0 < ntiles) load_steps<U>(wa, ma, a, T0, 0, rt, g, t, b_begin, nsteps, C);
 
   grid_dependency_wait();
-  {
-    // stage x: item i = (b, wi, t) = 16 b + 4 wi + t covers columns 128 b + 32 t + 8 wi .. + 7
-    const uint4* x4 = reinterpret_cast<const uint4*>(a.x);
-    const int items = NB * 16;
-    for (int i0 = 0; i0 < items; i0 += blockDim.x) {
-      const int i = i0 + threadIdx.x;
-      float pa = 0.0f, pb = 0.0f;
-      if (i < items) {
-        const int b = i >> 4, wi = (i >> 2) & 3, tt = i & 3;
-        const uint4 raw = __ldg(x4 + b * 16 + tt * 4 + wi);
-        float f[8];
-        f[0] = __uint_as_float(raw.x << 16);
-        f[1] = __uint_as_float(raw.x & 0xFFFF0000u);
-        f[2] = __uint_as_float(raw.y << 16);
-        f[3] = __uint_as_float(raw.y & 0xFFFF0000u);
-        f[4] = __uint_as_float(raw.z << 16);
-        f[5] = __uint_as_float(raw.z & 0xFFFF0000u);
-        f[6] = __uint_as_float(raw.w << 16);
-        f[7] = __uint_as_float(raw.w & 0xFFFF0000u);
-        // odd columns divided by 8: exact (a power of two), and bf16 keeps the exponent range
-        const float o1 = f[1] * 0.125f, o5 = f[5] * 0.125f, o3 = f[3] * 0.125f, o7 = f[7] * 0.125f;
-        uint4 out;
-        out.x = __byte_perm(raw.x, raw.z, 0x5410);
-        out.y = (__float_as_uint(o1) >> 16) | (__float_as_uint(o5) & 0xFFFF0000u);
-        out.z = __byte_perm(raw.y, raw.w, 0x5410);
-        out.w = (__float_as_uint(o3) >> 16) | (__float_as_uint(o7) & 0xFFFF0000u);
-        xs[i] = out;
-        pa = 128.0f * (((f[0] + f[4]) + (f[2] + f[6])) + ((o1 + o5) + (o3 + o7)));
-        pb = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
-      }
-#pragma unroll
-      for (int off = 8; off > 0; off >>= 1) {
-        pa += __shfl_xor_sync(0xFFFFFFFFu, pa, off);
-        pb += __shfl_xor_sync(0xFFFFFFFFu, pb, off);
-      }
-      if (i < items && (i & 15) == 0) xab[i >> 4] = make_float2(pa, pb);
-    }
-  }
+  stage_x(a, xs, xab);
   __syncthreads();
   grid_launch_dependents();
   if (T0 >= ntiles) return;  // the whole CTA
@@ -532,68 +539,203 @@ __global__ void __launch_bounds__(U >= 8 ? 256 : 512) gemv_mma_kernel(const Args
   }
 }
 
+
+// The same computation with the weights and metadata brought into shared memory by cp.async
+// (LDGSTS), P steps deep per warp: bytes in flight cost shared memory instead of registers, so
+// a multiprocessor can keep far more of them in flight than the register version (which was
+// measured latency-bound: 43% of its stalls waited on global loads at 50% occupancy). Each lane
+// reads back only what it copied itself, so cp.async.wait_group alone orders it (no barrier).
+// A warp's steps run over its CTA's tiles (t0, t0 + grid, ...) and its blocks of each tile.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+struct Cursor {  // a warp's position in its step sequence, with its rows' pointers
+  int T, i;
+  const uint4* w0;
+  const uint4* w1;
+  const uint32_t* m0;
+  const uint32_t* m1;
+};
+
+__device__ __forceinline__ void cursor_rows(Cursor& c, const Args& a, int rt, int g, int t, int b_begin, int C) {
+  const int r0 = min((c.T * a.RT + rt) * 16 + g, a.N - 1);
+  const int r1 = min((c.T * a.RT + rt) * 16 + g + 8, a.N - 1);
+  c.w0 = a.w + (size_t)r0 * C + 4 * b_begin + t;
+  c.w1 = a.w + (size_t)r1 * C + 4 * b_begin + t;
+  c.m0 = a.meta + (size_t)r0 * a.G;
+  c.m1 = a.meta + (size_t)r1 * a.G;
+}
+
+__device__ __forceinline__ void cursor_next(Cursor& c, const Args& a, int rt, int g, int t, int b_begin, int nsteps,
+                                            int C) {
+  if (++c.i == nsteps) {
+    c.i = 0;
+    c.T += gridDim.x;
+    cursor_rows(c, a, rt, g, t, b_begin, C);
+  }
+}
+
+template <int P>
+__global__ void __launch_bounds__(512) gemv_mma_async_kernel(const Args a) {
+  extern __shared__ uint4 smem[];
+  const int NB = a.K >> 7;
+  uint4* xs = smem;
+  float2* xab = reinterpret_cast<float2*>(smem + NB * 16);
+  float* red = reinterpret_cast<float*>(xab + NB);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  // ring: per warp P slots of 64 uint4 (rows g, g + 8 of every lane) + 64 uint32 (their metadata),
+  // 16-byte aligned (xab holds NB float2: 8 bytes short of alignment when NB is odd)
+  const int ring_off = (NB * 256 + NB * 8 + (a.S > 1 ? 2 * a.RT * a.S * 16 * 4 : 0) + 15) & ~15;
+  uint4* ring = reinterpret_cast<uint4*>(reinterpret_cast<char*>(smem) + ring_off);
+  uint4* wring = ring + (size_t)warp * P * 64;
+  uint32_t* mring = reinterpret_cast<uint32_t*>(ring + (size_t)nwarps * P * 64) + (size_t)warp * P * 64;
+  const uint32_t wring_s = (uint32_t)__cvta_generic_to_shared(wring) + lane * 16;
+  const uint32_t mring_s = (uint32_t)__cvta_generic_to_shared(mring) + lane * 4;
+  const int C = a.K >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int rt = warp / a.S, s = warp - rt * a.S;
+  const int b_begin = s * NB / a.S, nsteps = (s + 1) * NB / a.S - b_begin;
+  const int ntiles = (a.N + 16 * a.RT - 1) / (16 * a.RT);
+  const int my_tiles = blockIdx.x < ntiles ? (ntiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+  const int total = my_tiles * nsteps;
+
+  Cursor pc;  // producer
+  pc.T = blockIdx.x;
+  pc.i = 0;
+  cursor_rows(pc, a, rt, g, t, b_begin, C);
+  int issued = 0;
+  auto issue = [&](int slot) {
+    const int b = b_begin + pc.i;
+    cp_async16(wring_s + slot * 1024, pc.w0 + 4 * pc.i);
+    cp_async16(wring_s + slot * 1024 + 512, pc.w1 + 4 * pc.i);
+    cp_async4(mring_s + slot * 256, pc.m0 + (b >> a.bshift));
+    cp_async4(mring_s + slot * 256 + 128, pc.m1 + (b >> a.bshift));
+  };
+#pragma unroll
+  for (int p = 0; p < P - 1; ++p) {
+    if (issued < total) {
+      issue(p);
+      ++issued;
+      cursor_next(pc, a, rt, g, t, b_begin, nsteps, C);
+    }
+    cp_async_commit();
+  }
+
+  grid_dependency_wait();
+  stage_x(a, xs, xab);
+  __syncthreads();
+  grid_launch_dependents();
+  if (my_tiles == 0) return;  // the whole CTA
+
+  float acc0 = 0.0f, acc1 = 0.0f;
+  int parity = 0, ci = 0, cT = blockIdx.x, slot = 0;
+  for (int c = 0; c < total; ++c) {
+    cp_async_wait<P - 2>();  // step c has landed (this lane's copies)
+    const uint4 wv0 = wring[slot * 64 + lane], wv1 = wring[slot * 64 + 32 + lane];
+    const uint32_t m0 = mring[slot * 64 + lane], m1 = mring[slot * 64 + 32 + lane];
+    // refill the slot read in the previous step (its values were consumed by then)
+    if (issued < total) {
+      issue(slot == 0 ? P - 1 : slot - 1);
+      ++issued;
+      cursor_next(pc, a, rt, g, t, b_begin, nsteps, C);
+    }
+    cp_async_commit();
+    compute_one(wv0, wv1, m0, m1, xs, xab, acc0, acc1, b_begin + ci, t);
+    if (++ci == nsteps) {
+      finish_tile(a, red, parity, acc0, acc1, cT, rt, s, g, t);
+      ci = 0;
+      cT += gridDim.x;
+    }
+    slot = slot == P - 1 ? 0 : slot + 1;
+  }
+}
+
 typedef void (*MmaKernelFn)(const Args);
 
 #define ANYQUANT_MMA_VARIANTS(X) X(1) X(2) X(4) X(8)
 
-static MmaKernelFn pick(int U) {
+#define ANYQUANT_MMA_ASYNC_VARIANTS(X) X(3) X(4) X(6) X(8)
+
+// pipe 0: register double buffer, depth = U; pipe 1: cp.async ring, depth = P
+static MmaKernelFn pick(int pipe, int depth) {
 #define ANYQUANT_PICK(u) \
-  if (U == u) return gemv_mma_kernel<u>;
+  if (pipe == 0 && depth == u) return gemv_mma_kernel<u>;
   ANYQUANT_MMA_VARIANTS(ANYQUANT_PICK)
 #undef ANYQUANT_PICK
+#define ANYQUANT_PICK_ASYNC(p) \
+  if (pipe == 1 && depth == p) return gemv_mma_async_kernel<p>;
+  ANYQUANT_MMA_ASYNC_VARIANTS(ANYQUANT_PICK_ASYNC)
+#undef ANYQUANT_PICK_ASYNC
   return nullptr;
 }
 
 }  // namespace anyquant_int4_mma
 
-// Returns nullptr on success, else an error message. U: 128-column blocks per step and warp
-// (loads of the next U in flight); RT row tiles of 16 rows and S warps along K per CTA (RT * S
-// <= 16 warps); ctas_per_sm > 0: a grid of at most that many CTAs per multiprocessor (capped by
-// occupancy) looping over CTA tiles; 0: one CTA per tile.
+// Returns nullptr on success, else an error message. pipe 0: the register version, depth = U
+// 128-column blocks per warp step (the next U in flight); pipe 1: the cp.async version, depth = P
+// steps in flight per warp. RT row tiles of 16 rows and S warps along K per CTA (RT * S <= 16
+// warps, 8 for U = 8); ctas_per_sm > 0: a grid of at most that many CTAs per multiprocessor
+// (capped by occupancy) looping over CTA tiles; 0: one CTA per tile.
 const char* anyquant_int4_mma_launch(const void* x, const void* w, const void* meta, void* y, int N, int K, int G,
-                                     int blocks_per_group, int U, int RT, int S, int ctas_per_sm, int pdl,
-                                     void* stream) {
+                                     int blocks_per_group, int pipe, int depth, int RT, int S, int ctas_per_sm,
+                                     int pdl, void* stream) {
   using namespace anyquant_int4_mma;
-  MmaKernelFn fn = pick(U);
-  if (!fn) return "anyquant cuda_mma: no compiled variant for this unroll";
+  MmaKernelFn fn = pick(pipe, depth);
+  if (!fn) return "anyquant cuda_mma: no compiled variant for this (pipe, depth)";
   const int NB = K / 128;
   if (K % 128 || NB < 1) return "anyquant cuda_mma: K must be a multiple of 128";
-  if (S < 1 || RT < 1 || RT * S > (U >= 8 ? 8 : 16)) return "anyquant cuda_mma: need 1 <= RT * S <= 16 warps (8 for U = 8)";
+  if (blocks_per_group < 1 || (blocks_per_group & (blocks_per_group - 1)))
+    return "anyquant cuda_mma: group / 128 must be a power of two";
+  const int max_warps = (pipe == 0 && depth >= 8) ? 8 : 16;
+  if (S < 1 || RT < 1 || RT * S > max_warps) return "anyquant cuda_mma: need 1 <= RT * S <= 16 warps (8 for U = 8)";
   if (S > NB) S = NB;
   const int warps = RT * S;
-  const int smem = NB * 256 + NB * 8 + (S > 1 ? 2 * RT * S * 16 * 4 : 0);
+  int smem = NB * 256 + NB * 8 + (S > 1 ? 2 * RT * S * 16 * 4 : 0);
+  if (pipe == 1) smem = ((smem + 15) & ~15) + warps * depth * (1024 + 256);  // the ring, 16-byte aligned
+  if (smem > 227 * 1024) return "anyquant cuda_mma: shared memory over 227 KiB (fewer warps or stages)";
   int dev = 0;
   cudaGetDevice(&dev);
   if (dev >= 16) return "anyquant cuda_mma: device index >= 16";
-  static int smem_set[16][9];
+  const int vid = pipe * 9 + depth;  // < 18
+  static int smem_set[16][18];
   static int sms[16];
-  static int occ[16][9][17];
-  static int occ_smem[16][9][17];
-  if (smem > 48 * 1024 && smem > smem_set[dev][U]) {
+  static int occ[16][18][17];
+  static int occ_smem[16][18][17];
+  if (smem > 48 * 1024 && smem > smem_set[dev][vid]) {
     cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return cudaGetErrorString(e);
-    smem_set[dev][U] = smem;
+    smem_set[dev][vid] = smem;
   }
   if (!sms[dev]) {
     cudaError_t e = cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev);
     if (e != cudaSuccess) return cudaGetErrorString(e);
   }
-  if (occ_smem[dev][U][warps] != smem) {
+  if (occ_smem[dev][vid][warps] != smem) {
     int nb = 0;
     cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, fn, 32 * warps, smem);
     if (e != cudaSuccess) return cudaGetErrorString(e);
     if (nb < 1) return "anyquant cuda_mma: no block fits on a multiprocessor";
-    occ[dev][U][warps] = nb;
-    occ_smem[dev][U][warps] = smem;
+    occ[dev][vid][warps] = nb;
+    occ_smem[dev][vid][warps] = smem;
   }
   const long ntiles = (N + 16L * RT - 1) / (16L * RT);
   long grid = ntiles;
   if (ctas_per_sm > 0) {
-    const int per_sm = ctas_per_sm < occ[dev][U][warps] ? ctas_per_sm : occ[dev][U][warps];
+    const int per_sm = ctas_per_sm < occ[dev][vid][warps] ? ctas_per_sm : occ[dev][vid][warps];
     const long maxg = (long)sms[dev] * per_sm;
     const long per_cta = (ntiles + maxg - 1) / maxg;  // tiles per CTA, then as few CTAs as that needs
     grid = (ntiles + per_cta - 1) / per_cta;
   }
+  int bshift = 0;
+  while ((1 << bshift) < blocks_per_group) ++bshift;
   Args args;
   args.x = (const __nv_bfloat16*)x;
   args.w = (const uint4*)w;
@@ -602,7 +744,7 @@ const char* anyquant_int4_mma_launch(const void* x, const void* w, const void* m
   args.N = N;
   args.K = K;
   args.G = G;
-  args.bpg = blocks_per_group;
+  args.bshift = bshift;
   args.RT = RT;
   args.S = S;
 

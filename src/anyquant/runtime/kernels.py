@@ -35,6 +35,8 @@ import torch.nn.functional as F
 KERNELS = ("reference", "cuda_mma", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "torch_int4", "gemlite")
 
 # Measured order of preference on sm_90 (H100), per batch-size bucket; see the module doc.
+# Batch 1: cuda_mma first since 2026-11-25 (end to end, fused + compiled, H100: 317.4 tok/s with it
+# vs 304.6 with torch_int4 first in the same process; eager fused 195.3 vs 190.1).
 # Buckets: 1, 2..16, 17+. Every GPU kernel also needs compute capability >= 8.0.
 # H100, 2026-11-24, us per matmul (32 layers' matrices of one shape in one CUDA graph):
 #   batch 1   (N, K) =        (1024, 4096) (4096, 4096) (6144, 4096) (14336, 4096) (28672, 4096) (4096, 14336)
@@ -49,7 +51,7 @@ KERNELS = ("reference", "cuda_mma", "cuda_gemv", "triton_gemv", "triton_gemv2", 
 #             torch_int4          7.9         21.3         34.8          66.6         129.9          67.9
 #             bf16 (cuBLAS)       8.3         16.5         21.3          42.5          83.0          45.2
 _PREFERENCE = {
-    1: ("torch_int4", "cuda_mma", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "gemlite"),
+    1: ("cuda_mma", "torch_int4", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "gemlite"),
     16: ("triton_gemm", "gemlite", "torch_int4"),
     None: ("triton_gemm", "gemlite", "torch_int4"),
 }
@@ -93,16 +95,22 @@ _CUDA_GEMV_DEFAULT = (1, 4, 8, 2, 1)
 # 2026-11-24), so dispatch keeps torch_int4 first. The measured set was
 #   {(1024, 4096), (4096, 4096), (6144, 4096), (14336, 4096), (28672, 4096)}.
 _CUDA_GEMV_PREFERRED: set[tuple[int, int]] = set()
-# cuda_mma: (U blocks of 128 columns per warp step, RT row tiles of 16 rows per CTA, S warps along
-# K per CTA, CTAs per multiprocessor (0: one CTA per tile), programmatic dependent launch).
-# Best of `speed_gpu.py --tune mma` on an H100 (2026-11-25), us per matmul (32 or 64 matrices of the
-# shape in one CUDA graph): (1024, 4096) 2.88; (4096, 4096) 5.74; (6144, 4096) 8.54;
-# (14336, 4096) 15.62; (28672, 4096) 28.58; (4096, 14336) 15.63.
-_CUDA_MMA_CFG: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
-    (1024, 4096): (4, 1, 16, 0, 1), (4096, 4096): (1, 1, 16, 2, 1), (6144, 4096): (8, 2, 4, 0, 1),
-    (14336, 4096): (1, 1, 8, 0, 1), (28672, 4096): (1, 1, 16, 2, 1), (4096, 14336): (1, 1, 16, 0, 1),
+# cuda_mma: (pipe, depth, RT row tiles of 16 rows per CTA, S warps along K per CTA, CTAs per
+# multiprocessor (0: one CTA per tile), programmatic dependent launch); pipe 0 holds the next
+# depth (U) blocks' loads in registers, pipe 1 copies depth (P) steps ahead with cp.async.
+# Tuned on an H100 (2026-11-25, `speed_gpu.py --tune mma --tune-objective after_elementwise`): the
+# best of the 12 fastest back-to-back configurations re-timed with each matmul after an
+# elementwise kernel that rewrites x (as in the model, where programmatic dependent launch cannot
+# overlap a GEMV with the kernel before it). us per matmul, after elementwise / back to back:
+#   (1024, 4096) 4.20 / 2.83; (4096, 4096) 7.32 / 5.72; (6144, 4096) 8.53 / 8.6;
+#   (14336, 4096) 17.07 / 15.3; (28672, 4096) 29.58 / 27.80; (4096, 14336) 16.64 / 15.53.
+# (The best back to back: 2.81, 5.69, 8.07, 15.20, 27.59, 15.47.) The cp.async pipeline (pipe 1)
+# won only on down_proj; on gate_up it was 8% slower than the register pipeline (29.97 vs 27.59).
+_CUDA_MMA_CFG: dict[tuple[int, int], tuple[int, int, int, int, int, int]] = {
+    (1024, 4096): (0, 4, 1, 16, 2, 1), (4096, 4096): (0, 1, 1, 16, 2, 1), (6144, 4096): (0, 1, 1, 8, 0, 1),
+    (14336, 4096): (0, 1, 2, 4, 0, 1), (28672, 4096): (0, 4, 1, 8, 0, 1), (4096, 14336): (1, 3, 1, 16, 2, 1),
 }
-_CUDA_MMA_DEFAULT = (1, 1, 16, 2, 1)
+_CUDA_MMA_DEFAULT = (0, 1, 1, 16, 2, 1)
 _GEMV_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {
     (1024, 4096): (2, 1024, 4, 3), (4096, 4096): (8, 1024, 4, 3),
     (4096, 14336): (8, 1024, 4, 3), (14336, 4096): (16, 1024, 4, 1),
