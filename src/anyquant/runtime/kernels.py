@@ -35,7 +35,7 @@ import torch.nn.functional as F
 KERNELS = ("reference", "cuda_mma", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "torch_int4", "gemlite")
 
 # Measured order of preference on sm_90 (H100), per batch-size bucket; see the module doc.
-# Batch 1: cuda_mma first since 2026-11-25 (end to end, fused + compiled, H100: 317.4 tok/s with it
+# Batch 1: cuda_mma first since 2026-11-24 (end to end, fused + compiled, H100: 317.4 tok/s with it
 # vs 304.6 with torch_int4 first in the same process; eager fused 195.3 vs 190.1).
 # Buckets: 1, 2..16, 17+. Every GPU kernel also needs compute capability >= 8.0.
 # H100, 2026-11-24, us per matmul (32 layers' matrices of one shape in one CUDA graph):
@@ -98,7 +98,7 @@ _CUDA_GEMV_PREFERRED: set[tuple[int, int]] = set()
 # cuda_mma: (pipe, depth, RT row tiles of 16 rows per CTA, S warps along K per CTA, CTAs per
 # multiprocessor (0: one CTA per tile), programmatic dependent launch); pipe 0 holds the next
 # depth (U) blocks' loads in registers, pipe 1 copies depth (P) steps ahead with cp.async.
-# Tuned on an H100 (2026-11-25, `speed_gpu.py --tune mma --tune-objective after_elementwise`): the
+# Tuned on an H100 (2026-11-24, `speed_gpu.py --tune mma --tune-objective after_elementwise`): the
 # best of the 12 fastest back-to-back configurations re-timed with each matmul after an
 # elementwise kernel that rewrites x (as in the model, where programmatic dependent launch cannot
 # overlap a GEMV with the kernel before it). us per matmul, after elementwise / back to back:
