@@ -9,7 +9,7 @@ top-1 agreement. awq/gptq calibrate on the news corpus (disjoint from the evalua
   python benchmarks/quality.py [--model DIR] [--max-tokens 16384] [--n-samples 32] [--seq-len 512]
                                [--group-size 128] [--methods nf4,int4,hqq,awq,gptq] [--out PATH]
 
-A method may carry config options as JSON after a colon; separate such specs with ';':
+A method may carry config options as JSON after a colon; separate specs with commas or ;
   --methods 'nf4;gptq;gptq:{"awq_scales": true}'  
 
 The issue's setting is --max-tokens 16384 with 128 x 512 calibration (GPU); on the 2-core CPU
@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import anyquant  # noqa: E402
+from specs import parse_spec, split_specs  # noqa: E402  (benchmarks/specs.py)
 from anyquant.calib.text import evaluation_text  # noqa: E402
 from anyquant.eval.metrics import compare, token_windows  # noqa: E402
 from anyquant.evaluate import CachedLogits, stored_sizes  # noqa: E402
@@ -117,9 +118,8 @@ def main() -> None:
     print(f"float: ppl {m['perplexity']:.3f} ({m['tokens']} tokens)", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="aq-quality-") as tmp:
-        for spec in [x for x in args.methods.split(";" if ";" in args.methods else ",") if x]:
-            method, _, extra = spec.partition(":")
-            opts = json.loads(extra) if extra else {}
+        for spec in split_specs(args.methods):
+            method, opts = parse_spec(spec)
             if method != "nf4":
                 opts.setdefault("group_size", args.group_size)
             if method in CALIBRATED:

@@ -6,7 +6,7 @@ random tokens (the algorithms' cost does not depend on what the tokens say). Eac
 a fresh model through anyquant.quantize (the same code path as the CLI), block by block.
 
   python benchmarks/quantize_gpu.py [--methods int4,hqq,awq,gptq] [--layers 32] [--n-samples 128]
-  (a method may carry options as JSON after a colon; separate such specs with ';':
+  (a method may carry options as JSON after a colon; specs are separated by commas or ';', benchmarks/specs.py):
    --methods 'awq;gptq:{"awq_scales": true}')
                                     [--seq-len 512] [--out benchmarks/results/quantize_gpu.json]
 
@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import anyquant  # noqa: E402
+from specs import parse_spec, split_specs  # noqa: E402  (benchmarks/specs.py)
 
 CALIBRATED = {"awq", "gptq"}
 
@@ -60,13 +61,13 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     calib = torch.randint(0, 128256, (args.n_samples, args.seq_len), generator=g)
     rows = []
-    for spec in [m for m in args.methods.split(";" if ";" in args.methods else ",") if m]:
-        method, _, extra = spec.partition(":")  # name:{json options}, as in quality.py
+    for spec in split_specs(args.methods):
+        method, spec_opts = parse_spec(spec)
         model = build(args.layers)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        opts = {"group_size": args.group_size, **(json.loads(extra) if extra else {})}
+        opts = {"group_size": args.group_size, **spec_opts}
         if method in CALIBRATED:
             opts.update(n_samples=args.n_samples, seq_len=args.seq_len)
         t0 = time.perf_counter()

@@ -131,4 +131,6 @@ def test_method_flag_that_does_not_apply(tiny_llama, tmp_path):
                      "--group-size does not apply to nf4", "awq, gptq, hqq, int4")
     assert_bad_input(run("quantize", tiny_llama, "--method", "awq", "--awq-scales", "--out", tmp_path / "o"),
                      "--awq-scales does not apply to awq", "gptq")
+    assert_bad_input(run("quantize", tiny_llama, "--method", "hqq", "--tune-steps", "10", "--out", tmp_path / "o"),
+                     "--tune-steps does not apply to hqq", "awq, gptq")
     assert not (tmp_path / "o").exists()

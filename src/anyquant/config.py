@@ -112,12 +112,21 @@ class CalibratedInt4Config(Int4Config):
 
     n_samples: int = 32
     seq_len: int = 512
+    # Block-output tuning after the method (calib.tune): steps of gradient descent on the group
+    # scales (and, with tune_rounding, each code's rounding) against the float block's output.
+    tune_steps: int = 0
+    tune_lr: float = 5e-3
+    tune_rounding: bool = True
+    tune_sequences: int = 2  # calibration sequences per tuning step
     calibrated: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.n_samples < 1 or self.seq_len < 2:
             raise AnyquantError(f"{self.method}: need n_samples >= 1 and seq_len >= 2, got {self.n_samples}, {self.seq_len}")
+        if self.tune_steps < 0 or self.tune_sequences < 1 or not (0 < self.tune_lr < 1):
+            raise AnyquantError(f"{self.method}: need tune_steps >= 0, tune_sequences >= 1 and 0 < tune_lr < 1, got "
+                                f"{self.tune_steps}, {self.tune_sequences}, {self.tune_lr}")
 
 
 @dataclass(frozen=True)

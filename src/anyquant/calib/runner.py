@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from anyquant.calib.guard import Fallback, guarded, rtn_grid
+from anyquant.calib.tune import tune_block
 from anyquant.errors import AnyquantError
 from anyquant.methods.registry import set_submodule
 from anyquant.progress import progress_bar
@@ -228,15 +229,13 @@ class LinearProbe:
     producers: list[str | None]
 
 
-def _first_sample(batch: Batch) -> Batch:
-    """The batch cut to its first sequence (every tensor whose leading dim is the batch size)."""
+def slice_batch(batch: Batch, rows: slice | torch.Tensor) -> Batch:
+    """The batch cut to sequences `rows` (every tensor whose leading dim is the batch size)."""
     bs = hidden_of(batch).shape[0]
-    if bs == 1:
-        return batch
 
     def cut(x):
         if isinstance(x, torch.Tensor):
-            return x[:1] if x.dim() > 0 and x.shape[0] == bs else x
+            return x[rows] if x.dim() > 0 and x.shape[0] == bs else x
         if isinstance(x, (tuple, list)):
             return type(x)(cut(v) for v in x)
         if isinstance(x, dict):
@@ -244,6 +243,10 @@ def _first_sample(batch: Batch) -> Batch:
         return x
 
     return cut(batch[0]), cut(batch[1])
+
+
+def _first_sample(batch: Batch) -> Batch:
+    return batch if hidden_of(batch).shape[0] == 1 else slice_batch(batch, slice(0, 1))
 
 
 @torch.no_grad()
@@ -498,6 +501,12 @@ def run(
                     entry = {"block": bname, "linears": len(linears), "output_error_rtn": before,
                              "fallbacks": [f.as_dict() for f in ctx.fallbacks], "notes": ctx.notes,
                              "weight_errors": ctx.weight_errors}
+                    if getattr(config, "tune_steps", 0) > 0:
+                        entry["tune"] = tune_block(
+                            block, [r for r in linears if isinstance(block.get_submodule(r), Int4Linear)],
+                            batches, ref, steps=config.tune_steps, lr=config.tune_lr,
+                            rounding=config.tune_rounding, sequences_per_step=config.tune_sequences,
+                            compute_dtype=compute_dtype, seed=i)
                 else:
                     entry = {"block": bname, "linears": 0, "output_error_rtn": 0.0, "fallbacks": [],
                              "notes": [], "weight_errors": {}}
