@@ -120,10 +120,13 @@ def test_guard_nan_activation_falls_back_to_rtn(outlier_llama, calib, ids, metho
                 assert torch.isfinite(t).all()
 
 
-def test_resume_after_interruption_gives_same_result(tmp_path, calib, ids, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"tune_steps": 10, "tune_target": "model"}], ids=["plain", "tuned-to-model"])
+def test_resume_after_interruption_gives_same_result(tmp_path, calib, ids, monkeypatch, extra):
+    """With tune_target="model" the later blocks' targets come from the float model's own
+    trajectory, which a resumed run must rebuild from the blocks it loads."""
     src = make_tiny_llama(tmp_path / "src", layers=3, seed=2)
     ck = tmp_path / "ck"
-    opts = dict(progress=False, calib=calib, n_samples=8, seq_len=CALIB_SEQ)
+    opts = dict(progress=False, calib=calib, n_samples=8, seq_len=CALIB_SEQ, **extra)
     full = anyquant.quantize(str(src), "gptq", checkpoint_dir=None, **opts)
 
     real_save = runner._save_block

@@ -62,3 +62,13 @@ def test_tuning_lowers_block_error_and_saves_what_it_scored(tiny_llama, calib, i
     path = anyquant.save(tuned, tmp_path / method)
     torch.testing.assert_close(anyquant.load(path)(ids).logits, tuned.model(ids).logits, rtol=0, atol=0)
     assert_stock_matches(AutoModelForCausalLM.from_pretrained(path), tuned.model, ids, method)
+
+
+def test_tune_options_are_checked():
+    from anyquant.config import make_config
+    from anyquant.errors import AnyquantError
+
+    assert make_config("awq").tune_steps == 0 and make_config("gptq").tune_target == "block"
+    for bad in ({"tune_target": "float"}, {"tune_steps": -1}, {"tune_lr": 0.0}, {"tune_sequences": 0}):
+        with pytest.raises(AnyquantError, match="tune"):
+            make_config("gptq", **bad)

@@ -118,12 +118,17 @@ class CalibratedInt4Config(Int4Config):
     tune_lr: float = 5e-3
     tune_rounding: bool = True
     tune_sequences: int = 2  # calibration sequences per tuning step
+    # "block": the float block's output on the same (quantized) inputs; "model": the float
+    # model's own output of this block, so tuning also corrects error that earlier blocks left
+    tune_target: str = "block"
     calibrated: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.n_samples < 1 or self.seq_len < 2:
             raise AnyquantError(f"{self.method}: need n_samples >= 1 and seq_len >= 2, got {self.n_samples}, {self.seq_len}")
+        if self.tune_target not in ("block", "model"):
+            raise AnyquantError(f"{self.method}: tune_target={self.tune_target!r} must be 'block' or 'model'")
         if self.tune_steps < 0 or self.tune_sequences < 1 or not (0 < self.tune_lr < 1):
             raise AnyquantError(f"{self.method}: need tune_steps >= 0, tune_sequences >= 1 and 0 < tune_lr < 1, got "
                                 f"{self.tune_steps}, {self.tune_sequences}, {self.tune_lr}")

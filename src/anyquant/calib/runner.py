@@ -465,8 +465,8 @@ def run(
         ckdir = Path(checkpoint_dir) / key
 
     batches = capture_inputs(model, blocks[0], calib_ids, batch_size)
-    # Only for a fresh run: after a resumed block the float model's inputs are not known.
-    float_batches = list(batches) if getattr(config, "float_targets", False) else None
+    model_targets = getattr(config, "tune_steps", 0) > 0 and getattr(config, "tune_target", "block") == "model"
+    float_batches = list(batches) if getattr(config, "float_targets", False) or model_targets else None
     entries: list[dict] = []
     fallbacks: list[dict] = []
     notes: list[str] = []
@@ -476,17 +476,17 @@ def run(
         for i, block in enumerate(blocks):
             bname = f"{blocks_name}.{i}" if blocks_name else str(i)
             linears = per_block[i]
+            # The float model's outputs of this block, taken while it is still float, also when
+            # it is about to be resumed from a checkpoint: later blocks then get the same targets
+            # as in an uninterrupted run.
+            float_outs = block_outputs(block, float_batches) if float_batches is not None else None
             entry = _load_block(ckdir, i, block, linears, config, compute_dtype) if ckdir else None
-            float_outs = None
             if entry is not None:
                 resumed += 1
                 entry["resumed"] = True
                 outs = block_outputs(block, batches)
-                float_batches = None
             else:
                 ref = block_outputs(block, batches)
-                if float_batches is not None:
-                    float_outs = block_outputs(block, float_batches)
                 if linears:
                     rtn = copy.deepcopy(block)
                     rtn_block(rtn, linears, config.group_size, config.symmetric, compute_dtype)
@@ -504,7 +504,8 @@ def run(
                     if getattr(config, "tune_steps", 0) > 0:
                         entry["tune"] = tune_block(
                             block, [r for r in linears if isinstance(block.get_submodule(r), Int4Linear)],
-                            batches, ref, steps=config.tune_steps, lr=config.tune_lr,
+                            batches, float_outs if model_targets and float_outs is not None else ref,
+                            steps=config.tune_steps, lr=config.tune_lr,
                             rounding=config.tune_rounding, sequences_per_step=config.tune_sequences,
                             compute_dtype=compute_dtype, seed=i)
                 else:
