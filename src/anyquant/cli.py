@@ -155,6 +155,7 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
              act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="gptq: columns in order of decreasing Hessian diagonal"),
              awq_scales: Optional[bool] = typer.Option(None, "--awq-scales/--no-awq-scales", help="gptq: AWQ's activation-aware scales first (better, about 2x slower)"),
              tune_steps: Optional[int] = typer.Option(None, "--tune-steps", help="awq/gptq: block-output tuning steps per block after the method (0: off)"),
+             tune_target: Optional[str] = typer.Option(None, "--tune-target", help="awq/gptq tuning toward: model (the float model's output of each block) or block (the float block's, on the same inputs)"),
              force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
              verbose: bool = typer.Option(False, "--verbose", "-v")):
     """Quantize SOURCE with METHOD and write a loadable model directory to OUT."""
@@ -169,7 +170,8 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
     result = run(src, method, dtype=dtype, plan=plan_file, overrides=ov, only=only, include_vision=include_vision,
                  trust_remote_code=trust_remote_code, requantize=requantize, calib=calib,
                  **_method_options(method, group_size, n_samples=n_samples, seq_len=seq_len, act_order=act_order,
-                                  awq_scales=awq_scales, tune_steps=tune_steps))
+                                  awq_scales=awq_scales, tune_steps=tune_steps,
+                                  tune_target=tune_target))
     path = save(result, out, force=force)
     r = result.report
     typer.echo(

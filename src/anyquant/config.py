@@ -118,9 +118,10 @@ class CalibratedInt4Config(Int4Config):
     tune_lr: float = 5e-3
     tune_rounding: bool = True
     tune_sequences: int = 2  # calibration sequences per tuning step
-    # "block": the float block's output on the same (quantized) inputs; "model": the float
-    # model's own output of this block, so tuning also corrects error that earlier blocks left
-    tune_target: str = "block"
+    # "model": the float model's own output of this block, so tuning also corrects error that
+    # earlier blocks left; "block": the float block's output on the same (quantized) inputs.
+    # SmolLM2 (4,096 tokens, gptq + 100 steps): model 26.53 / KL 0.170, block 26.77 / 0.175.
+    tune_target: str = "model"
     calibrated: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
