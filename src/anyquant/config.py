@@ -121,6 +121,8 @@ class CalibratedInt4Config(Int4Config):
     # "model": the float model's own output of this block, so tuning also corrects error that
     # earlier blocks left; "block": the float block's output on the same (quantized) inputs.
     # SmolLM2 (4,096 tokens, gptq + 100 steps): model 26.53 / KL 0.170, block 26.77 / 0.175.
+    # Tuning itself is off (tune_steps=0): over 16,352 tokens, and on Gemma-3-270M, it did not
+    # improve gptq + AWQ scales (README, benchmarks/results/quality*.json).
     tune_target: str = "model"
     calibrated: ClassVar[bool] = True
 
