@@ -487,6 +487,7 @@ def run(
                 outs = block_outputs(block, batches)
             else:
                 ref = block_outputs(block, batches)
+                tuned_outs = None
                 if linears:
                     rtn = copy.deepcopy(block)
                     rtn_block(rtn, linears, config.group_size, config.symmetric, compute_dtype)
@@ -502,7 +503,7 @@ def run(
                              "fallbacks": [f.as_dict() for f in ctx.fallbacks], "notes": ctx.notes,
                              "weight_errors": ctx.weight_errors}
                     if getattr(config, "tune_steps", 0) > 0:
-                        entry["tune"] = tune_block(
+                        entry["tune"], tuned_outs = tune_block(
                             block, [r for r in linears if isinstance(block.get_submodule(r), Int4Linear)],
                             batches, float_outs if model_targets and float_outs is not None else ref,
                             steps=config.tune_steps, lr=config.tune_lr,
@@ -511,7 +512,8 @@ def run(
                 else:
                     entry = {"block": bname, "linears": 0, "output_error_rtn": 0.0, "fallbacks": [],
                              "notes": [], "weight_errors": {}}
-                outs = block_outputs(block, batches)
+                # the tuning step already ran the kept block on these batches
+                outs = tuned_outs if tuned_outs is not None else block_outputs(block, batches)
                 entry["output_error"] = relative_error(ref, outs)
                 del ref
                 if ckdir is not None:

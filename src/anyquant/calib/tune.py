@@ -87,15 +87,16 @@ def tune_block(
     sequences_per_step: int,
     compute_dtype: torch.dtype,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[torch.Tensor] | None]:
     """Tune the Int4Linear modules `linears` (names relative to `block`) in place; returns the
-    block's relative output error before and after, and whether the tuned weights were kept."""
+    block's relative output error before and after and whether the tuned weights were kept, and
+    the kept block's outputs on `batches` (the runner's next inputs; None when not kept)."""
     from anyquant.calib.runner import hidden_of, relative_error, run_block, slice_batch
     from anyquant.methods.registry import set_submodule
 
     originals = {n: block.get_submodule(n) for n in linears}
     if not originals or steps <= 0:
-        return {"kept": False, "steps": 0}
+        return {"kept": False, "steps": 0}, None
     with torch.no_grad():
         before = relative_error(targets, [run_block(block, b) for b in batches])
     tunables = {n: _TunableInt4(q, rounding) for n, q in originals.items()}
@@ -139,9 +140,11 @@ def tune_block(
     for n, q in tuned.items():
         set_submodule(block, n, q)
     with torch.no_grad():
-        after = relative_error(targets, [run_block(block, b) for b in batches])
+        outputs = [run_block(block, b) for b in batches]
+        after = relative_error(targets, outputs)
     kept = after < before
     if not kept:
         for n, q in originals.items():
             set_submodule(block, n, q)
-    return {"kept": kept, "steps": steps, "output_error_before": before, "output_error_after": after}
+    info = {"kept": kept, "steps": steps, "output_error_before": before, "output_error_after": after}
+    return info, (outputs if kept else None)
