@@ -14,11 +14,14 @@ the GPU, bf16 vs anyquant int4 (each decoder nn.Linear replaced by Int4Linear.fr
 128; kernels chosen by anyquant.runtime.kernels), batch 1, 128 new tokens (greedy) after a
 128-token prompt, static KV cache, each decode step one CUDA graph replay. Variants: eager
 decode step in a graph; torch.compile (--compile-mode, "default") of the decode step, also in a
-graph, for bf16 and int4 alike; lm_head in int4 too; q/k/v and gate/up fused (bf16 and int4).
+graph, for bf16 and int4 alike; lm_head in int4 too; q/k/v and gate/up fused (bf16 and int4);
+and "_attn" rows: the same model with anyquant's decode attention (anyquant.runtime.attention),
+for bf16 and int4 alike.
 
   python benchmarks/speed_gpu.py [--out PATH] [--tune [mma,cuda,gemv,gemv2,gemm]] [--apply-tune]
       [--skip-e2e] [--skip-kernels] [--skip-separate] [--kinds K1,K2] [--compile-mode MODE]
       [--e2e VARIANTS] [--e2e-layers N] [--batch1-first KERNEL] [--e2e-compare KERNEL] [--errors PATH]
+      [--attention-bench] [--tune-lm-head] [--profile PATH]
 
 Prints tables and writes JSON (device, date, versions, every number) to --out.
 """
@@ -365,6 +368,81 @@ def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm"), apply=
     return out
 
 
+def tune_lm_head(copy_bw, cfgs=None):
+    """cuda_mma configurations for the int4 lm_head (VOCAB x HIDDEN, one matrix of 279 MB, so
+    no cache effects): us per call, 4 calls per graph replay."""
+    from anyquant.runtime import cuda_int4
+
+    w = torch.randn(VOCAB, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.02
+    lin = torch.nn.Linear(HIDDEN, VOCAB, bias=False, device="meta")
+    lin.weight = torch.nn.Parameter(w, requires_grad=False)
+    m = Int4Linear.from_float(lin, group_size=GROUP)
+    del w, lin
+    dev = torch.device("cuda:0")
+    packed = kernels._cached(m, ("cuda_gemv", str(dev)), lambda: cuda_int4.repack(m, dev))
+    x = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    cfgs = cfgs or ([kernels._CUDA_MMA_DEFAULT]
+                    + [(0, u, rt, sk, cps, 1) for u in (1, 2, 4) for (rt, sk) in ((1, 4), (1, 8), (1, 16), (2, 4), (2, 8), (4, 2), (4, 4))
+                       for cps in (0, 1, 2)])
+    floor_us = VOCAB * HIDDEN * BITS["int4_g128"] / 8 / (copy_bw * 1e9) * 1e6
+    out, best = [], None
+    for cfg in cfgs:
+        def run():
+            for _ in range(4):
+                cuda_int4.gemv_mma(x, packed, GROUP, cfg)
+        try:
+            us = 1e3 * graph_time_ms(run, replays=10) / 4
+        except Exception as exc:
+            out.append({"cfg": list(cfg), "error": str(exc)[:200]})
+            continue
+        out.append({"cfg": list(cfg), "us": round(us, 2), "pct_of_floor": round(100 * floor_us / us, 1)})
+        if best is None or us < best[0]:
+            best = (us, cfg)
+    log(f"  tune lm_head {VOCAB}x{HIDDEN}: default {out[0].get('us')} us, best {best[1]} {best[0]:.2f} us "
+        f"(floor {floor_us:.1f} us)")
+    del m, packed
+    return out
+
+
+def attention_bench(lengths=(264, 1024, 4096)):
+    """One decode step's attention for the 32 layers (Hkv 8, 4 query heads each, head_dim 128,
+    a static cache of L positions, the first L - 8 valid), in one CUDA graph: anyquant's kernel
+    vs torch SDPA as transformers calls it under torch.compile (repeat_kv copies, bool mask) and
+    with enable_gqa. us per layer."""
+    from anyquant.runtime import attention
+
+    attention._build_for(torch.device("cuda:0"))
+    out = []
+    for L in lengths:
+        ks = [torch.randn(1, KV_HEADS, L, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(LAYERS)]
+        vs = [torch.randn_like(k) for k in ks]
+        q = torch.randn(1, HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        mask = torch.zeros(1, 1, 1, L, dtype=torch.bool, device="cuda")
+        mask[..., :L - 8] = True
+        scale = HEAD_DIM ** -0.5
+        g = HEADS // KV_HEADS
+        fns = {
+            "anyquant": lambda k, v: torch.ops.anyquant.decode_attention(q, k, v, mask, scale),
+            "sdpa_repeat_kv": lambda k, v: F.scaled_dot_product_attention(
+                q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask, scale=scale),
+            "sdpa_enable_gqa": lambda k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                                          enable_gqa=True),
+        }
+        row = {"L": L}
+        for name, fn in fns.items():
+            try:
+                row[name + "_us"] = round(1e3 * graph_time_ms(lambda: [fn(k, v) for k, v in zip(ks, vs)], 20) / LAYERS, 2)
+            except Exception as exc:
+                row[name + "_error"] = str(exc)[:200]
+        ref = fns["sdpa_repeat_kv"](ks[0], vs[0]).transpose(1, 2).double()
+        got = fns["anyquant"](ks[0], vs[0]).double()
+        row["rel_err_vs_sdpa"] = ((got - ref).norm() / ref.norm()).item()
+        log(f"  attention L={L}: {row}")
+        out.append(row)
+        del ks, vs
+    return out
+
+
 # ---- end to end -----------------------------------------------------------------------------
 
 def llama_config(layers=LAYERS):
@@ -377,7 +455,7 @@ def llama_config(layers=LAYERS):
     )
 
 
-def decode_tokens_per_s(model, prompt_len=128, new_tokens=128, compile_mode=None):
+def decode_tokens_per_s(model, prompt_len=128, new_tokens=128, compile_mode=None, profile=None):
     """Greedy decode tokens/s. compile_mode None: the eager decode step captured in one CUDA
     graph; otherwise torch.compile(model, mode=compile_mode, dynamic=False) for the decode
     step (the prompt runs eagerly), and the compiled step captured in one CUDA graph as well
@@ -474,6 +552,8 @@ def decode_tokens_per_s(model, prompt_len=128, new_tokens=128, compile_mode=None
         e1.record()
         e1.synchronize()
         ms2 = e0.elapsed_time(e1)
+        if profile and g is not None:
+            profile_replays(g, profile)
     seq = torch.cat(tokens, dim=1)
     del g, cache, fwd
     if compile_mode is not None:
@@ -483,6 +563,23 @@ def decode_tokens_per_s(model, prompt_len=128, new_tokens=128, compile_mode=None
             "ms_per_token": round(min(ms, ms2) / new_tokens, 4), "mode": mode, "prefill_s": round(prefill_s, 3),
             "compile_and_warmup_s": compile_s, "distinct_tokens": int(seq.unique().numel()),
             "first_tokens": seq[0, :8].tolist()}
+
+
+def profile_replays(g, path, replays=3):
+    """Kernel times of a few replays of the decode-step graph (torch.profiler, CUDA activity):
+    a table by kernel name (PATH.txt) and the trace (PATH.json)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            g.replay()
+        torch.cuda.synchronize()
+    Path(path + ".txt").write_text(
+        f"{replays} replays of one decode step\n"
+        + prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90))
+    prof.export_chrome_trace(path + ".json")
+    log(f"  profile written to {path}.txt / .json")
 
 
 def _build_model(layers=LAYERS):
@@ -518,7 +615,7 @@ def set_batch1_first(kernel):
         kernels._PREFERENCE[1] = (kernel,) + tuple(k for k in order if k != kernel)
 
 
-def e2e(compile_mode="default", variants=None, layers=LAYERS, compare=None):
+def e2e(compile_mode="default", variants=None, layers=LAYERS, compare=None, profile=None, lm_head_cfg=None):
     """Each variant is one decode measurement (see E2E_VARIANTS); the model is changed in place
     from bf16 to int4 (decoder Linears), + lm_head, + fused q/k/v and gate/up."""
     from anyquant.runtime.fuse import fuse_projections
@@ -526,12 +623,12 @@ def e2e(compile_mode="default", variants=None, layers=LAYERS, compare=None):
     variants = variants or E2E_VARIANTS
     res = {"compile_mode": compile_mode, "layers": layers}
 
-    def measure(key, model, compiled):
+    def measure(key, model, compiled, prof=None):
         if key not in variants:
             return
         t0 = time.time()
         try:
-            res[key] = decode_tokens_per_s(model, compile_mode=compile_mode if compiled else None)
+            res[key] = decode_tokens_per_s(model, compile_mode=compile_mode if compiled else None, profile=prof)
         except Exception as exc:  # recorded, never silently dropped
             res[key] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
         log(f"  {key}: {res[key]}  ({time.time() - t0:.0f}s)")
@@ -539,11 +636,26 @@ def e2e(compile_mode="default", variants=None, layers=LAYERS, compare=None):
     model = _build_model(layers)
     log(f"  model built: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
         f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB")
+    from anyquant.runtime.attention import use_decode_attention
+
+    def with_attention(key, model, compiled, prof=None):
+        """the same model with anyquant's decode attention (runtime.attention), then back"""
+        if key not in variants:
+            return
+        prev = use_decode_attention(model)
+        try:
+            measure(key, model, compiled, prof)
+        finally:
+            model.config._attn_implementation = prev
+
     measure("bf16", model, False)
+    with_attention("bf16_attn", model, False)
     measure("bf16_compiled", model, True)
-    if "bf16_fused_compiled" in variants:
+    with_attention("bf16_compiled_attn", model, True)
+    if "bf16_fused_compiled" in variants or "bf16_fused_compiled_attn" in variants:
         fuse_projections(model)
         measure("bf16_fused_compiled", model, True)
+        with_attention("bf16_fused_compiled_attn", model, True)
         del model
         gc.collect()
         torch.cuda.empty_cache()
@@ -568,7 +680,22 @@ def e2e(compile_mode="default", variants=None, layers=LAYERS, compare=None):
     gc.collect()
     torch.cuda.empty_cache()
     measure("int4_fused_with_lm_head", model, False)
-    measure("int4_fused_with_lm_head_compiled", model, True)
+    attn_profiled = "int4_fused_with_lm_head_compiled_attn" in variants
+    measure("int4_fused_with_lm_head_compiled", model, True, prof=None if attn_profiled else profile)
+    with_attention("int4_fused_with_lm_head_attn", model, False)
+    with_attention("int4_fused_with_lm_head_compiled_attn", model, True, prof=profile)
+    if lm_head_cfg is not None and "int4_fused_with_lm_head_compiled_attn" in variants:
+        # the lm_head with the configuration tuned in this run (tune_lm_head), for comparison
+        key = (model.lm_head.out_features, model.lm_head.in_features)
+        saved_cfg = kernels._CUDA_MMA_CFG.get(key)
+        kernels._CUDA_MMA_CFG[key] = tuple(lm_head_cfg)
+        variants = tuple(variants) + ("int4_fused_with_lm_head_compiled_attn_lm_head_tuned",)
+        with_attention("int4_fused_with_lm_head_compiled_attn_lm_head_tuned", model, True)
+        res["lm_head_tuned_cfg"] = list(lm_head_cfg)
+        if saved_cfg is None:
+            kernels._CUDA_MMA_CFG.pop(key)
+        else:
+            kernels._CUDA_MMA_CFG[key] = saved_cfg
     if compare:
         # the same fused model and weights with another kernel first at batch 1
         saved = kernels._PREFERENCE[1]
@@ -602,10 +729,17 @@ def e2e(compile_mode="default", variants=None, layers=LAYERS, compare=None):
     return res
 
 
-E2E_VARIANTS = ("bf16", "bf16_compiled", "bf16_fused_compiled", "int4", "int4_with_lm_head",
-                "int4_with_lm_head_compiled", "int4_fused_with_lm_head", "int4_fused_with_lm_head_compiled")
+E2E_VARIANTS = ("bf16", "bf16_attn", "bf16_compiled", "bf16_compiled_attn", "bf16_fused_compiled",
+                "bf16_fused_compiled_attn", "int4", "int4_with_lm_head", "int4_with_lm_head_compiled",
+                "int4_fused_with_lm_head", "int4_fused_with_lm_head_compiled", "int4_fused_with_lm_head_attn",
+                "int4_fused_with_lm_head_compiled_attn")
 E2E_LABELS = {
     "bf16": "bf16 (eager step, CUDA graph)",
+    "bf16_attn": "bf16 + anyquant decode attention",
+    "bf16_compiled_attn": "bf16 compiled + decode attention",
+    "bf16_fused_compiled_attn": "bf16 fused, compiled + decode attn",
+    "int4_fused_with_lm_head_attn": "int4 + lm_head, fused + decode attn",
+    "int4_fused_with_lm_head_compiled_attn": "int4 + lm_head, fused, compiled + decode attn",
     "bf16_compiled": "bf16 compiled",
     "bf16_fused_compiled": "bf16 fused qkv/gate_up, compiled",
     "int4": "int4 decoder Linears",
@@ -633,7 +767,7 @@ def print_tables(result):
         log(f"End to end decode, batch 1, 128 new tokens after a 128-token prompt (static cache, CUDA graph per "
             f"step; compiled = torch.compile mode {e.get('compile_mode')!r})")
         sp, spc = e.get("speedup_vs_bf16", {}), e.get("speedup_vs_bf16_compiled", {})
-        keys = list(E2E_VARIANTS) + [k for k in e if k.startswith("int4_fused_with_lm_head_") and k not in E2E_VARIANTS
+        keys = list(E2E_VARIANTS) + [k for k in e if k.startswith(("int4_fused_with_lm_head", "bf16")) and k not in E2E_VARIANTS
                                      and isinstance(e[k], dict) and "tokens_per_s" in e[k]]
         for key in keys:
             v = e.get(key)
@@ -673,6 +807,10 @@ def main(argv=None):
                     help="put this kernel first in the batch-1 dispatch order for the whole run (e.g. cuda_mma)")
     ap.add_argument("--e2e-compare", default=None,
                     help="end to end: also time the fused int4 variants with this kernel first at batch 1")
+    ap.add_argument("--attention-bench", action="store_true", help="time the decode attention kernel vs torch SDPA")
+    ap.add_argument("--tune-lm-head", action="store_true", help="sweep cuda_mma configurations for the int4 lm_head")
+    ap.add_argument("--profile", default=None,
+                    help="end to end: profile the fused compiled int4 step's graph replays into PATH.txt / PATH.json")
     ap.add_argument("--errors", default=None, help="JSON of measured kernel errors (tests/test_runtime_gpu.py) to include")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -754,10 +892,20 @@ def main(argv=None):
     result["cuda_gemv_tables"] = {"cfg": {f"{n}x{k}": list(v) for (n, k), v in sorted(kernels._CUDA_GEMV_CFG.items())},
                                   "preferred_over_torch_int4": sorted(f"{n}x{k}" for n, k in kernels._CUDA_GEMV_PREFERRED)}
     log(f"cuda_gemv tables: {result['cuda_gemv_tables']}")
+    if args.attention_bench:
+        result["attention_bench"] = attention_bench()
+        save()
+    lm_head_best = None
+    if args.tune_lm_head:
+        result["tune_lm_head"] = tune_lm_head(result["copy_bandwidth_GBps"])
+        ok = [r for r in result["tune_lm_head"] if "us" in r]
+        lm_head_best = min(ok, key=lambda r: r["us"])["cfg"] if ok else None
+        save()
     if args.errors and Path(args.errors).exists():
         result["correctness"] = json.loads(Path(args.errors).read_text())
     if not args.skip_e2e:
-        result["e2e"] = e2e(args.compile_mode, tuple(args.e2e.split(",")), args.e2e_layers, args.e2e_compare)
+        result["e2e"] = e2e(args.compile_mode, tuple(args.e2e.split(",")), args.e2e_layers, args.e2e_compare,
+                            args.profile, lm_head_best)
     save()
     print_tables(result)
 

@@ -4,6 +4,8 @@
 nibbles into a bf16x2 register with one LOP3 and multiplies on the tensor cores (mma.sync
 m16n8k16, fp32 accumulation; groups that are multiples of 128). Both read the same buffers.
 
+The same extension also holds runtime.attention's decode-attention kernel (cuda_attention.cu).
+
 Built with `torch.utils.cpp_extension.load_inline` the first time it is needed on a CUDA
 device where nvcc is present (never at import); torch caches the build under its extensions
 directory (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), keyed by a hash of the
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 
 _SRC = Path(__file__).with_name("cuda_int4_gemv.cu")
+_SRC_ATTN = Path(__file__).with_name("cuda_attention.cu")   # runtime/attention.py's decode kernel
 
 _CPP = r"""
 #include <torch/extension.h>
@@ -42,6 +45,44 @@ const char* anyquant_int4_gemv_launch(const void* x, const void* w, const void* 
 const char* anyquant_int4_mma_launch(const void* x, const void* w, const void* meta, void* y, int N, int K, int G,
                                      int blocks_per_group, int pipe, int depth, int RT, int S, int ctas_per_sm,
                                      int pdl, void* stream);
+
+const char* anyquant_decode_attention_launch(const void* q, const void* k, const void* v, const void* mask, void* out,
+                                             void* part, void* counters, int Hkv, int G, int L, long long k_sh,
+                                             long long k_sl, long long v_sh, long long v_sl, float scale,
+                                             void* stream);
+int anyquant_decode_attention_part_floats(int Hkv, int G, int L);
+
+// q [Hq, 128], k / v [Hkv, L, 128] (any head and position strides, last dimension contiguous),
+// mask uint8 [L], counters int32 [>= Hkv] (zero; left zero) -> out [Hq, 128]
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask,
+                               torch::Tensor counters, double scale) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && mask.is_cuda() && counters.is_cuda(),
+              "decode_attention: CUDA tensors expected");
+  TORCH_CHECK(q.scalar_type() == torch::kBFloat16 && k.scalar_type() == torch::kBFloat16 &&
+              v.scalar_type() == torch::kBFloat16 && mask.scalar_type() == torch::kUInt8 &&
+              counters.scalar_type() == torch::kInt32, "decode_attention: dtypes");
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 3 && v.dim() == 3 && mask.dim() == 1, "decode_attention: ranks");
+  TORCH_CHECK(q.is_contiguous() && mask.is_contiguous() && q.size(1) == 128 && k.size(2) == 128 && v.size(2) == 128,
+              "decode_attention: head_dim 128, contiguous q and mask");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) % 4 == 0 && v.stride(1) % 4 == 0 &&
+              k.stride(0) % 4 == 0 && v.stride(0) % 4 == 0, "decode_attention: 8-byte aligned k / v rows");
+  const int64_t Hkv = k.size(0), L = k.size(1), Hq = q.size(0);
+  TORCH_CHECK(v.size(0) == Hkv && v.size(1) == L && mask.size(0) == L && Hq % Hkv == 0 && counters.numel() >= Hkv,
+              "decode_attention: shapes");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(q.data_ptr()) % 8 == 0 && reinterpret_cast<uintptr_t>(k.data_ptr()) % 8 == 0 &&
+              reinterpret_cast<uintptr_t>(v.data_ptr()) % 8 == 0, "decode_attention: 8-byte aligned tensors");
+  c10::cuda::CUDAGuard guard(q.device());
+  auto out = torch::empty({Hq, 128}, q.options());
+  auto part = torch::empty({anyquant_decode_attention_part_floats((int)Hkv, (int)(Hq / Hkv), (int)L)},
+                           q.options().dtype(torch::kFloat32));
+  const char* err = anyquant_decode_attention_launch(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr(),
+                                                     out.data_ptr(), part.data_ptr(), counters.data_ptr(), (int)Hkv,
+                                                     (int)(Hq / Hkv), (int)L, k.stride(0), k.stride(1), v.stride(0),
+                                                     v.stride(1), (float)scale,
+                                                     (void*)c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == nullptr, "decode_attention launch failed: ", err ? err : "");
+  return out;
+}
 
 torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor meta, int64_t group, int64_t R, int64_t U,
                    int64_t warps, int64_t ctas_per_sm, int64_t pdl) {
@@ -118,14 +159,14 @@ def nvcc_path() -> str | None:
 def _build(arch: str):
     from torch.utils.cpp_extension import load_inline
 
-    cu = _SRC.read_text()
+    cu = _SRC.read_text() + "\n" + _SRC_ATTN.read_text()
     digest = hashlib.sha1((cu + _CPP).encode()).hexdigest()[:12]
     gencode = f"-gencode=arch=compute_{arch},code=sm_{arch}"
     return load_inline(
         name=f"anyquant_cuda_int4_{digest}_sm{arch}",
         cpp_sources=[_CPP],
         cuda_sources=[cu],
-        functions=["gemv", "gemv_mma"],
+        functions=["gemv", "gemv_mma", "decode_attention"],
         extra_cflags=["-O3"],
         extra_cuda_cflags=["-O3", gencode, "-std=c++17"],
         verbose=os.environ.get("ANYQUANT_VERBOSE_BUILD") == "1",
