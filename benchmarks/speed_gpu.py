@@ -18,10 +18,17 @@ graph, for bf16 and int4 alike; lm_head in int4 too; q/k/v and gate/up fused (bf
 and "_attn" rows: the same model with anyquant's decode attention (anyquant.runtime.attention),
 for bf16 and int4 alike.
 
+--e2e-repeat N (robust comparison): the bf16 and fused int4 + lm_head models in one process, each
+variant of REPEAT_VARIANTS prepared once, then N rounds of every variant in turn (median, min,
+max of tok/s and of the per-round ratio to bf16). "_step" variants compile the whole decode step
+(forward + runtime.decode.greedy_token + token/position updates) with the cache's layers sharing
+one position counter (runtime.decode.share_position_counter); "_combo" adds inductor's
+combo_kernels option.
+
   python benchmarks/speed_gpu.py [--out PATH] [--tune [mma,cuda,gemv,gemv2,gemm]] [--apply-tune]
       [--skip-e2e] [--skip-kernels] [--skip-separate] [--kinds K1,K2] [--compile-mode MODE]
       [--e2e VARIANTS] [--e2e-layers N] [--batch1-first KERNEL] [--e2e-compare KERNEL] [--errors PATH]
-      [--attention-bench] [--tune-lm-head] [--profile PATH]
+      [--attention-bench] [--tune-lm-head] [--profile PATH] [--e2e-repeat N] [--repeat-variants V1,V2]
 
 Prints tables and writes JSON (device, date, versions, every number) to --out.
 """
@@ -455,114 +462,150 @@ def llama_config(layers=LAYERS):
     )
 
 
-def decode_tokens_per_s(model, prompt_len=128, new_tokens=128, compile_mode=None, profile=None):
-    """Greedy decode tokens/s. compile_mode None: the eager decode step captured in one CUDA
-    graph; otherwise torch.compile(model, mode=compile_mode, dynamic=False) for the decode
-    step (the prompt runs eagerly), and the compiled step captured in one CUDA graph as well
-    unless the mode makes its own ("reduce-overhead")."""
-    from transformers import StaticCache
+class DecodeRun:
+    """One model's greedy decode, prepared once (prefill, compile, warm-up, CUDA graph capture) and
+    timed as often as asked: each `run()` restarts at the prompt's end and decodes `new_tokens`.
 
-    cfg = model.config
-    cache = StaticCache(config=cfg, max_cache_len=prompt_len + new_tokens + 8)
-    fwd_params = inspect.signature(model.forward).parameters
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), device="cuda", generator=gen)
-    tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
-    pos = torch.zeros(1, dtype=torch.long, device="cuda")
+    compile_mode None: the eager decode step captured in one CUDA graph; otherwise torch.compile
+    (mode=compile_mode, dynamic=False) of the decode step (the prompt runs eagerly), captured in one
+    CUDA graph as well unless the mode makes its own ("reduce-overhead"). whole_step: compile the
+    whole step (forward, greedy token by runtime.decode.greedy_token, token and position updates)
+    instead of the model's forward alone (argmax then runs eagerly). share_counter: the static
+    cache's layers share one position counter (runtime.decode.share_position_counter)."""
 
-    def kw(position):
-        d = {"past_key_values": cache, "use_cache": True, "position_ids": position.view(1, -1)}
-        if "cache_position" in fwd_params:
-            d["cache_position"] = position
-        return d
+    def __init__(self, model, prompt_len=128, new_tokens=128, compile_mode=None, whole_step=False,
+                 share_counter=False, inductor_options=None):
+        from transformers import StaticCache
 
-    def set_position(p):
-        pos.fill_(p)
-        for layer in getattr(cache, "layers", []):
+        from anyquant.runtime.decode import greedy_token, share_position_counter
+
+        cfg = model.config
+        self.new_tokens = new_tokens
+        self.prompt_len = prompt_len
+        self.cache = cache = StaticCache(config=cfg, max_cache_len=prompt_len + new_tokens + 8)
+        self.shared_counter = share_position_counter(cache, "cuda") is not None if share_counter else False
+        fwd_params = inspect.signature(model.forward).parameters
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), device="cuda", generator=gen)
+        self.tok = tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+        self.pos = pos = torch.zeros(1, dtype=torch.long, device="cuda")
+
+        def kw(position):
+            d = {"past_key_values": cache, "use_cache": True, "position_ids": position.view(1, -1)}
+            if "cache_position" in fwd_params:
+                d["cache_position"] = position
+            return d
+
+        fwd = model
+        self.compile_s = None
+        if compile_mode is not None and not whole_step:
+            fwd = torch.compile(model, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
+        own_graphs = compile_mode is not None and "reduce-overhead" in compile_mode
+
+        def step_body(tok, pos):
+            out = fwd(input_ids=tok, **kw(pos))
+            tok.copy_(greedy_token(out.logits))
+            pos.add_(1)
+
+        if whole_step:
+            compiled = torch.compile(step_body, mode=None if compile_mode in (None, "default") else compile_mode,
+                                     dynamic=False, options=inductor_options)
+
+            def step():
+                compiled(tok, pos)
+        else:
+            def step():
+                out = fwd(input_ids=tok, **kw(pos))
+                tok.copy_(out.logits[:, -1:].argmax(-1))
+                pos.add_(1)
+
+        self.step = step
+        with torch.inference_mode():
+            t0 = time.time()
+            out = model(input_ids=prompt, **kw(torch.arange(prompt_len, device="cuda")))
+            tok.copy_(out.logits[:, -1:].argmax(-1))
+            self.first_tok = tok.clone()
+            del out
+            self.set_position(prompt_len)
+            torch.cuda.synchronize()
+            self.prefill_s = time.time() - t0
+            self.mode = ("cuda_graph" if compile_mode is None else
+                         f"compiled ({compile_mode}{', whole step' if whole_step else ''}) + cuda_graph")
+            t1 = time.time()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3 if own_graphs else 2):
+                    step()
+            torch.cuda.current_stream().wait_stream(s)
+            torch.cuda.synchronize()
+            if compile_mode is not None:
+                self.compile_s = round(time.time() - t1, 1)
+            self.set_position(prompt_len)
+            tok.copy_(self.first_tok)
+            self.g = torch.cuda.CUDAGraph()
+            if own_graphs:
+                self.mode = f"compiled ({compile_mode})"
+                self.g = None
+            else:
+                try:
+                    with torch.cuda.graph(self.g):
+                        step()
+                except Exception as exc:
+                    log(f"  CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:200]}); timing without")
+                    self.mode = (f"{'eager' if compile_mode is None else 'compiled'} "
+                                 f"(graph capture failed: {type(exc).__name__})")
+                    self.g = None
+
+    def set_position(self, p):
+        self.pos.fill_(p)
+        for layer in getattr(self.cache, "layers", []):
             cl = getattr(layer, "cumulative_length", None)
             if isinstance(cl, torch.Tensor):
                 cl.fill_(p)
 
-    fwd = model
-    compile_s = None
+    def run(self):
+        """ms for new_tokens steps from the prompt's end, and the tokens [1, new_tokens]."""
+        with torch.inference_mode():
+            self.set_position(self.prompt_len)
+            self.tok.copy_(self.first_tok)
+            out = torch.empty(1, self.new_tokens, dtype=torch.long, device="cuda")
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for i in range(self.new_tokens):
+                self.g.replay() if self.g is not None else self.step()
+                out[:, i:i + 1].copy_(self.tok)
+            e1.record()
+            e1.synchronize()
+        return e0.elapsed_time(e1), out
+
+    def close(self):
+        del self.g, self.cache, self.step
+
+
+def decode_tokens_per_s(model, prompt_len=128, new_tokens=128, compile_mode=None, profile=None, whole_step=False,
+                        share_counter=False):
+    """Greedy decode tokens/s (see DecodeRun), the better of two runs."""
     if compile_mode is not None:
         torch._dynamo.reset()
-        fwd = torch.compile(model, mode=None if compile_mode == "default" else compile_mode, dynamic=False)
-    own_graphs = compile_mode is not None and "reduce-overhead" in compile_mode
-
-    def step():
-        out = fwd(input_ids=tok, **kw(pos))
-        tok.copy_(out.logits[:, -1:].argmax(-1))
-        pos.add_(1)
-
-    with torch.inference_mode():
-        t0 = time.time()
-        out = model(input_ids=prompt, **kw(torch.arange(prompt_len, device="cuda")))
-        tok.copy_(out.logits[:, -1:].argmax(-1))
-        first_tok = tok.clone()
-        set_position(prompt_len)
-        torch.cuda.synchronize()
-        prefill_s = time.time() - t0
-        mode = "cuda_graph" if compile_mode is None else f"compiled ({compile_mode}) + cuda_graph"
-        t1 = time.time()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3 if own_graphs else 2):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
-        torch.cuda.synchronize()
-        if compile_mode is not None:
-            compile_s = round(time.time() - t1, 1)
-        set_position(prompt_len)
-        tok.copy_(first_tok)
-        g = torch.cuda.CUDAGraph()
-        if own_graphs:
-            mode = f"compiled ({compile_mode})"
-            g = None
-        else:
-            try:
-                with torch.cuda.graph(g):
-                    step()
-            except Exception as exc:
-                log(f"  CUDA graph capture failed ({type(exc).__name__}: {str(exc)[:200]}); timing without")
-                mode = f"{'eager' if compile_mode is None else 'compiled'} (graph capture failed: {type(exc).__name__})"
-                g = None
-        set_position(prompt_len)
-        tok.copy_(first_tok)
-        torch.cuda.synchronize()
-        tokens = []
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        for _ in range(new_tokens):
-            if g is not None:
-                g.replay()
-            else:
-                step()
-            tokens.append(tok.clone())
-        e1.record()
-        e1.synchronize()
-        ms = e0.elapsed_time(e1)
-        # a repeat, to show the spread
-        set_position(prompt_len)
-        tok.copy_(first_tok)
-        e0.record()
-        for _ in range(new_tokens):
-            g.replay() if g is not None else step()
-        e1.record()
-        e1.synchronize()
-        ms2 = e0.elapsed_time(e1)
-        if profile and g is not None:
-            profile_replays(g, profile)
-    seq = torch.cat(tokens, dim=1)
-    del g, cache, fwd
+    r = DecodeRun(model, prompt_len, new_tokens, compile_mode, whole_step, share_counter)
+    ms, seq = r.run()
+    ms2, _ = r.run()             # a repeat, to show the spread
+    if profile and r.g is not None:
+        profile_replays(r.g, profile)
+    res = {"tokens_per_s": round(new_tokens / (min(ms, ms2) * 1e-3), 2),
+           "tokens_per_s_runs": [round(new_tokens / (ms * 1e-3), 2), round(new_tokens / (ms2 * 1e-3), 2)],
+           "ms_per_token": round(min(ms, ms2) / new_tokens, 4), "mode": r.mode, "prefill_s": round(r.prefill_s, 3),
+           "compile_and_warmup_s": r.compile_s, "distinct_tokens": int(seq.unique().numel()),
+           "first_tokens": seq[0, :8].tolist()}
+    if share_counter:
+        res["shared_counter"] = r.shared_counter
+    r.close()
+    del r
     if compile_mode is not None:
         torch._dynamo.reset()
-    return {"tokens_per_s": round(new_tokens / (min(ms, ms2) * 1e-3), 2),
-            "tokens_per_s_runs": [round(new_tokens / (ms * 1e-3), 2), round(new_tokens / (ms2 * 1e-3), 2)],
-            "ms_per_token": round(min(ms, ms2) / new_tokens, 4), "mode": mode, "prefill_s": round(prefill_s, 3),
-            "compile_and_warmup_s": compile_s, "distinct_tokens": int(seq.unique().numel()),
-            "first_tokens": seq[0, :8].tolist()}
+    return res
 
 
 def profile_replays(g, path, replays=3):
@@ -729,6 +772,97 @@ def e2e(compile_mode="default", variants=None, layers=LAYERS, compare=None, prof
     return res
 
 
+REPEAT_VARIANTS = {
+    # key: (int4 model?, compiled?, decode attention?, whole step compiled?, shared cache counter?)
+    "bf16": (False, False, False, False, False),
+    "bf16_compiled_step_attn": (False, True, True, True, True),
+    "int4_fused_with_lm_head_compiled_attn": (True, True, True, False, False),
+    "int4_fused_with_lm_head_compiled_attn_step": (True, True, True, True, True),
+    # the same with inductor's combo_kernels (horizontal fusion of independent kernels), an experiment
+    "int4_fused_with_lm_head_compiled_attn_step_combo": (True, True, True, True, True),
+}
+REPEAT_BASE, REPEAT_BEST = "bf16", "int4_fused_with_lm_head_compiled_attn_step"
+
+
+def e2e_repeat(rounds=5, variants=tuple(REPEAT_VARIANTS), profile=None, layers=LAYERS):
+    """The end-to-end comparison measured robustly: the bf16 model and the fused int4 + lm_head
+    model (the same weights) both live in one process, every variant is prepared once (compiled,
+    captured), then `rounds` rounds each time every variant's 128-token decode in turn. Reports
+    per-variant tok/s of each round (median, min, max) and the ratio of each variant to bf16 within
+    each round (median, min, max)."""
+    from anyquant.runtime.attention import use_decode_attention
+    from anyquant.runtime.fuse import fuse_projections
+
+    res = {"rounds": rounds, "layers": layers, "variants": {k: REPEAT_VARIANTS[k] for k in variants},
+           "variant_fields": ["int4", "compiled", "decode_attention", "whole_step_compiled", "shared_counter"],
+           "variants_timed": list(variants)}
+    models = {}
+    if any(not REPEAT_VARIANTS[k][0] for k in variants):
+        models[False] = _build_model(layers)
+    if any(REPEAT_VARIANTS[k][0] for k in variants):
+        m = _build_model(layers)    # same seed: the same weights
+        _quantize_decoder(m)
+        with torch.no_grad():
+            m.lm_head = Int4Linear.from_float(m.lm_head, group_size=GROUP)
+        fuse_projections(m)
+        gc.collect()
+        torch.cuda.empty_cache()
+        models[True] = m
+    log(f"  models built: {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
+    runs = {}
+    for key in variants:
+        int4, compiled, attn, whole, shared = REPEAT_VARIANTS[key]
+        model = models[int4]
+        prev = use_decode_attention(model) if attn else None
+        t0 = time.time()
+        try:
+            # options: a different backend, so dynamo compiles anew rather than reusing the step's code
+            runs[key] = DecodeRun(model, compile_mode="default" if compiled else None, whole_step=whole,
+                                  share_counter=shared,
+                                  inductor_options={"combo_kernels": True} if key.endswith("_combo") else None)
+            res[key] = {"mode": runs[key].mode, "compile_and_warmup_s": runs[key].compile_s,
+                        "shared_counter": runs[key].shared_counter}
+        except Exception as exc:  # recorded, never silently dropped
+            res[key] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+        finally:
+            if attn:
+                model.config._attn_implementation = prev
+        log(f"  prepared {key}: {res[key]} ({time.time() - t0:.0f}s)")
+    seqs = {}
+    for r in range(rounds):
+        for key, run in runs.items():
+            ms, seq = run.run()
+            res[key].setdefault("tokens_per_s_rounds", []).append(round(run.new_tokens / (ms * 1e-3), 2))
+            if key not in seqs:
+                seqs[key] = seq
+                res[key]["distinct_tokens"] = int(seq.unique().numel())
+                res[key]["first_tokens"] = seq[0, :8].tolist()
+            res[key].setdefault("tokens_same_as_round0", []).append(int((seq == seqs[key]).sum()))
+        log(f"  round {r}: " + ", ".join(f"{k} {res[k]['tokens_per_s_rounds'][-1]}" for k in runs))
+    for key in runs:
+        v = res[key]["tokens_per_s_rounds"]
+        res[key].update(tokens_per_s_median=round(statistics.median(v), 2), tokens_per_s_min=min(v),
+                        tokens_per_s_max=max(v))
+        if key != REPEAT_BASE and REPEAT_BASE in runs:
+            ratios = [a / b for a, b in zip(v, res[REPEAT_BASE]["tokens_per_s_rounds"])]
+            res[key]["ratio_vs_bf16_rounds"] = [round(x, 4) for x in ratios]
+            res[key].update(ratio_vs_bf16_median=round(statistics.median(ratios), 4),
+                            ratio_vs_bf16_min=round(min(ratios), 4), ratio_vs_bf16_max=round(max(ratios), 4))
+    for a in seqs:
+        if a != REPEAT_BEST and REPEAT_BEST in seqs and a.startswith("int4"):
+            res[f"same_tokens_{a}_vs_step"] = int((seqs[a] == seqs[REPEAT_BEST]).sum())
+    last = list(runs)[-1] if runs else None
+    if profile and last is not None and runs[last].g is not None:   # the last variant named
+        profile_replays(runs[last].g, profile)
+        res["profiled"] = last
+    for run in runs.values():
+        run.close()
+    del runs, models
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
 E2E_VARIANTS = ("bf16", "bf16_attn", "bf16_compiled", "bf16_compiled_attn", "bf16_fused_compiled",
                 "bf16_fused_compiled_attn", "int4", "int4_with_lm_head", "int4_with_lm_head_compiled",
                 "int4_fused_with_lm_head", "int4_fused_with_lm_head_compiled", "int4_fused_with_lm_head_attn",
@@ -811,6 +945,10 @@ def main(argv=None):
     ap.add_argument("--tune-lm-head", action="store_true", help="sweep cuda_mma configurations for the int4 lm_head")
     ap.add_argument("--profile", default=None,
                     help="end to end: profile the fused compiled int4 step's graph replays into PATH.txt / PATH.json")
+    ap.add_argument("--e2e-repeat", type=int, default=0,
+                    help="end to end, robust: N alternating rounds of the bf16 and int4 variants in one process "
+                         "(REPEAT_VARIANTS), written to the JSON's e2e_repeat")
+    ap.add_argument("--repeat-variants", default=",".join(REPEAT_VARIANTS))
     ap.add_argument("--errors", default=None, help="JSON of measured kernel errors (tests/test_runtime_gpu.py) to include")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -903,6 +1041,10 @@ def main(argv=None):
         save()
     if args.errors and Path(args.errors).exists():
         result["correctness"] = json.loads(Path(args.errors).read_text())
+    if args.e2e_repeat:
+        result["e2e_repeat"] = e2e_repeat(args.e2e_repeat, tuple(args.repeat_variants.split(",")), args.profile,
+                                          args.e2e_layers)
+        save()
     if not args.skip_e2e:
         result["e2e"] = e2e(args.compile_mode, tuple(args.e2e.split(",")), args.e2e_layers, args.e2e_compare,
                             args.profile, lm_head_best)
