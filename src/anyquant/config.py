@@ -121,8 +121,10 @@ class CalibratedInt4Config(Int4Config):
     # "model": the float model's own output of this block, so tuning also corrects error that
     # earlier blocks left; "block": the float block's output on the same (quantized) inputs.
     # SmolLM2 (4,096 tokens, gptq + 100 steps): model 26.53 / KL 0.170, block 26.77 / 0.175.
-    # Tuning itself is off (tune_steps=0): over 16,352 tokens, and on Gemma-3-270M, it did not
-    # improve gptq + AWQ scales (README, benchmarks/results/quality*.json).
+    # Over 16,352 tokens (benchmarks/results/quality.json) tuning helps plain gptq (27.69 ->
+    # 26.55 at 100 steps; 25.68 / KL 0.140 with 64 x 512 calibration and 250 steps) but not gptq
+    # + AWQ scales (26.96 -> 27.42; on Gemma-3-270M 26.39 -> 27.31). It stays off by default
+    # for its cost: gptq + 250 steps takes 438 s for an 8B model on an H100 (gptq alone 279 s).
     tune_target: str = "model"
     calibrated: ClassVar[bool] = True
 
