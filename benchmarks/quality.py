@@ -18,7 +18,8 @@ Peers, measured in the same run on the same windows (`--peers bnb,hqq`; `make be
 installs the hqq library): bitsandbytes nf4 + double quant through transformers'
 `BitsAndBytesConfig` (its default skips), and the hqq library's HQQLinear (4-bit, group 64 and
 128 along its flattened weight, scale and zero in 16 bits) on the same decoder Linears as anyquant.
-llm-compressor is not run: see "peers_not_run" in the JSON.
+llm-compressor runs in its own venv (`make llmc-venv`; benchmarks/peers/llmcompressor_w4a16.py, on
+the same calibration windows) and its saved checkpoint joins the run as `--peers ckpt:DIR`.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--methods", default="nf4,int4,hqq,awq,gptq")
-    ap.add_argument("--peers", default="bnb,hqq,hqq128", help="peer rows: bnb (transformers + bitsandbytes), hqq (library)")
+    ap.add_argument("--peers", default="bnb,hqq,hqq128",
+                    help="peer rows: bnb (transformers + bitsandbytes), hqq / hqq128 (library), ckpt:DIR (a "
+                         "compressed-tensors checkpoint another tool saved, e.g. llm-compressor's)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality.json")
     ap.add_argument("--check", type=Path, default=None,
                     help="print issue 5's target check for a saved result JSON and exit (runs nothing)")
@@ -97,10 +100,7 @@ def main() -> None:
             "requested_group_size": args.group_size,
             "versions": {p: md.version(p) for p in ("torch", "transformers", "bitsandbytes", "compressed-tensors")},
             "rows": rows,
-            "peers_not_run": "llm-compressor 0.14 pins transformers<=5.17 and compressed-tensors 0.19 (its own "
-                             "environment) and its GPTQ took 679 s on this CPU for this model with 2 samples; "
-                             "the GPU machine cannot receive the model (nothing downloads there, and the "
-                             "converted model exceeds what a call carries)",
+            "peers_not_run": PEERS_NOT_RUN,
         }
         out["complete"] = complete
         try:
@@ -153,7 +153,7 @@ def main() -> None:
 
     for peer in [p for p in args.peers.split(",") if p]:
         t0 = time.perf_counter()
-        model, bits, label = PEERS[peer](model_dir)
+        model, bits, label = peer_loader(peer)(model_dir)
         tq = time.perf_counter() - t0
         m = compare(model, baseline, windows, batch_size=args.eval_batch, progress=False)
         row = {"method": label, "peer": True, "bits_per_weight": bits, "perplexity": m["perplexity"],
@@ -177,6 +177,10 @@ def main() -> None:
 
 
 MAX_BITS = 4.25
+PEERS_NOT_RUN = ("llm-compressor AWQ: on this 2-core CPU its default grid took about 30 s per smoothing mapping with "
+                 "other jobs on the machine "
+                 "(about an hour for SmolLM2's 120) and was not run; llm-compressor GPTQ runs as "
+                 "a ckpt: peer where its checkpoint is given (benchmarks/peers/llmcompressor_w4a16.py)")
 
 
 def target_check(rows: list[dict]) -> dict:
@@ -249,11 +253,47 @@ def _peer_hqq(model_dir, group_size: int):
     return model, 8 * nbytes / numel, f"hqq library g{group_size}"
 
 
+def peer_checkpoint(directory: str):
+    """A compressed-tensors checkpoint another tool wrote (llm-compressor, in its own venv:
+    benchmarks/peers/llmcompressor_w4a16.py), loaded as a transformers user loads it. Dense
+    (run_compressed=False): transformers 5.x cannot hold packed asymmetric zero points in its
+    compressed modules (see README), so the weights are dequantized once at load; the values
+    are the checkpoint's. Bits per weight: every byte its quantized Linears store."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    directory = Path(directory)
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)).eval()
+    nbytes = numel = 0
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                if key.endswith(("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")):
+                    t = st.get_tensor(key)
+                    nbytes += t.numel() * t.element_size()
+                if key.endswith("weight_shape"):
+                    rows, cols = (int(v) for v in st.get_tensor(key).tolist())
+                    numel += rows * cols
+    info = json.loads((directory / "peer.json").read_text()) if (directory / "peer.json").exists() else {}
+    label = info.get("peer", f"checkpoint {directory.name}")
+    return model, 8 * nbytes / max(numel, 1), label
+
+
 PEERS = {
     "bnb": peer_bnb,
     "hqq": lambda d: _peer_hqq(d, 64),
     "hqq128": lambda d: _peer_hqq(d, 128),
 }
+
+
+def peer_loader(spec: str):
+    """`name` from PEERS, or `ckpt:DIR` for a checkpoint another tool saved."""
+    if spec.startswith("ckpt:"):
+        return lambda _model_dir: peer_checkpoint(spec[len("ckpt:"):])
+    if spec not in PEERS:
+        raise SystemExit(f"quality.py: unknown peer {spec!r}; known: {', '.join(PEERS)}, ckpt:DIR")
+    return PEERS[spec]
 
 
 if __name__ == "__main__":
