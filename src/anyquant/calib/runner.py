@@ -394,12 +394,12 @@ def _load_block(directory: Path, i: int, block: nn.Module, linears: dict[str, di
 # --------------------------------------------------------------------------- memory
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
+def _libc_function(name: str) -> Callable[..., int] | None:
+    """A C library function of this process on Linux (glibc: malloc_trim, mallopt), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(None).malloc_trim  # glibc; musl and others have none
+        return getattr(ctypes.CDLL(None), name)  # musl and others lack malloc_trim
     except (OSError, AttributeError):
         return None
 
@@ -421,13 +421,8 @@ def pin_mmap_threshold() -> bool:
     threshold fixed 33.3-33.5 -> 34.3-34.6). Large tensors then map and unmap their own pages.
     Setting it turns off glibc's dynamic adjustment for the whole process (a calibrating
     process), so it is done once. A no-op off glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    mallopt = _libc_function("mallopt")
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def release_freed_memory() -> None:
@@ -441,7 +436,7 @@ def release_freed_memory() -> None:
     MiB at 8 layers, 108 at 32; 74 -> 146 without it); with `pin_mmap_threshold` keeping large
     tensors out of the heap it no longer grows (benchmarks/calib_memory.py). A no-op off glibc."""
     gc.collect()  # a block's copies can sit in reference cycles (modules, hooks, closures) until the next collection
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     if trim is not None:
         trim(0)
 
