@@ -28,6 +28,7 @@ import argparse
 import datetime
 import importlib.metadata as md
 import json
+import math
 import sys
 import tempfile
 import time
@@ -41,7 +42,7 @@ import anyquant  # noqa: E402
 from specs import parse_spec, split_specs  # noqa: E402  (benchmarks/specs.py)
 from anyquant.calib.text import evaluation_text  # noqa: E402
 from anyquant.eval.metrics import compare, token_windows  # noqa: E402
-from anyquant.evaluate import CachedLogits, stored_sizes  # noqa: E402
+from anyquant.evaluate import _DTYPE_BYTES, CachedLogits, stored_sizes  # noqa: E402
 
 CALIBRATED = {"awq", "gptq"}
 
@@ -270,8 +271,8 @@ def peer_checkpoint(directory: str):
         with safe_open(str(f), framework="pt") as st:
             for key in st.keys():
                 if key.endswith(("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")):
-                    t = st.get_tensor(key)
-                    nbytes += t.numel() * t.element_size()
+                    sl = st.get_slice(key)  # header only: the packed weights are not read
+                    nbytes += math.prod(sl.get_shape()) * _DTYPE_BYTES.get(sl.get_dtype(), 4)
                 if key.endswith("weight_shape"):
                     rows, cols = (int(v) for v in st.get_tensor(key).tolist())
                     numel += rows * cols
