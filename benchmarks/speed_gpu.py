@@ -75,8 +75,8 @@ FUSED_FROM = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate
 GROUP = 128
 BITS = {"bf16": 16.0, "int4_g128": 4.0 + 32 / GROUP, "nf4_dq": 4.0 + 8 / 64 + 32 / (64 * 256)}
 TUNE_OBJECTIVE = "back_to_back"  # or "after_elementwise" (--tune-objective): which best --apply-tune keeps
-ANYQUANT_KERNELS = ["cuda_mma", "cuda_gemv", "torch_int4", "gemlite", "triton_gemv", "triton_gemv2", "triton_gemm"]
-BATCH1_ONLY = ("cuda_mma", "cuda_gemv", "triton_gemv", "triton_gemv2")
+ANYQUANT_KERNELS = ["cuda_stream", "cuda_mma", "cuda_gemv", "torch_int4", "gemlite", "triton_gemv", "triton_gemv2", "triton_gemm"]
+BATCH1_ONLY = ("cuda_stream", "cuda_mma", "cuda_gemv", "triton_gemv", "triton_gemv2")
 
 
 def log(*a):
@@ -291,6 +291,11 @@ def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm"), apply=
         mma_cfgs = [(0, u, rt, sk, cps, 1) for u in (1, 2, 4) for (rt, sk) in tiles for cps in (0, 2)]
         mma_cfgs += [(1, p, rt, sk, cps, 1) for p in cuda_int4.MMA_STAGES for (rt, sk) in tiles for cps in (0, 1, 2)]
         sweeps["mma"] = (1, mma_cfgs, cuda_int4.gemv_mma)
+    if "stream" in which:
+        from anyquant.runtime import cuda_int4
+
+        stream_cfgs = [(p, w, cps, 1) for p in (4, 6, 8, 12, 16) for w in (4, 8, 16) for cps in (1, 2)]
+        sweeps["stream"] = (1, stream_cfgs, None)  # fn bound per shape below (it takes N)
     dev = torch.device("cuda:0")
     for (n, k) in sorted({(n, k) for _, n, k in shapes}):
         names = [nm for nm, nn, kk in shapes if (nn, kk) == (n, k)]
@@ -300,9 +305,15 @@ def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm"), apply=
                 from anyquant.runtime import cuda_int4
 
                 packs = [kernels._cached(m, ("cuda_gemv", str(dev)), lambda m=m: cuda_int4.repack(m, dev)) for m in mods]
+            elif kname == "stream":
+                packs = [kernels._cached(m, ("cuda_stream", str(dev)), lambda m=m: cuda_int4.repack_units(m, dev))
+                         for m in mods]
             else:
                 packs = [kernels._cached(m, ("triton", str(dev)), lambda m=m: kernels._pack_triton(m, dev)) for m in mods]
             b, cfgs, fn = sweeps[kname]
+            if kname == "stream":
+                def fn(x_, p_, _group, cfg_, n=n):
+                    return cuda_int4.gemv_stream(x_, p_, n, cfg_)
             x = torch.randn(b, k, device="cuda", dtype=torch.bfloat16)
             best = None
             for cfg in cfgs:
@@ -357,6 +368,8 @@ def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm"), apply=
                 log(f"  tune mma   n={n:5d} k={k:5d}: best {best[1]} without pdl {us0:.2f} us/matmul")
                 if apply:
                     kernels._CUDA_MMA_CFG[(n, k)] = tuple(best[1])
+            if kname == "stream" and best is not None and apply:
+                kernels._CUDA_STREAM_CFG[(n, k)] = tuple(best[1])
             if kname == "cuda" and best is not None:
                 # against torch_int4 on the same matrices, the same way (decides the dispatch order)
                 def run_t():
@@ -1026,6 +1039,7 @@ def main(argv=None):
         gc.collect()
         torch.cuda.empty_cache()
     result["cuda_mma_cfg"] = {f"{n}x{k}": list(v) for (n, k), v in sorted(kernels._CUDA_MMA_CFG.items())}
+    result["cuda_stream_cfg"] = {f"{n}x{k}": list(v) for (n, k), v in sorted(kernels._CUDA_STREAM_CFG.items())}
     result["batch1_order"] = list(kernels._PREFERENCE[1])
     result["cuda_gemv_tables"] = {"cfg": {f"{n}x{k}": list(v) for (n, k), v in sorted(kernels._CUDA_GEMV_CFG.items())},
                                   "preferred_over_torch_int4": sorted(f"{n}x{k}" for n, k in kernels._CUDA_GEMV_PREFERRED)}

@@ -33,6 +33,7 @@ import torch
 
 _SRC = Path(__file__).with_name("cuda_int4_gemv.cu")
 _SRC_ATTN = Path(__file__).with_name("cuda_attention.cu")   # runtime/attention.py's decode kernel
+_SRC_STREAM = Path(__file__).with_name("cuda_int4_stream.cu")  # cuda_stream (uses the mma helpers)
 
 _CPP = r"""
 #include <torch/extension.h>
@@ -45,6 +46,11 @@ const char* anyquant_int4_gemv_launch(const void* x, const void* w, const void* 
 const char* anyquant_int4_mma_launch(const void* x, const void* w, const void* meta, void* y, int N, int K, int G,
                                      int blocks_per_group, int pipe, int depth, int RT, int S, int ctas_per_sm,
                                      int pdl, void* stream);
+
+int anyquant_int4_stream_maxc(long long units, int NB, int gw);
+const char* anyquant_int4_stream_grid(int N, int K, int P, int W, int ctas_per_sm, int* grid_out, int* smem_out);
+const char* anyquant_int4_stream_launch(const void* x, const void* units, void* y, void* part, void* counters, int N,
+                                        int K, int P, int W, int grid, int smem, int maxc, int pdl, void* stream);
 
 const char* anyquant_decode_attention_launch(const void* q, const void* k, const void* v, const void* mask, void* out,
                                              void* part, void* counters, int Hkv, int G, int L, long long k_sh,
@@ -105,6 +111,36 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor meta, int64_t
   return y;
 }
 
+// units: int32, ceil(N / 16) * K / 128 units of 272 words (cuda_int4.repack_units); counters:
+// int32 [ceil(N / 16)], zero (the kernel leaves them zero)
+torch::Tensor gemv_stream(torch::Tensor x, torch::Tensor units, torch::Tensor counters, int64_t N, int64_t P,
+                          int64_t W, int64_t ctas_per_sm, int64_t pdl) {
+  TORCH_CHECK(x.is_cuda() && units.is_cuda() && counters.is_cuda(), "cuda_stream: CUDA tensors expected");
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "cuda_stream: bfloat16 activations expected");
+  TORCH_CHECK(units.scalar_type() == torch::kInt32 && counters.scalar_type() == torch::kInt32,
+              "cuda_stream: int32 buffers");
+  TORCH_CHECK(x.is_contiguous() && units.is_contiguous() && counters.is_contiguous(), "cuda_stream: contiguous tensors");
+  const int64_t K = x.size(-1), tiles = (N + 15) / 16;
+  TORCH_CHECK(x.numel() == K, "cuda_stream: batch 1 only");
+  TORCH_CHECK(K % 128 == 0 && units.numel() == tiles * (K / 128) * 272 && counters.numel() >= tiles,
+              "cuda_stream: shape (units must come from cuda_int4.repack_units for this N and K)");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(units.data_ptr()) % 16 == 0,
+              "cuda_stream: 16-byte aligned x and units expected");
+  c10::cuda::CUDAGuard guard(x.device());
+  if (W > tiles * (K / 128)) W = tiles * (K / 128);  // no warp without a unit
+  int grid = 0, smem = 0;
+  const char* err = anyquant_int4_stream_grid((int)N, (int)K, (int)P, (int)W, (int)ctas_per_sm, &grid, &smem);
+  TORCH_CHECK(err == nullptr, "cuda_stream: ", err ? err : "");
+  const int maxc = anyquant_int4_stream_maxc(tiles * (K / 128), (int)(K / 128), grid * (int)W);
+  auto y = torch::empty({1, N}, x.options());
+  auto part = torch::empty({tiles * maxc * 16}, x.options().dtype(torch::kFloat32));
+  err = anyquant_int4_stream_launch(x.data_ptr(), units.data_ptr(), y.data_ptr(), part.data_ptr(), counters.data_ptr(),
+                                    (int)N, (int)K, (int)P, (int)W, grid, smem, maxc, (int)pdl,
+                                    (void*)c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == nullptr, "cuda_stream launch failed: ", err ? err : "");
+  return y;
+}
+
 torch::Tensor gemv_mma(torch::Tensor x, torch::Tensor w, torch::Tensor meta, int64_t group, int64_t pipe,
                        int64_t depth, int64_t RT, int64_t S, int64_t ctas_per_sm, int64_t pdl) {
   TORCH_CHECK(x.is_cuda() && w.is_cuda() && meta.is_cuda(), "cuda_mma: CUDA tensors expected");
@@ -159,14 +195,14 @@ def nvcc_path() -> str | None:
 def _build(arch: str):
     from torch.utils.cpp_extension import load_inline
 
-    cu = _SRC.read_text() + "\n" + _SRC_ATTN.read_text()
+    cu = _SRC.read_text() + "\n" + _SRC_STREAM.read_text() + "\n" + _SRC_ATTN.read_text()
     digest = hashlib.sha1((cu + _CPP).encode()).hexdigest()[:12]
     gencode = f"-gencode=arch=compute_{arch},code=sm_{arch}"
     return load_inline(
         name=f"anyquant_cuda_int4_{digest}_sm{arch}",
         cpp_sources=[_CPP],
         cuda_sources=[cu],
-        functions=["gemv", "gemv_mma", "decode_attention"],
+        functions=["gemv", "gemv_mma", "gemv_stream", "decode_attention"],
         extra_cflags=["-O3"],
         extra_cuda_cflags=["-O3", gencode, "-std=c++17"],
         verbose=os.environ.get("ANYQUANT_VERBOSE_BUILD") == "1",
@@ -246,3 +282,89 @@ def gemv_mma(x2: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], group_
     if pdl and torch.cuda.get_device_capability(x2.device) < (9, 0):
         pdl = 0
     return module_for(x2.device).gemv_mma(x2, w, meta, group_size, pipe, depth, rt, s, cps, pdl)
+
+
+# cuda_stream (cuda_int4_stream.cu): the same math as cuda_mma over a tile-contiguous copy of the
+# weights, streamed across kernel boundaries. A launch configuration is (P units in flight per
+# warp, W warps per CTA, CTAs per multiprocessor, programmatic dependent launch).
+STREAM_STAGES = (2, 4, 6, 8, 12, 16)  # compiled depths P
+UNIT_WORDS = 272  # int32 per unit: 16 rows x 128 columns of nibbles (256) + 16 metadata words
+
+
+def stream_shape_ok(in_features: int, group_size: int) -> bool:
+    return in_features % 128 == 0 and group_size % 128 == 0 and in_features <= MMA_MAX_K
+
+
+def units_from_packed(w: torch.Tensor, meta: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The cuda_stream layout from the cuda_mma buffers (`repack`): int32 [tiles * NB * 272].
+
+    Unit (T, b), tiles-major: word 4 * (32 h + 4 g + t) + i is word 4 (4 b + t) + i of row
+    16 T + 8 h + g (h = 0, 1; so mma lane 4g + t finds its 16-byte chunks of rows g and g + 8 at
+    vectors l and 32 + l), then meta[16 T + r, group(b)] for r = 0..15. Rows past N are zero
+    (zero scale: they add nothing and are never written)."""
+    n, kw = w.shape
+    k = kw * 8
+    nb = k // 128
+    tiles = (n + 15) // 16
+    pad = tiles * 16 - n
+    if pad:
+        w = torch.cat([w, w.new_zeros(pad, kw)])
+        meta = torch.cat([meta, meta.new_zeros(pad, meta.shape[1])])
+    # [tiles, h, g, NB, t, 4] -> [tiles, NB, h, g, t, 4]
+    wu = w.view(tiles, 2, 8, nb, 4, 4).permute(0, 3, 1, 2, 4, 5).reshape(tiles, nb, 256)
+    blocks_per_group = group_size // 128
+    grp = torch.arange(nb, device=w.device) // blocks_per_group
+    mu = meta.view(tiles, 16, -1)[:, :, grp].permute(0, 2, 1)  # [tiles, NB, 16]
+    return torch.cat([wu, mu], dim=2).contiguous().view(-1)
+
+
+def dense_from_units(units: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """float32 [n, k] weights a units array holds (tests: the layout against the module's own
+    dequantization): w = scale * (u - zu) per nibble."""
+    nb = k // 128
+    tiles = (n + 15) // 16
+    u = units.view(tiles, nb, UNIT_WORDS)
+    words = u[:, :, :256].reshape(tiles, nb, 2, 8, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(tiles * 16, k // 8)
+    shifts = torch.arange(0, 32, 4, device=units.device, dtype=torch.int32)
+    nib = ((words.unsqueeze(-1) >> shifts) & 0xF).reshape(tiles * 16, k).float()
+    m = u[:, :, 256:].permute(0, 2, 1).reshape(tiles * 16, nb)  # per 128-column block
+    scale = (m & ~0xF).view(torch.float32)
+    zu = (m & 0xF).float()
+    w = (nib.view(tiles * 16, nb, 128) - zu.unsqueeze(-1)) * scale.unsqueeze(-1)
+    return w.reshape(tiles * 16, k)[:n]
+
+
+def stream_split(units: int, nb: int, gw: int) -> tuple[list[tuple[int, int]], list[int], int]:
+    """The kernel's work split, in Python (tests): each warp's unit range, each tile's number
+    of contributing warps, and the slots per tile the launch allocates (maxc)."""
+    ranges = [(j * units // gw, (j + 1) * units // gw) for j in range(gw)]
+
+    def warp_of_unit(u):
+        return ((u + 1) * gw + units - 1) // units - 1
+
+    tiles = units // nb
+    contributors = [warp_of_unit((t + 1) * nb - 1) - warp_of_unit(t * nb) + 1 for t in range(tiles)]
+    lmin = units // gw
+    maxc = (nb + lmin - 1) // lmin + 1
+    return ranges, contributors, maxc
+
+
+def repack_units(module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(units, counters) for cuda_stream: the tile-contiguous weights (about 4.25 bits per weight
+    at group 128, a copy next to the saved buffers) and one zeroed int32 ticket per 16-row tile."""
+    w, meta = repack(module, device)
+    units = units_from_packed(w, meta, module.group_size)
+    counters = torch.zeros((module.out_features + 15) // 16, dtype=torch.int32, device=device)
+    return units, counters
+
+
+def gemv_stream(x2: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], n: int,
+                cfg: tuple[int, int, int, int]) -> torch.Tensor:
+    """y [1, n] = x2 [1, K] @ W^T from `repack_units` buffers; cfg = (P, W, CTAs per SM, pdl)."""
+    units, counters = packed
+    if not x2.is_contiguous() or x2.data_ptr() % 16:
+        x2 = x2.contiguous().clone()
+    p, warps, cps, pdl = cfg
+    if pdl and torch.cuda.get_device_capability(x2.device) < (9, 0):
+        pdl = 0
+    return module_for(x2.device).gemv_stream(x2, units, counters, n, p, warps, cps, pdl)

@@ -453,10 +453,11 @@ __device__ __forceinline__ void finish_tile(const Args& a, float* red, int& pari
 }
 
 // x staged in shared memory in the order the lanes read it, and the per-block sums A_b, B_b.
-__device__ __forceinline__ void stage_x(const Args& a, uint4* __restrict__ xs, float2* __restrict__ xab) {
-  const int NB = a.K >> 7;
+__device__ __forceinline__ void stage_x(const __nv_bfloat16* x, int K, uint4* __restrict__ xs,
+                                        float2* __restrict__ xab) {
+  const int NB = K >> 7;
   // item i = (b, wi, t) = 16 b + 4 wi + t covers columns 128 b + 32 t + 8 wi .. + 7
-  const uint4* x4 = reinterpret_cast<const uint4*>(a.x);
+  const uint4* x4 = reinterpret_cast<const uint4*>(x);
   const int items = NB * 16;
   for (int i0 = 0; i0 < items; i0 += blockDim.x) {
     const int i = i0 + threadIdx.x;
@@ -514,7 +515,7 @@ __global__ void __launch_bounds__(U >= 8 ? 256 : 512) gemv_mma_kernel(const Args
   if (T0 < ntiles) load_steps<U>(wa, ma, a, T0, 0, rt, g, t, b_begin, nsteps, C);
 
   grid_dependency_wait();
-  stage_x(a, xs, xab);
+  stage_x(a.x, a.K, xs, xab);
   __syncthreads();
   grid_launch_dependents();
   if (T0 >= ntiles) return;  // the whole CTA
@@ -630,7 +631,7 @@ __global__ void __launch_bounds__(512) gemv_mma_async_kernel(const Args a) {
   }
 
   grid_dependency_wait();
-  stage_x(a, xs, xab);
+  stage_x(a.x, a.K, xs, xab);
   __syncthreads();
   grid_launch_dependents();
   if (my_tiles == 0) return;  // the whole CTA

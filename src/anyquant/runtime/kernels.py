@@ -3,6 +3,10 @@
 On CPU the reference path runs: dequantize to the activation dtype, then one matmul.
 On a CUDA device (compute capability 8.0 or newer) one of these runs:
 
+  cuda_stream  cuda_mma's math over a tile-contiguous copy of the weights, one small CTA per
+               multiprocessor with stream-K work split; it copies its first weights before
+               waiting for the kernel ahead (programmatic dependent launch), so consecutive
+               GEMVs stream without DRAM going idle between them (runtime/cuda_int4_stream.cu)
   cuda_mma     our CUDA C++ tensor-core GEMV (same file and build as cuda_gemv), batch 1, bf16,
                groups that are multiples of 128: LOP3 nibble -> bf16x2, mma.sync m16n8k16 with fp32
                accumulation, exact integer zero points (folded into per-block sums of x)
@@ -32,7 +36,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("reference", "cuda_mma", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "torch_int4", "gemlite")
+KERNELS = ("reference", "cuda_stream", "cuda_mma", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "torch_int4", "gemlite")
 
 # Measured order of preference on sm_90 (H100), per batch-size bucket; see the module doc.
 # Batch 1: cuda_mma first since 2026-11-24 (end to end, fused + compiled, H100: 317.4 tok/s with it
@@ -111,6 +115,10 @@ _CUDA_MMA_CFG: dict[tuple[int, int], tuple[int, int, int, int, int, int]] = {
     (14336, 4096): (0, 1, 2, 4, 0, 1), (28672, 4096): (0, 4, 1, 8, 0, 1), (4096, 14336): (1, 3, 1, 16, 2, 1),
 }
 _CUDA_MMA_DEFAULT = (0, 1, 1, 16, 2, 1)
+# cuda_stream: (P units in flight per warp, W warps per CTA, CTAs per multiprocessor,
+# programmatic dependent launch).
+_CUDA_STREAM_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+_CUDA_STREAM_DEFAULT = (8, 8, 1, 1)
 _GEMV_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {
     (1024, 4096): (2, 1024, 4, 3), (4096, 4096): (8, 1024, 4, 3),
     (4096, 14336): (8, 1024, 4, 3), (14336, 4096): (16, 1024, 4, 1),
@@ -161,6 +169,11 @@ def supports(name: str, module, x: torch.Tensor) -> bool:
         return False
     k, n, g = module.in_features, module.out_features, module.group_size
     batch = x.numel() // x.shape[-1]
+    if name == "cuda_stream":
+        from anyquant.runtime import cuda_int4
+
+        return (batch == 1 and x.dtype == torch.bfloat16 and cuda_int4.stream_shape_ok(k, g)
+                and cuda_int4.available(x.device))
     if name == "cuda_mma":
         from anyquant.runtime import cuda_int4
 
@@ -273,6 +286,14 @@ def _run_cuda_mma(module, x2):
     return cuda_int4.gemv_mma(x2, packed, module.group_size, cfg)
 
 
+def _run_cuda_stream(module, x2):
+    from anyquant.runtime import cuda_int4
+
+    packed = _cached(module, ("cuda_stream", str(x2.device)), lambda: cuda_int4.repack_units(module, x2.device))
+    cfg = _CUDA_STREAM_CFG.get((module.out_features, module.in_features), _CUDA_STREAM_DEFAULT)
+    return cuda_int4.gemv_stream(x2, packed, module.out_features, cfg)
+
+
 def _run_triton_gemv(module, x2):
     from anyquant.runtime import triton_int4
 
@@ -318,6 +339,7 @@ def _run_gemlite(module, x2):
 
 
 _RUN = {
+    "cuda_stream": _run_cuda_stream,
     "cuda_mma": _run_cuda_mma,
     "cuda_gemv": _run_cuda_gemv,
     "triton_gemv": _run_triton_gemv,
