@@ -294,7 +294,7 @@ def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm"), apply=
     if "stream" in which:
         from anyquant.runtime import cuda_int4
 
-        stream_cfgs = [(p, w, cps, 1) for p in (4, 6, 8, 12, 16) for w in (4, 8, 16) for cps in (1, 2)]
+        stream_cfgs = [(st, w, cps, 1) for st in cuda_int4.STREAM_STAGES for w in (4, 8, 16) for cps in (1, 2)]
         sweeps["stream"] = (1, stream_cfgs, None)  # fn bound per shape below (it takes N)
     dev = torch.device("cuda:0")
     for (n, k) in sorted({(n, k) for _, n, k in shapes}):

@@ -279,36 +279,35 @@ def test_cuda_mma_every_unroll_tiling_and_grid(k, n, group):
 @pytest.mark.parametrize("k,n,group", [(4096, 300, 256), (1024, 77, 128), (14336, 1000, 128), (512, 16, 128),
                                        (384, 40, 384), (4096, 1024, 128), (128, 8, 128)])
 def test_cuda_stream_every_depth_width_and_grid(k, n, group):
-    """cuda_stream's launch configurations (every compiled depth P, 1 to 16 warps per CTA, one or
-    more CTAs per multiprocessor, with and without dependent launch) on ragged row counts, groups
-    128 to 384, and shapes with fewer units than warps; each output is poisoned first and checked
-    finite; every launch must leave the tile counters at zero."""
+    """cuda_stream's launch configurations (every compiled number of stages S, 1 to 16 consumer
+    warps per CTA, one or more CTAs per multiprocessor, with and without dependent launch) on
+    ragged row counts, groups 128 to 384, and CTAs with more warps than units; each output is
+    poisoned first and checked finite."""
     from anyquant.runtime import cuda_int4, kernels
     from anyquant.runtime.int4_linear import Int4Linear
 
     if _cuda_gemv_missing():
         pytest.skip(_cuda_gemv_missing())
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("cuda_stream needs sm_90")
     lin = torch.nn.Linear(k, n, bias=True, device="cuda", dtype=torch.bfloat16)
     m = Int4Linear.from_float(lin, group_size=group)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     assert kernels.supports("cuda_stream", m, x)
-    packed = kernels._cached(m, ("cuda_stream", str(x.device)), lambda: cuda_int4.repack_units(m, x.device))
+    units = kernels._cached(m, ("cuda_stream", str(x.device)), lambda: cuda_int4.repack_units(m, x.device))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     cfgs = [kernels._CUDA_STREAM_DEFAULT] + [
-        (p, w, cps, pdl) for p in cuda_int4.STREAM_STAGES
+        (st, w, cps, pdl) for st in cuda_int4.STREAM_STAGES
         for (w, cps, pdl) in ((1, 1, 0), (4, 1, 1), (8, 2, 1), (16, 1, 1), (3, 4, 0))]
     for cfg in cfgs:
+        if not cuda_int4.stream_shape_ok(n, k, group, cfg, sms):
+            continue
         x = torch.randn_like(x)
         ref = F.linear(x.float(), m.dequantized_weight(torch.float32))
         poison = torch.full((1, n), float("nan"), device="cuda", dtype=torch.bfloat16)
         del poison
-        try:
-            y = cuda_int4.gemv_stream(x, packed, n, cfg)
-        except RuntimeError as exc:
-            if "shared memory over" in str(exc):   # P x W too deep for K's staging: declined, not wrong
-                continue
-            raise
+        y = cuda_int4.gemv_stream(x, units, n, cfg)
         assert torch.isfinite(y).all(), cfg
-        assert int(packed[1].abs().sum()) == 0, cfg
         err = _rel(ref, y)
         _MEASURED.append({"shape": f"{n}x{k} g{group}", "kernel": "cuda_stream", "cfg": list(cfg), "batch": 1,
                           "rel_err": err})

@@ -45,19 +45,23 @@ def test_a_wrong_nibble_order_is_caught():
     assert not torch.equal(cuda_int4.dense_from_units(units.view(-1), 32, 256), m.dequantized_weight(torch.float32))
 
 
-@pytest.mark.parametrize("tiles, nb, gw", [
-    (64, 32, 1056), (256, 32, 1056), (256, 112, 1056), (1792, 32, 1056), (384, 32, 528),
-    (64, 32, 2048), (19, 4, 76), (1, 1, 1), (3, 7, 5), (896, 32, 2112), (256, 112, 264),
-])
-def test_stream_split_covers_every_unit_once_and_fits_the_slots(tiles, nb, gw):
-    units = tiles * nb
-    ranges, contributors, maxc = cuda_int4.stream_split(units, nb, gw)
-    assert ranges[0][0] == 0 and ranges[-1][1] == units
-    assert all(a < b for a, b in ranges)                          # no idle warp (gw <= units)
-    assert all(ranges[j][1] == ranges[j + 1][0] for j in range(gw - 1))
-    for t in range(tiles):
-        lo, hi = t * nb, (t + 1) * nb
-        touching = [j for j, (a, b) in enumerate(ranges) if a < hi and b > lo]
-        assert contributors[t] == len(touching)
-        assert touching == list(range(touching[0], touching[0] + len(touching)))
-        assert len(touching) <= maxc
+@pytest.mark.parametrize("tiles, grid", [(64, 64), (256, 132), (384, 132), (896, 132), (1792, 132), (19, 7), (1, 1)])
+def test_stream_split_gives_every_tile_to_one_cta_within_one_tile_of_balance(tiles, grid):
+    owned = cuda_int4.stream_split(tiles, grid)
+    assert owned[0][0] == 0 and owned[-1][1] == tiles
+    assert all(owned[c][1] == owned[c + 1][0] for c in range(grid - 1))
+    sizes = [b - a for a, b in owned]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+def test_stream_shared_memory_matches_the_launcher_and_declines_what_does_not_fit():
+    # K = 14336, 4096 rows, S = 4, W = 16 on 132 multiprocessors: x 29,568 + slots 2 x 16 x 64
+    # + ring 4 x 16 x 1088 + 8 mbarriers
+    assert cuda_int4.stream_smem_bytes(4096, 14336, (4, 16, 1, 1), 132) == 29568 + 2048 + 69632 + 64
+    assert cuda_int4.stream_shape_ok(4096, 14336, 128, (4, 16, 1, 1), 132)
+    assert cuda_int4.stream_shape_ok(4096, 14336, 128, (8, 16, 1, 1), 132)        # 167 KiB
+    assert not cuda_int4.stream_shape_ok(4096, 65536, 128, (8, 16, 1, 1), 132)    # x alone is 132 KiB
+    assert not cuda_int4.stream_shape_ok(4096, 4096, 64, (4, 8, 1, 1), 132)       # group 64
+    assert not cuda_int4.stream_shape_ok(4096, 4096, 128, (5, 8, 1, 1), 132)      # S not compiled
+    # an lm_head-sized matrix: 8016 tiles, 61 per CTA, so the slots grow with the tiles a CTA owns
+    assert cuda_int4.stream_smem_bytes(128256, 4096, (4, 8, 1, 1), 132) == 8448 + 61 * 8 * 64 + 4 * 8 * 1088 + 64

@@ -47,10 +47,8 @@ const char* anyquant_int4_mma_launch(const void* x, const void* w, const void* m
                                      int blocks_per_group, int pipe, int depth, int RT, int S, int ctas_per_sm,
                                      int pdl, void* stream);
 
-int anyquant_int4_stream_maxc(long long units, int NB, int gw);
-const char* anyquant_int4_stream_grid(int N, int K, int P, int W, int ctas_per_sm, int* grid_out, int* smem_out);
-const char* anyquant_int4_stream_launch(const void* x, const void* units, void* y, void* part, void* counters, int N,
-                                        int K, int P, int W, int grid, int smem, int maxc, int pdl, void* stream);
+const char* anyquant_int4_stream_launch(const void* x, const void* units, void* y, int N, int K, int S, int W,
+                                        int ctas_per_sm, int pdl, void* stream);
 
 const char* anyquant_decode_attention_launch(const void* q, const void* k, const void* v, const void* mask, void* out,
                                              void* part, void* counters, int Hkv, int G, int L, long long k_sh,
@@ -111,32 +109,24 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor meta, int64_t
   return y;
 }
 
-// units: int32, ceil(N / 16) * K / 128 units of 272 words (cuda_int4.repack_units); counters:
-// int32 [ceil(N / 16)], zero (the kernel leaves them zero)
-torch::Tensor gemv_stream(torch::Tensor x, torch::Tensor units, torch::Tensor counters, int64_t N, int64_t P,
-                          int64_t W, int64_t ctas_per_sm, int64_t pdl) {
-  TORCH_CHECK(x.is_cuda() && units.is_cuda() && counters.is_cuda(), "cuda_stream: CUDA tensors expected");
+// units: int32, ceil(N / 16) * K / 128 units of 272 words (cuda_int4.repack_units)
+torch::Tensor gemv_stream(torch::Tensor x, torch::Tensor units, int64_t N, int64_t S, int64_t W, int64_t ctas_per_sm,
+                          int64_t pdl) {
+  TORCH_CHECK(x.is_cuda() && units.is_cuda(), "cuda_stream: CUDA tensors expected");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "cuda_stream: bfloat16 activations expected");
-  TORCH_CHECK(units.scalar_type() == torch::kInt32 && counters.scalar_type() == torch::kInt32,
-              "cuda_stream: int32 buffers");
-  TORCH_CHECK(x.is_contiguous() && units.is_contiguous() && counters.is_contiguous(), "cuda_stream: contiguous tensors");
+  TORCH_CHECK(units.scalar_type() == torch::kInt32, "cuda_stream: int32 units");
+  TORCH_CHECK(x.is_contiguous() && units.is_contiguous(), "cuda_stream: contiguous tensors");
   const int64_t K = x.size(-1), tiles = (N + 15) / 16;
   TORCH_CHECK(x.numel() == K, "cuda_stream: batch 1 only");
-  TORCH_CHECK(K % 128 == 0 && units.numel() == tiles * (K / 128) * 272 && counters.numel() >= tiles,
+  TORCH_CHECK(K % 128 == 0 && units.numel() == tiles * (K / 128) * 272,
               "cuda_stream: shape (units must come from cuda_int4.repack_units for this N and K)");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(units.data_ptr()) % 16 == 0,
               "cuda_stream: 16-byte aligned x and units expected");
   c10::cuda::CUDAGuard guard(x.device());
-  if (W > tiles * (K / 128)) W = tiles * (K / 128);  // no warp without a unit
-  int grid = 0, smem = 0;
-  const char* err = anyquant_int4_stream_grid((int)N, (int)K, (int)P, (int)W, (int)ctas_per_sm, &grid, &smem);
-  TORCH_CHECK(err == nullptr, "cuda_stream: ", err ? err : "");
-  const int maxc = anyquant_int4_stream_maxc(tiles * (K / 128), (int)(K / 128), grid * (int)W);
   auto y = torch::empty({1, N}, x.options());
-  auto part = torch::empty({tiles * maxc * 16}, x.options().dtype(torch::kFloat32));
-  err = anyquant_int4_stream_launch(x.data_ptr(), units.data_ptr(), y.data_ptr(), part.data_ptr(), counters.data_ptr(),
-                                    (int)N, (int)K, (int)P, (int)W, grid, smem, maxc, (int)pdl,
-                                    (void*)c10::cuda::getCurrentCUDAStream().stream());
+  const char* err = anyquant_int4_stream_launch(x.data_ptr(), units.data_ptr(), y.data_ptr(), (int)N, (int)K, (int)S,
+                                                (int)W, (int)ctas_per_sm, (int)pdl,
+                                                (void*)c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == nullptr, "cuda_stream launch failed: ", err ? err : "");
   return y;
 }
@@ -285,14 +275,27 @@ def gemv_mma(x2: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], group_
 
 
 # cuda_stream (cuda_int4_stream.cu): the same math as cuda_mma over a tile-contiguous copy of the
-# weights, streamed across kernel boundaries. A launch configuration is (P units in flight per
-# warp, W warps per CTA, CTAs per multiprocessor, programmatic dependent launch).
-STREAM_STAGES = (2, 4, 6, 8, 12, 16)  # compiled depths P
+# weights, streamed by the bulk-copy engine across kernel boundaries (sm_90). A launch
+# configuration is (S stages, W consumer warps per CTA = units per stage, CTAs per
+# multiprocessor, programmatic dependent launch).
+STREAM_STAGES = (2, 3, 4, 6, 8)  # compiled S
 UNIT_WORDS = 272  # int32 per unit: 16 rows x 128 columns of nibbles (256) + 16 metadata words
 
 
-def stream_shape_ok(in_features: int, group_size: int) -> bool:
-    return in_features % 128 == 0 and group_size % 128 == 0 and in_features <= MMA_MAX_K
+def stream_smem_bytes(n: int, k: int, cfg: tuple[int, int, int, int], sms: int) -> int:
+    """Shared memory of one cuda_stream CTA (as the launcher computes it): x staged (264 bytes
+    per 128 columns), the partial-sum slots (tiles per CTA x W x 64 bytes), the ring (S x W
+    units) and 2 S mbarriers."""
+    stages, warps, cps, _ = cfg
+    nb, tiles = k // 128, (n + 15) // 16
+    grid = min(sms * max(cps, 1), tiles)
+    tpc = -(-tiles // grid)
+    return (((nb * 264 + 15) & ~15) + tpc * warps * 64 + stages * warps * 1088 + 7) // 8 * 8 + 16 * stages
+
+
+def stream_shape_ok(n: int, k: int, group_size: int, cfg: tuple[int, int, int, int], sms: int) -> bool:
+    return (k % 128 == 0 and group_size % 128 == 0 and cfg[0] in STREAM_STAGES and 1 <= cfg[1] <= 16
+            and stream_smem_bytes(n, k, cfg, sms) <= 227 * 1024)
 
 
 def units_from_packed(w: torch.Tensor, meta: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -334,37 +337,26 @@ def dense_from_units(units: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return w.reshape(tiles * 16, k)[:n]
 
 
-def stream_split(units: int, nb: int, gw: int) -> tuple[list[tuple[int, int]], list[int], int]:
-    """The kernel's work split, in Python (tests): each warp's unit range, each tile's number
-    of contributing warps, and the slots per tile the launch allocates (maxc)."""
-    ranges = [(j * units // gw, (j + 1) * units // gw) for j in range(gw)]
-
-    def warp_of_unit(u):
-        return ((u + 1) * gw + units - 1) // units - 1
-
-    tiles = units // nb
-    contributors = [warp_of_unit((t + 1) * nb - 1) - warp_of_unit(t * nb) + 1 for t in range(tiles)]
-    lmin = units // gw
-    maxc = (nb + lmin - 1) // lmin + 1
-    return ranges, contributors, maxc
+def stream_split(tiles: int, grid: int) -> list[tuple[int, int]]:
+    """The tiles each CTA owns, in Python (tests): [c T / G, (c + 1) T / G)."""
+    return [(c * tiles // grid, (c + 1) * tiles // grid) for c in range(grid)]
 
 
-def repack_units(module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(units, counters) for cuda_stream: the tile-contiguous weights (about 4.25 bits per weight
-    at group 128, a copy next to the saved buffers) and one zeroed int32 ticket per 16-row tile."""
+def repack_units(module, device: torch.device) -> torch.Tensor:
+    """cuda_stream's tile-contiguous weights: about 4.25 bits per weight at group 128, a copy
+    kept next to the saved buffers (built once per module and device)."""
     w, meta = repack(module, device)
-    units = units_from_packed(w, meta, module.group_size)
-    counters = torch.zeros((module.out_features + 15) // 16, dtype=torch.int32, device=device)
-    return units, counters
+    return units_from_packed(w, meta, module.group_size)
 
 
-def gemv_stream(x2: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], n: int,
-                cfg: tuple[int, int, int, int]) -> torch.Tensor:
-    """y [1, n] = x2 [1, K] @ W^T from `repack_units` buffers; cfg = (P, W, CTAs per SM, pdl)."""
-    units, counters = packed
+def stream_supported(device: torch.device) -> bool:
+    """cp.async.bulk and mbarrier transaction counts need sm_90 (Hopper) or newer."""
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def gemv_stream(x2: torch.Tensor, units: torch.Tensor, n: int, cfg: tuple[int, int, int, int]) -> torch.Tensor:
+    """y [1, n] = x2 [1, K] @ W^T from `repack_units`; cfg = (S stages, W warps, CTAs per SM, pdl)."""
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.contiguous().clone()
-    p, warps, cps, pdl = cfg
-    if pdl and torch.cuda.get_device_capability(x2.device) < (9, 0):
-        pdl = 0
-    return module_for(x2.device).gemv_stream(x2, units, counters, n, p, warps, cps, pdl)
+    stages, warps, cps, pdl = cfg
+    return module_for(x2.device).gemv_stream(x2, units, n, stages, warps, cps, pdl)

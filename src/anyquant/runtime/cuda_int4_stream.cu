@@ -1,159 +1,207 @@
 // ============================================================================================
-// cuda_stream: batch-1 int4 GEMV that streams its weights as one contiguous array and starts
-// streaming before the kernel ahead of it in the stream has finished (built with
-// cuda_int4_gemv.cu, whose mma, x staging and cp.async helpers it uses; groups a multiple of 128).
+// cuda_stream: batch-1 int4 GEMV that streams its weights as one contiguous array with the Hopper
+// bulk-copy engine, and starts streaming before the kernel ahead of it in the stream has
+// finished (built with cuda_int4_gemv.cu, whose mma, x staging and grid-dependency helpers it
+// uses; groups a multiple of 128; sm_90).
 //
-// Why: at batch 1 the Linear layers of a Llama-3-8B layer read 2 to 31 MB each. Every kernel
-// that waits for the one before it to end before it reads a byte leaves DRAM idle for its
-// launch, its first loads' latency and the one before's tail: about 2 to 5 us, against 1 to 11
-// us of transfer at the bandwidth floor. Here a kernel's weights do not depend on the kernel
-// before, so each CTA copies its first P - 1 units into shared memory, allows the next kernel to
-// launch (griddepcontrol.launch_dependents) and only then waits for the one before
-// (griddepcontrol.wait) to read x. The grid is one small CTA per multiprocessor, so the CTAs of
-// two or three consecutive GEMVs fit on a multiprocessor at once and DRAM keeps streaming
-// across kernel boundaries.
+// Why: at batch 1 the Linear layers of a Llama-3-8B layer read 2 to 31 MB each. A kernel that
+// waits for the one before it to end before it reads a byte leaves DRAM idle for its launch,
+// its first loads' latency and the one before's tail: 2 to 5 us each, against 1 to 11 us of
+// transfer at the bandwidth floor. A GEMV's weights do not depend on the kernel before, so here
+// one thread per CTA fills a ring of S stages with cp.async.bulk (one instruction per stage of
+// W units, completion counted in bytes on an mbarrier) before the CTA waits for the kernel ahead
+// (griddepcontrol.wait, needed only to read x), and lets the next kernel launch
+// (griddepcontrol.launch_dependents) at once.
 //
 // Layout (cuda_int4.repack_units, built once at load): a "unit" is one 16-row tile T and one
-// 128-column block b, 1088 contiguous bytes: 32 x 16 bytes of rows 16T + g (lane 4g + t holds
+// 128-column block b, 1088 contiguous bytes: 32 x 16 bytes of rows 16T + g (vector 4g + t is
 // 16-byte chunk 4b + t of row g, exactly what mma lane 4g + t multiplies), 32 x 16 bytes of rows
 // 16T + 8 + g in the same order, then the 16 rows' metadata (scale | zu) of block b's group.
-// Units are stored tile-major: tile 0's blocks 0..NB-1, then tile 1's, ... (rows padded to a
-// multiple of 16 with zero scales). Same 4.25 bits per weight as the saved format at group 128.
+// Units are stored tile-major (rows padded to a multiple of 16 with zero scales). Same 4.25 bits
+// per weight as the saved format at group 128.
 //
-// Work split (stream-K): the grid's warps, numbered j = CTA * W + warp, take equal contiguous
-// ranges [j U / GW, (j + 1) U / GW) of the U = tiles x NB units (GW <= U: no warp is idle),
-// so every shape balances over every multiprocessor. A warp accumulates a tile's rows over the
-// units it owns; a tile wholly inside one warp's range is written by that warp; otherwise each
-// of its c warps writes 16 fp32 partial sums to its slot (warp index - the tile's first warp),
-// and the last to arrive (an atomic ticket per tile, left at zero for the next launch, so it
-// works inside CUDA graphs; one counter buffer per module, so one stream at a time) adds the
-// slots in slot order (deterministic) and writes the bf16 rows.
+// Work split: CTA c owns the whole tiles [c T / G, (c + 1) T / G) (one contiguous byte range; G
+// CTAs, at most one tile apart, so about 97% balanced on every Llama shape at one CTA per
+// multiprocessor) and needs no global reduction, atomics or fences. Stage s of a CTA holds its
+// units s W .. s W + W - 1 and warp w computes unit s W + w, adding each tile's rows over its
+// units; at a tile change it writes its 16 partial sums to its own shared slot (tile, w); after
+// the last stage the CTA adds the slots in warp order (deterministic) and writes bf16 rows.
+// Warp W is the producer: its lane 0 refills a stage once all W consumer warps have released it.
 // ============================================================================================
 
 namespace anyquant_int4_stream {
 
 using namespace anyquant_int4_mma;
 
-constexpr int UNIT_VEC = 68;  // uint4 per unit: 64 of weights, 4 of metadata
+constexpr int UNIT_VEC = 68;     // uint4 per unit: 64 of weights, 4 of metadata
+constexpr int UNIT_BYTES = 1088;
 
 struct SArgs {
   const __nv_bfloat16* x;
   const uint4* units;
   __nv_bfloat16* y;
-  float* part;         // [tiles, maxc, 16]
-  unsigned int* counters;  // [tiles]
-  long long units_total;
-  int N, K, NB, maxc, gw;
+  int N, K, NB, tiles, tiles_per_cta_max;
 };
 
-// The warp whose range holds unit u: the largest j with floor(j U / GW) <= u.
-__device__ __forceinline__ int warp_of_unit(long long u, long long U, int gw) {
-  return (int)(((u + 1) * gw + U - 1) / U - 1);
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, int phase) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT_%=;\n"
+      "}\n" ::"r"(bar),
+      "r"(phase)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, int bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
 }
 
-__device__ __forceinline__ void flush_tile(const SArgs& a, int T, int j, float acc0, float acc1, int lane) {
-  const int g = lane >> 2, t = lane & 3;
-  const int jf = warp_of_unit((long long)T * a.NB, a.units_total, a.gw);
-  const int jl = warp_of_unit((long long)(T + 1) * a.NB - 1, a.units_total, a.gw);
-  const int c = jl - jf + 1;
-  if (c == 1) {
-    if (t == 0) {
-      const int r0 = T * 16 + g;
-      if (r0 < a.N) a.y[r0] = __float2bfloat16_rn(acc0);
-      if (r0 + 8 < a.N) a.y[r0 + 8] = __float2bfloat16_rn(acc1);
-    }
-    return;
+// compute_one with two independent mma accumulators (half the dependent chain per unit)
+__device__ __forceinline__ void compute_unit(const uint4 wv0, const uint4 wv1, const uint32_t m0, const uint32_t m1,
+                                             const uint4* __restrict__ xs, const float2* __restrict__ xab,
+                                             float& acc0, float& acc1, int b, int t) {
+  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const uint32_t w0[4] = {wv0.x, wv0.y, wv0.z, wv0.w};
+  const uint32_t w1[4] = {wv1.x, wv1.y, wv1.z, wv1.w};
+#pragma unroll
+  for (int wi = 0; wi < 4; ++wi) {
+    const uint4 xb = xs[(b * 4 + wi) * 4 + t];
+    const uint32_t p = w0[wi], q = w1[wi];
+    const uint32_t p1 = p >> 1, q1 = q >> 1, p8 = p >> 8, q8 = q >> 8, p9 = p >> 9, q9 = q >> 9;
+    mma16816(d, lo_nib(p), lo_nib(q), hi_nib(p1), hi_nib(q1), xb.x, xb.y);
+    mma16816(e, lo_nib(p8), lo_nib(q8), hi_nib(p9), hi_nib(q9), xb.z, xb.w);
   }
-  float* slot = a.part + ((long long)T * a.maxc + (j - jf)) * 16;
-  if (t == 0) {
-    slot[g] = acc0;
-    slot[g + 8] = acc1;
-  }
-  __threadfence();
-  __syncwarp();
-  unsigned int ticket = 0;
-  if (lane == 0) ticket = atomicAdd(a.counters + T, 1u);
-  ticket = __shfl_sync(0xFFFFFFFFu, ticket, 0);
-  if (ticket != (unsigned int)(c - 1)) return;
-  __threadfence();
-  if (lane < 16) {
-    const float* base = a.part + (long long)T * a.maxc * 16 + lane;
-    float v = 0.0f;
-    for (int i = 0; i < c; ++i) v += __ldcg(base + i * 16);
-    const int row = T * 16 + lane;
-    if (row < a.N) a.y[row] = __float2bfloat16_rn(v);
-  }
-  if (lane == 0) a.counters[T] = 0u;  // ready for the next launch (launches on one stream run in order)
+  const float2 ab = xab[b];
+  const float s0 = __uint_as_float(m0 & 0xFFFFFFF0u), s1 = __uint_as_float(m1 & 0xFFFFFFF0u);
+  const float z0 = __uint_as_float((m0 & 0xFu) | 0x4B000000u) - 8388608.0f;
+  const float z1 = __uint_as_float((m1 & 0xFu) | 0x4B000000u) - 8388608.0f;
+  acc0 = fmaf(s0, fmaf(-z0, ab.y, (d[0] + e[0]) - ab.x), acc0);
+  acc1 = fmaf(s1, fmaf(-z1, ab.y, (d[2] + e[2]) - ab.x), acc1);
 }
 
-template <int P>
-__global__ void __launch_bounds__(512) gemv_stream_kernel(const SArgs a) {
+// S stages of W units; W consumer warps and one producer warp per CTA.
+template <int S>
+__global__ void __launch_bounds__(544) gemv_stream_kernel(const SArgs a) {
   extern __shared__ uint4 smem[];
   const int NB = a.NB;
+  const int W = (blockDim.x >> 5) - 1;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
   uint4* xs = smem;
   float2* xab = reinterpret_cast<float2*>(smem + NB * 16);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nwarps = blockDim.x >> 5;
-  const int ring_off = (NB * 256 + NB * 8 + 15) & ~15;
-  uint4* ring = reinterpret_cast<uint4*>(reinterpret_cast<char*>(smem) + ring_off);
-  uint4* wring = ring + (size_t)warp * P * 64;
-  uint32_t* mring = reinterpret_cast<uint32_t*>(ring + (size_t)nwarps * P * 64) + (size_t)warp * P * 64;
-  const uint32_t wring_s = (uint32_t)__cvta_generic_to_shared(wring) + lane * 16;
-  const uint32_t mring_s = (uint32_t)__cvta_generic_to_shared(mring) + lane * 4;
-  const int g = lane >> 2, t = lane & 3;
-  const int j = blockIdx.x * nwarps + warp;
-  const long long U = a.units_total;
-  const long long u0 = (long long)j * U / a.gw;
-  const int len = (int)((long long)(j + 1) * U / a.gw - u0);
+  char* base = reinterpret_cast<char*>(smem);
+  int off = (NB * 256 + NB * 8 + 15) & ~15;
+  float* red = reinterpret_cast<float*>(base + off);  // [tiles_per_cta_max, W, 16]
+  off += a.tiles_per_cta_max * W * 64;
+  uint4* ring = reinterpret_cast<uint4*>(base + off);  // [S, W units]
+  off += S * W * UNIT_BYTES;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(base + ((off + 7) & ~7));  // full[S], empty[S]
+  const uint32_t full0 = smem_addr(bars), empty0 = smem_addr(bars + S);
 
-  // each lane copies exactly the bytes it reads back, so cp.async.wait_group alone orders it
-  auto issue = [&](int slot, long long u) {
-    const uint4* src = a.units + u * UNIT_VEC;
-    cp_async16(wring_s + slot * 1024, src + lane);
-    cp_async16(wring_s + slot * 1024 + 512, src + 32 + lane);
-    const uint32_t* m = reinterpret_cast<const uint32_t*>(src + 64);
-    cp_async4(mring_s + slot * 256, m + g);
-    cp_async4(mring_s + slot * 256 + 128, m + g + 8);
-  };
-#pragma unroll
-  for (int p = 0; p < P - 1; ++p) {
-    if (p < len) issue(p, u0 + p);
-    cp_async_commit();
+  const int t0 = (int)((long long)blockIdx.x * a.tiles / gridDim.x);
+  const int t1 = (int)((long long)(blockIdx.x + 1) * a.tiles / gridDim.x);
+  const long long u0 = (long long)t0 * NB, u1 = (long long)t1 * NB;
+  const int nst = (int)((u1 - u0 + W - 1) / W);
+  const bool producer = warp == W && lane == 0;
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < S; ++i) {
+      mbar_init(full0 + 8 * i, 1);
+      mbar_init(empty0 + 8 * i, W);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
+  __syncthreads();
+
+  auto issue = [&](int s) {
+    const int slot = s % S;
+    const long long u = u0 + (long long)s * W;
+    const int count = (int)min((long long)W, u1 - u);
+    mbar_expect_tx(full0 + 8 * slot, count * UNIT_BYTES);
+    bulk_copy(smem_addr(ring + (size_t)slot * W * UNIT_VEC), a.units + u * UNIT_VEC, count * UNIT_BYTES,
+              full0 + 8 * slot);
+  };
+  if (producer)
+    for (int s = 0; s < S && s < nst; ++s) issue(s);
 
   grid_launch_dependents();  // the next kernel may start its own copies now
   grid_dependency_wait();    // x is written by the kernel before
   stage_x(a.x, a.K, xs, xab);
+  for (int i = threadIdx.x; i < a.tiles_per_cta_max * W * 16; i += blockDim.x) red[i] = 0.0f;
   __syncthreads();
 
-  float acc0 = 0.0f, acc1 = 0.0f;
-  int T = (int)(u0 / NB), b = (int)(u0 - (long long)T * NB), slot = 0;
-  for (int c = 0; c < len; ++c) {
-    cp_async_wait<P - 2>();  // unit c has landed (this lane's copies)
-    const uint4 wv0 = wring[slot * 64 + lane], wv1 = wring[slot * 64 + 32 + lane];
-    const uint32_t m0 = mring[slot * 64 + lane], m1 = mring[slot * 64 + 32 + lane];
-    // refill the slot read in the previous step (its values are in registers by now)
-    if (c + P - 1 < len) issue(slot == 0 ? P - 1 : slot - 1, u0 + c + P - 1);
-    cp_async_commit();
-    compute_one(wv0, wv1, m0, m1, xs, xab, acc0, acc1, b, t);
-    if (++b == NB || c == len - 1) {
-      flush_tile(a, T, j, acc0, acc1, lane);
-      acc0 = 0.0f;
-      acc1 = 0.0f;
-      b = 0;
-      ++T;
+  if (warp == W) {
+    if (producer) {
+      for (int s = S; s < nst; ++s) {
+        mbar_wait(empty0 + 8 * (s % S), ((s / S) - 1) & 1);
+        issue(s);
+      }
     }
-    slot = slot == P - 1 ? 0 : slot + 1;
+    __syncwarp();  // the producer warp reconverges before the CTA barrier
+  } else {
+    float acc0 = 0.0f, acc1 = 0.0f;
+    int cur = -1;  // the tile (local index) being accumulated
+    for (int s = 0; s < nst; ++s) {
+      const int slot = s % S;
+      const long long u = u0 + (long long)s * W + warp;
+      mbar_wait(full0 + 8 * slot, (s / S) & 1);
+      if (u < u1) {
+        const uint4* unit = ring + ((size_t)slot * W + warp) * UNIT_VEC;
+        const uint4 wv0 = unit[lane], wv1 = unit[32 + lane];
+        const uint32_t* m = reinterpret_cast<const uint32_t*>(unit + 64);
+        const uint32_t m0 = m[g], m1 = m[g + 8];
+        const int T = (int)(u / NB) - t0, b = (int)(u % NB);
+        if (T != cur) {
+          if (cur >= 0 && t == 0) {
+            red[(cur * W + warp) * 16 + g] = acc0;
+            red[(cur * W + warp) * 16 + g + 8] = acc1;
+          }
+          acc0 = 0.0f;
+          acc1 = 0.0f;
+          cur = T;
+        }
+        compute_unit(wv0, wv1, m0, m1, xs, xab, acc0, acc1, b, t);
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty0 + 8 * slot);  // this warp is done with the stage
+    }
+    if (cur >= 0 && t == 0) {
+      red[(cur * W + warp) * 16 + g] = acc0;
+      red[(cur * W + warp) * 16 + g + 8] = acc1;
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < (t1 - t0) * 16; i += blockDim.x) {
+    const int tl = i >> 4, r = i & 15;
+    float v = 0.0f;
+    for (int w = 0; w < W; ++w) v += red[(tl * W + w) * 16 + r];
+    const int row = (t0 + tl) * 16 + r;
+    if (row < a.N) a.y[row] = __float2bfloat16_rn(v);
   }
 }
 
 typedef void (*StreamFn)(const SArgs);
 
-#define ANYQUANT_STREAM_STAGES(X) X(2) X(4) X(6) X(8) X(12) X(16)
+#define ANYQUANT_STREAM_STAGES(X) X(2) X(3) X(4) X(6) X(8)
 
-static StreamFn pick(int P) {
+static StreamFn pick(int S) {
 #define ANYQUANT_PICK_STREAM(p) \
-  if (P == p) return gemv_stream_kernel<p>;
+  if (S == p) return gemv_stream_kernel<p>;
   ANYQUANT_STREAM_STAGES(ANYQUANT_PICK_STREAM)
 #undef ANYQUANT_PICK_STREAM
   return nullptr;
@@ -161,76 +209,50 @@ static StreamFn pick(int P) {
 
 }  // namespace anyquant_int4_stream
 
-// Partial-sum slots per tile for a grid of gw warps over `units` units (NB per tile): a warp's
-// range is at least floor(units / gw) units long, so a tile meets at most ceil(NB / that) + 1.
-int anyquant_int4_stream_maxc(long long units, int NB, int gw) {
-  const long long lmin = units / gw;
-  return (int)((NB + lmin - 1) / lmin) + 1;
-}
-
-// Grid size for (N, K, W warps, ctas_per_sm): one wave of at most ctas_per_sm CTAs per
-// multiprocessor, and no more warps than units. Returns 0 where no CTA fits.
-const char* anyquant_int4_stream_grid(int N, int K, int P, int W, int ctas_per_sm, int* grid_out, int* smem_out) {
+// Returns nullptr on success, else an error message. units: the repacked weights
+// (ceil(N / 16) * K / 128 units of 1088 bytes, 16-byte aligned); S stages of W units (W consumer
+// warps and one producer warp per CTA); a grid of up to ctas_per_sm CTAs per multiprocessor,
+// never more CTAs than 16-row tiles.
+const char* anyquant_int4_stream_launch(const void* x, const void* units, void* y, int N, int K, int S, int W,
+                                        int ctas_per_sm, int pdl, void* stream) {
   using namespace anyquant_int4_stream;
-  StreamFn fn = pick(P);
-  if (!fn) return "anyquant cuda_stream: no compiled variant for this depth P";
+  StreamFn fn = pick(S);
+  if (!fn) return "anyquant cuda_stream: no compiled variant for this number of stages S";
   if (K % 128 || K < 128) return "anyquant cuda_stream: K must be a multiple of 128";
-  if (W < 1 || W > 16) return "anyquant cuda_stream: 1 to 16 warps per CTA";
-  const int NB = K / 128;
-  const int smem = ((NB * 256 + NB * 8 + 15) & ~15) + W * P * (1024 + 256);
-  if (smem > 227 * 1024) return "anyquant cuda_stream: shared memory over 227 KiB (fewer warps or stages)";
+  if (W < 1 || W > 16) return "anyquant cuda_stream: 1 to 16 consumer warps per CTA";
   int dev = 0;
   cudaGetDevice(&dev);
   if (dev >= 16) return "anyquant cuda_stream: device index >= 16";
-  static int smem_set[16][17];
   static int sms[16];
-  if (smem > 48 * 1024 && smem > smem_set[dev][P]) {
-    cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return cudaGetErrorString(e);
-    smem_set[dev][P] = smem;
-  }
   if (!sms[dev]) {
     cudaError_t e = cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev);
     if (e != cudaSuccess) return cudaGetErrorString(e);
   }
-  int nb = 0;
-  cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, fn, 32 * W, smem);
-  if (e != cudaSuccess) return cudaGetErrorString(e);
-  if (nb < 1) return "anyquant cuda_stream: no block fits on a multiprocessor";
-  const int per_sm = ctas_per_sm < 1 ? 1 : (ctas_per_sm < nb ? ctas_per_sm : nb);
-  const long long units = (long long)((N + 15) / 16) * NB;
-  long long grid = (long long)sms[dev] * per_sm;
-  if (grid * W > units) grid = units / W;
-  if (grid < 1) grid = 1;
-  *grid_out = (int)grid;
-  *smem_out = smem;
-  return nullptr;
-}
-
-// Returns nullptr on success, else an error message. units: the repacked weights
-// (ceil(N / 16) * K / 128 units of 1088 bytes); part: >= tiles * maxc * 16 floats;
-// counters: tiles uint32, zero (left zero). grid / smem from anyquant_int4_stream_grid.
-const char* anyquant_int4_stream_launch(const void* x, const void* units, void* y, void* part, void* counters, int N,
-                                        int K, int P, int W, int grid, int smem, int maxc, int pdl, void* stream) {
-  using namespace anyquant_int4_stream;
-  StreamFn fn = pick(P);
-  if (!fn) return "anyquant cuda_stream: no compiled variant for this depth P";
+  const int NB = K / 128, tiles = (N + 15) / 16;
+  long long grid = (long long)sms[dev] * (ctas_per_sm < 1 ? 1 : ctas_per_sm);
+  if (grid > tiles) grid = tiles;
+  const int tpc = (int)((tiles + grid - 1) / grid);
+  const int smem = (((NB * 256 + NB * 8 + 15) & ~15) + tpc * W * 64 + S * W * UNIT_BYTES + 7) / 8 * 8 + 2 * S * 8;
+  if (smem > 227 * 1024) return "anyquant cuda_stream: shared memory over 227 KiB (fewer warps or stages)";
+  static int smem_set[16][9];
+  if (smem > 48 * 1024 && smem > smem_set[dev][S]) {
+    cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return cudaGetErrorString(e);
+    smem_set[dev][S] = smem;
+  }
   SArgs args;
   args.x = (const __nv_bfloat16*)x;
   args.units = (const uint4*)units;
   args.y = (__nv_bfloat16*)y;
-  args.part = (float*)part;
-  args.counters = (unsigned int*)counters;
-  args.NB = K / 128;
-  args.units_total = (long long)((N + 15) / 16) * args.NB;
   args.N = N;
   args.K = K;
-  args.maxc = maxc;
-  args.gw = grid * W;
+  args.NB = NB;
+  args.tiles = tiles;
+  args.tiles_per_cta_max = tpc;
 
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((unsigned)grid);
-  cfg.blockDim = dim3(32 * W);
+  cfg.blockDim = dim3(32 * (W + 1));
   cfg.dynamicSmemBytes = smem;
   cfg.stream = (cudaStream_t)stream;
   cudaLaunchAttribute attr[1];

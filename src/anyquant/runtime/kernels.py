@@ -3,10 +3,11 @@
 On CPU the reference path runs: dequantize to the activation dtype, then one matmul.
 On a CUDA device (compute capability 8.0 or newer) one of these runs:
 
-  cuda_stream  cuda_mma's math over a tile-contiguous copy of the weights, one small CTA per
-               multiprocessor with stream-K work split; it copies its first weights before
-               waiting for the kernel ahead (programmatic dependent launch), so consecutive
-               GEMVs stream without DRAM going idle between them (runtime/cuda_int4_stream.cu)
+  cuda_stream  cuda_mma's math over a tile-contiguous copy of the weights (sm_90): one CTA per
+               multiprocessor owns whole 16-row tiles and one thread streams them with bulk
+               copies, the first ones issued before waiting for the kernel ahead (programmatic
+               dependent launch), so consecutive GEMVs keep DRAM busy across their boundaries
+               (runtime/cuda_int4_stream.cu)
   cuda_mma     our CUDA C++ tensor-core GEMV (same file and build as cuda_gemv), batch 1, bf16,
                groups that are multiples of 128: LOP3 nibble -> bf16x2, mma.sync m16n8k16 with fp32
                accumulation, exact integer zero points (folded into per-block sums of x)
@@ -115,10 +116,10 @@ _CUDA_MMA_CFG: dict[tuple[int, int], tuple[int, int, int, int, int, int]] = {
     (14336, 4096): (0, 1, 2, 4, 0, 1), (28672, 4096): (0, 4, 1, 8, 0, 1), (4096, 14336): (1, 3, 1, 16, 2, 1),
 }
 _CUDA_MMA_DEFAULT = (0, 1, 1, 16, 2, 1)
-# cuda_stream: (P units in flight per warp, W warps per CTA, CTAs per multiprocessor,
+# cuda_stream: (S stages, W consumer warps per CTA = units per stage, CTAs per multiprocessor,
 # programmatic dependent launch).
 _CUDA_STREAM_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {}
-_CUDA_STREAM_DEFAULT = (8, 8, 1, 1)
+_CUDA_STREAM_DEFAULT = (4, 8, 1, 1)
 _GEMV_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {
     (1024, 4096): (2, 1024, 4, 3), (4096, 4096): (8, 1024, 4, 3),
     (4096, 14336): (8, 1024, 4, 3), (14336, 4096): (16, 1024, 4, 1),
@@ -157,6 +158,15 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _stream_cfg(n: int, k: int) -> tuple[int, int, int, int]:
+    return _CUDA_STREAM_CFG.get((n, k), _CUDA_STREAM_DEFAULT)
+
+
 def _bucket(batch: int):
     return 1 if batch == 1 else (16 if batch <= 16 else None)
 
@@ -172,7 +182,8 @@ def supports(name: str, module, x: torch.Tensor) -> bool:
     if name == "cuda_stream":
         from anyquant.runtime import cuda_int4
 
-        return (batch == 1 and x.dtype == torch.bfloat16 and cuda_int4.stream_shape_ok(k, g)
+        return (batch == 1 and x.dtype == torch.bfloat16 and _capability(x.device.index or 0) >= (9, 0)
+                and cuda_int4.stream_shape_ok(n, k, g, _stream_cfg(n, k), _sm_count(x.device.index or 0))
                 and cuda_int4.available(x.device))
     if name == "cuda_mma":
         from anyquant.runtime import cuda_int4
@@ -289,9 +300,8 @@ def _run_cuda_mma(module, x2):
 def _run_cuda_stream(module, x2):
     from anyquant.runtime import cuda_int4
 
-    packed = _cached(module, ("cuda_stream", str(x2.device)), lambda: cuda_int4.repack_units(module, x2.device))
-    cfg = _CUDA_STREAM_CFG.get((module.out_features, module.in_features), _CUDA_STREAM_DEFAULT)
-    return cuda_int4.gemv_stream(x2, packed, module.out_features, cfg)
+    units = _cached(module, ("cuda_stream", str(x2.device)), lambda: cuda_int4.repack_units(module, x2.device))
+    return cuda_int4.gemv_stream(x2, units, module.out_features, _stream_cfg(module.out_features, module.in_features))
 
 
 def _run_triton_gemv(module, x2):
