@@ -266,6 +266,48 @@ def kernel_rows(layers, batches, copy_bw, shapes=SHAPES, kinds=None, layout="sep
     return rows, per_shape
 
 
+STREAM_SEQUENCE_CFGS = [(2, 16, 1), (3, 16, 1), (4, 16, 1), (6, 16, 1), (3, 8, 1), (4, 8, 1), (6, 8, 1), (8, 8, 1),
+                        (2, 16, 2), (3, 16, 2), (2, 8, 2), (4, 8, 2)]
+
+
+def tune_stream_sequence(layers, copy_bw, shapes, layout, apply=False):
+    """cuda_stream in the whole sequence of one layout (every matmul of the 32 layers in one
+    graph, as kernel_rows times it): consecutive GEMVs overlap only where their CTAs fit on a
+    multiprocessor together, so the per-shape bests (timed on one shape back to back) can lose
+    there. Times the per-shape table as it stands, then each configuration of
+    STREAM_SEQUENCE_CFGS on every shape; with apply, the fastest stays in the dispatch table."""
+    from anyquant.runtime import cuda_int4
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    x = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
+    n_weights = sum(n * k for _, n, k in shapes) * LAYERS
+    floor = n_weights * BITS["int4_g128"] / 8 / (copy_bw * 1e9) * 1e3
+    keys = sorted({(n, k) for _, n, k in shapes})
+    before = {key: kernels._stream_cfg(*key) for key in keys}
+    candidates = [("per_shape", before)] + [
+        (list(c) + [1], {key: tuple(c) + (1,) for key in keys}) for c in STREAM_SEQUENCE_CFGS]
+    rows, best = [], None
+    for label, table in candidates:
+        if not all(cuda_int4.stream_shape_ok(n, k, GROUP, table[(n, k)], sms) for n, k in keys):
+            continue
+        kernels._CUDA_STREAM_CFG.update(table)
+
+        def run():
+            for layer in layers:
+                for name, _, k in shapes:
+                    kernels.int4_linear_forward(layer[name]["int4"], x[k], kernel="cuda_stream")
+
+        ms = graph_time_ms(run)
+        rows.append({"kernel": "stream_sequence", "layout": layout, "cfg": label, "ms": round(ms, 4),
+                     "pct_of_floor": round(100 * floor / ms, 1),
+                     "table": {f"{n}x{k}": list(v) for (n, k), v in table.items()}})
+        log(f"  stream sequence {layout:8s} {str(label):22s} {ms:.3f} ms  {100 * floor / ms:5.1f}% of floor")
+        if best is None or ms < best[0]:
+            best = (ms, table)
+    kernels._CUDA_STREAM_CFG.update(best[1] if apply else before)
+    return rows
+
+
 def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm"), apply=False):
     """Sweep our kernels' launch configurations per unique shape (batch 1 and 16). With apply,
     cuda_gemv's best configuration per shape, and whether it beat torch_int4 there, are put in
@@ -793,6 +835,8 @@ REPEAT_VARIANTS = {
     "int4_fused_with_lm_head_compiled_attn_step": (True, True, True, True, True),
     # the same with inductor's combo_kernels (horizontal fusion of independent kernels), an experiment
     "int4_fused_with_lm_head_compiled_attn_step_combo": (True, True, True, True, True),
+    # the same with cuda_mma (the batch-1 default before cuda_stream) first in the dispatch order
+    "int4_fused_with_lm_head_compiled_attn_step_combo_mma": (True, True, True, True, True),
 }
 REPEAT_BASE, REPEAT_BEST = "bf16", "int4_fused_with_lm_head_compiled_attn_step"
 
@@ -828,16 +872,20 @@ def e2e_repeat(rounds=5, variants=tuple(REPEAT_VARIANTS), profile=None, layers=L
         model = models[int4]
         prev = use_decode_attention(model) if attn else None
         t0 = time.time()
+        order = kernels._PREFERENCE[1]
+        if key.endswith("_mma"):    # kernels are chosen when the step's graph is captured
+            set_batch1_first("cuda_mma")
         try:
             # options: a different backend, so dynamo compiles anew rather than reusing the step's code
             runs[key] = DecodeRun(model, compile_mode="default" if compiled else None, whole_step=whole,
                                   share_counter=shared,
-                                  inductor_options={"combo_kernels": True} if key.endswith("_combo") else None)
+                                  inductor_options={"combo_kernels": True} if "_combo" in key else None)
             res[key] = {"mode": runs[key].mode, "compile_and_warmup_s": runs[key].compile_s,
                         "shared_counter": runs[key].shared_counter}
         except Exception as exc:  # recorded, never silently dropped
             res[key] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
         finally:
+            kernels._PREFERENCE[1] = order
             if attn:
                 model.config._attn_implementation = prev
         log(f"  prepared {key}: {res[key]} ({time.time() - t0:.0f}s)")
@@ -938,6 +986,9 @@ def main(argv=None):
                     help="kernel level: comma list of rows to time (default: bf16, bnb_nf4, every anyquant kernel, "
                          "anyquant_auto)")
     ap.add_argument("--tune-shapes", choices=("separate", "fused", "both"), default="both")
+    ap.add_argument("--stream-sequence", choices=("separate", "fused"), default=None,
+                    help="time cuda_stream configurations over each layout's whole sequence; with --apply-tune, "
+                         "keep the best for this layout")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--skip-separate", action="store_true", help="kernel level: only the fused layout")
@@ -1004,6 +1055,10 @@ def main(argv=None):
         if which and args.tune_shapes in ("separate", "both"):
             result["tune"] += tune(layers, bw, SHAPES, which, args.apply_tune)
             save()
+        if args.stream_sequence and not args.skip_separate:
+            result.setdefault("stream_sequence", []).extend(
+                tune_stream_sequence(layers, bw, SHAPES, "separate", args.apply_tune and args.stream_sequence == "separate"))
+            save()
         if not args.skip_separate:
             rows, per_shape = kernel_rows(layers, [1, 16], bw, kinds=kinds)
             result["kernel_level"] += rows
@@ -1021,6 +1076,10 @@ def main(argv=None):
             new = {(n, k) for _, n, k in SHAPES_FUSED} - ({(n, k) for _, n, k in SHAPES} if args.tune_shapes == "both" else set())
             result["tune"] += tune(layers, bw, [s for s in SHAPES_FUSED if (s[1], s[2]) in new], which,
                                    args.apply_tune)
+            save()
+        if args.stream_sequence:
+            result.setdefault("stream_sequence", []).extend(
+                tune_stream_sequence(layers, bw, SHAPES_FUSED, "fused", args.apply_tune and args.stream_sequence == "fused"))
             save()
         rows, per_shape = kernel_rows(layers, [1, 16], bw, shapes=SHAPES_FUSED,
                                       kinds=[k for k in kinds if k != "bnb_nf4"] if kinds else
