@@ -267,7 +267,8 @@ def kernel_rows(layers, batches, copy_bw, shapes=SHAPES, kinds=None, layout="sep
 
 
 STREAM_SEQUENCE_CFGS = [(2, 16, 1), (3, 16, 1), (4, 16, 1), (6, 16, 1), (3, 8, 1), (4, 8, 1), (6, 8, 1), (8, 8, 1),
-                        (2, 16, 2), (3, 16, 2), (2, 8, 2), (4, 8, 2)]
+                        (2, 16, 2), (3, 16, 2), (2, 8, 2), (4, 8, 2), (2, 32, 1), (3, 32, 1), (4, 32, 1),
+                        (2, 16, 3), (3, 16, 3), (2, 24, 2)]
 
 
 def tune_stream_sequence(layers, copy_bw, shapes, layout, apply=False):
