@@ -267,7 +267,7 @@ def kernel_rows(layers, batches, copy_bw, shapes=SHAPES, kinds=None, layout="sep
 
 
 STREAM_SEQUENCE_CFGS = [(2, 16, 1), (3, 16, 1), (4, 16, 1), (6, 16, 1), (3, 8, 1), (4, 8, 1), (6, 8, 1), (8, 8, 1),
-                        (2, 16, 2), (3, 16, 2), (2, 8, 2), (4, 8, 2), (2, 32, 1), (3, 32, 1), (4, 32, 1),
+                        (2, 16, 2), (3, 16, 2), (2, 8, 2), (4, 8, 2), (2, 30, 1), (3, 30, 1), (3, 24, 1),
                         (2, 16, 3), (3, 16, 3), (2, 24, 2)]
 
 
@@ -298,7 +298,13 @@ def tune_stream_sequence(layers, copy_bw, shapes, layout, apply=False):
                 for name, _, k in shapes:
                     kernels.int4_linear_forward(layer[name]["int4"], x[k], kernel="cuda_stream")
 
-        ms = graph_time_ms(run)
+        try:
+            ms = graph_time_ms(run)
+        except Exception as exc:  # recorded, never silently dropped
+            rows.append({"kernel": "stream_sequence", "layout": layout, "cfg": label,
+                         "error": f"{type(exc).__name__}: {exc}"[:300]})
+            log(f"  stream sequence {layout:8s} {str(label):22s} FAILED {str(exc)[:200]}")
+            continue
         rows.append({"kernel": "stream_sequence", "layout": layout, "cfg": label, "ms": round(ms, 4),
                      "pct_of_floor": round(100 * floor / ms, 1),
                      "table": {f"{n}x{k}": list(v) for (n, k), v in table.items()}})

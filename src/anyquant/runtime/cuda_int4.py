@@ -294,7 +294,7 @@ def stream_smem_bytes(n: int, k: int, cfg: tuple[int, int, int, int], sms: int) 
 
 
 def stream_shape_ok(n: int, k: int, group_size: int, cfg: tuple[int, int, int, int], sms: int) -> bool:
-    return (k % 128 == 0 and group_size % 128 == 0 and cfg[0] in STREAM_STAGES and 1 <= cfg[1] <= 32
+    return (k % 128 == 0 and group_size % 128 == 0 and cfg[0] in STREAM_STAGES and 1 <= cfg[1] <= 31
             and stream_smem_bytes(n, k, cfg, sms) <= 227 * 1024)
 
 

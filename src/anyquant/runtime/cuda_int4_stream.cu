@@ -96,7 +96,7 @@ __device__ __forceinline__ void compute_unit(const uint4 wv0, const uint4 wv1, c
 
 // S stages of W units; W consumer warps and one producer warp per CTA.
 template <int S>
-__global__ void __launch_bounds__(1056) gemv_stream_kernel(const SArgs a) {
+__global__ void __launch_bounds__(1024) gemv_stream_kernel(const SArgs a) {
   extern __shared__ uint4 smem[];
   const int NB = a.NB;
   const int W = (blockDim.x >> 5) - 1;
@@ -219,7 +219,7 @@ const char* anyquant_int4_stream_launch(const void* x, const void* units, void* 
   StreamFn fn = pick(S);
   if (!fn) return "anyquant cuda_stream: no compiled variant for this number of stages S";
   if (K % 128 || K < 128) return "anyquant cuda_stream: K must be a multiple of 128";
-  if (W < 1 || W > 32) return "anyquant cuda_stream: 1 to 32 consumer warps per CTA";
+  if (W < 1 || W > 31) return "anyquant cuda_stream: 1 to 31 consumer warps per CTA (1024 threads with the producer)";
   int dev = 0;
   cudaGetDevice(&dev);
   if (dev >= 16) return "anyquant cuda_stream: device index >= 16";
