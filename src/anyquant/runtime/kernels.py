@@ -119,11 +119,13 @@ _CUDA_MMA_DEFAULT = (0, 1, 1, 16, 2, 1)
 # cuda_stream: (S stages, W consumer warps per CTA = units per stage, CTAs per multiprocessor,
 # programmatic dependent launch).
 _CUDA_STREAM_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {}
-# Measured on an H100 (2026-11-24, `speed_gpu.py --tune stream --stream-sequence fused`): the per-shape
-# bests (each shape's 32 matrices back to back) lose in the mixed sequence, where consecutive GEMVs
-# overlap only if their CTAs fit on a multiprocessor together; one configuration for every shape
-# won in both layouts: fused 1.565 ms vs 1.618 with the per-shape bests, separate 1.840 vs 2.198.
-_CUDA_STREAM_DEFAULT = (3, 16, 2, 1)
+# Measured on an H100 (2026-11-24, `speed_gpu.py --stream-sequence`, each layout's whole sequence in
+# one graph): the per-shape bests (each shape's 32 matrices back to back) lose in the mixed
+# sequence, where consecutive GEMVs overlap only if their CTAs fit on a multiprocessor together,
+# so one configuration serves every shape. (3, 16, 2) was fastest in 2 of 3 processes (fused
+# 1.561 / 1.566 ms) but 1.930 in the third; (2, 16, 2) measured 1.596 to 1.608 in all three,
+# so it is the default (benchmarks/results/speed_gpu.json "stream_sequence").
+_CUDA_STREAM_DEFAULT = (2, 16, 2, 1)
 _GEMV_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {
     (1024, 4096): (2, 1024, 4, 3), (4096, 4096): (8, 1024, 4, 3),
     (4096, 14336): (8, 1024, 4, 3), (14336, 4096): (16, 1024, 4, 1),
