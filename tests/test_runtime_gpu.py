@@ -362,13 +362,16 @@ def test_cuda_stream_chain_in_a_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = chain()
+    errs = []
     for _ in range(4):
         x0.copy_(torch.randn_like(x0))
         graph.replay()
         torch.cuda.synchronize()
-        ref = reference()
-        # 24 bf16 roundings compound: measured below 1e-2 for this chain; a stale x gives ~1
-        assert _rel(ref, out) < 2e-2
+        errs.append(_rel(reference(), out))
+    _MEASURED.append({"shape": "chain of 24", "kernel": "cuda_stream", "batch": 1, "rel_err": max(errs)})
+    # 24 bf16 roundings compound (the reference rounds each step too, but not identically); an x
+    # read before the kernel ahead wrote it gives errors of order 1
+    assert max(errs) < 2e-2, errs
 
 
 @_cuda
