@@ -387,10 +387,13 @@ __device__ __forceinline__ void load_steps(uint4 (&wv)[U][2], uint32_t (&mv)[U][
 }
 
 // One 128-column block b of the lane's two rows: 8 mma k-steps, then the block's scale and zero point.
+// NACC = 2 splits the 8 dependent mmas over two accumulators (cuda_stream, whose warps each run a
+// long sequence of blocks and are bound by that chain); NACC = 1 is cuda_mma's single chain.
+template <int NACC = 1>
 __device__ __forceinline__ void compute_one(const uint4 wv0, const uint4 wv1, const uint32_t m0, const uint32_t m1,
                                             const uint4* __restrict__ xs, const float2* __restrict__ xab,
                                             float& acc0, float& acc1, int b, int t) {
-  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   const uint32_t w0[4] = {wv0.x, wv0.y, wv0.z, wv0.w};
   const uint32_t w1[4] = {wv1.x, wv1.y, wv1.z, wv1.w};
 #pragma unroll
@@ -399,14 +402,19 @@ __device__ __forceinline__ void compute_one(const uint4 wv0, const uint4 wv1, co
     const uint32_t p = w0[wi], q = w1[wi];
     const uint32_t p1 = p >> 1, q1 = q >> 1, p8 = p >> 8, q8 = q >> 8, p9 = p >> 9, q9 = q >> 9;
     mma16816(d, lo_nib(p), lo_nib(q), hi_nib(p1), hi_nib(q1), xb.x, xb.y);
-    mma16816(d, lo_nib(p8), lo_nib(q8), hi_nib(p9), hi_nib(q9), xb.z, xb.w);
+    mma16816(NACC == 2 ? e : d, lo_nib(p8), lo_nib(q8), hi_nib(p9), hi_nib(q9), xb.z, xb.w);
+  }
+  float c0 = d[0], c2 = d[2];
+  if constexpr (NACC == 2) {
+    c0 += e[0];
+    c2 += e[2];
   }
   const float2 ab = xab[b];
   const float s0 = __uint_as_float(m0 & 0xFFFFFFF0u), s1 = __uint_as_float(m1 & 0xFFFFFFF0u);
   const float z0 = __uint_as_float((m0 & 0xFu) | 0x4B000000u) - 8388608.0f;
   const float z1 = __uint_as_float((m1 & 0xFu) | 0x4B000000u) - 8388608.0f;
-  acc0 = fmaf(s0, fmaf(-z0, ab.y, d[0] - ab.x), acc0);
-  acc1 = fmaf(s1, fmaf(-z1, ab.y, d[2] - ab.x), acc1);
+  acc0 = fmaf(s0, fmaf(-z0, ab.y, c0 - ab.x), acc0);
+  acc1 = fmaf(s1, fmaf(-z1, ab.y, c2 - ab.x), acc1);
 }
 
 template <int U>

@@ -71,29 +71,6 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, int byt
                : "memory");
 }
 
-// compute_one with two independent mma accumulators (half the dependent chain per unit)
-__device__ __forceinline__ void compute_unit(const uint4 wv0, const uint4 wv1, const uint32_t m0, const uint32_t m1,
-                                             const uint4* __restrict__ xs, const float2* __restrict__ xab,
-                                             float& acc0, float& acc1, int b, int t) {
-  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  const uint32_t w0[4] = {wv0.x, wv0.y, wv0.z, wv0.w};
-  const uint32_t w1[4] = {wv1.x, wv1.y, wv1.z, wv1.w};
-#pragma unroll
-  for (int wi = 0; wi < 4; ++wi) {
-    const uint4 xb = xs[(b * 4 + wi) * 4 + t];
-    const uint32_t p = w0[wi], q = w1[wi];
-    const uint32_t p1 = p >> 1, q1 = q >> 1, p8 = p >> 8, q8 = q >> 8, p9 = p >> 9, q9 = q >> 9;
-    mma16816(d, lo_nib(p), lo_nib(q), hi_nib(p1), hi_nib(q1), xb.x, xb.y);
-    mma16816(e, lo_nib(p8), lo_nib(q8), hi_nib(p9), hi_nib(q9), xb.z, xb.w);
-  }
-  const float2 ab = xab[b];
-  const float s0 = __uint_as_float(m0 & 0xFFFFFFF0u), s1 = __uint_as_float(m1 & 0xFFFFFFF0u);
-  const float z0 = __uint_as_float((m0 & 0xFu) | 0x4B000000u) - 8388608.0f;
-  const float z1 = __uint_as_float((m1 & 0xFu) | 0x4B000000u) - 8388608.0f;
-  acc0 = fmaf(s0, fmaf(-z0, ab.y, (d[0] + e[0]) - ab.x), acc0);
-  acc1 = fmaf(s1, fmaf(-z1, ab.y, (d[2] + e[2]) - ab.x), acc1);
-}
-
 // S stages of W units; W consumer warps and one producer warp per CTA.
 template <int S>
 __global__ void __launch_bounds__(1024) gemv_stream_kernel(const SArgs a) {
@@ -175,7 +152,7 @@ __global__ void __launch_bounds__(1024) gemv_stream_kernel(const SArgs a) {
           acc1 = 0.0f;
           cur = T;
         }
-        compute_unit(wv0, wv1, m0, m1, xs, xab, acc0, acc1, b, t);
+        compute_one<2>(wv0, wv1, m0, m1, xs, xab, acc0, acc1, b, t);
       }
       __syncwarp();
       if (lane == 0) mbar_arrive(empty0 + 8 * slot);  // this warp is done with the stage

@@ -40,8 +40,9 @@ import torch.nn.functional as F
 KERNELS = ("reference", "cuda_stream", "cuda_mma", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "torch_int4", "gemlite")
 
 # Measured order of preference on sm_90 (H100), per batch-size bucket; see the module doc.
-# Batch 1: cuda_mma first since 2026-11-24 (end to end, fused + compiled, H100: 317.4 tok/s with it
-# vs 304.6 with torch_int4 first in the same process; eager fused 195.3 vs 190.1).
+# Batch 1: cuda_stream first on sm_90 (fourth session, 2026-11-24, H100: fused Linears 1.59 ms vs
+# 2.09 for cuda_mma; end to end, fused + whole step compiled, 382.2 vs 360.9 tok/s in one process),
+# then cuda_mma (317.4 tok/s with it vs 304.6 with torch_int4 first in the same process).
 # Buckets: 1, 2..16, 17+. Every GPU kernel also needs compute capability >= 8.0.
 # H100, 2026-11-24, us per matmul (32 layers' matrices of one shape in one CUDA graph):
 #   batch 1   (N, K) =        (1024, 4096) (4096, 4096) (6144, 4096) (14336, 4096) (28672, 4096) (4096, 14336)
