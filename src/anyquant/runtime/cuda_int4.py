@@ -337,11 +337,6 @@ def dense_from_units(units: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return w.reshape(tiles * 16, k)[:n]
 
 
-def stream_split(tiles: int, grid: int) -> list[tuple[int, int]]:
-    """The tiles each CTA owns, in Python (tests): [c T / G, (c + 1) T / G)."""
-    return [(c * tiles // grid, (c + 1) * tiles // grid) for c in range(grid)]
-
-
 def repack_units(module, device: torch.device) -> torch.Tensor:
     """cuda_stream's tile-contiguous weights: about 4.25 bits per weight at group 128, a copy
     kept next to the saved buffers (built once per module and device)."""

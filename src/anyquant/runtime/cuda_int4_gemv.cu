@@ -28,6 +28,26 @@
 
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+
+// Launches a kernel with programmatic dependent launch when pdl is set (every launcher here does
+// the same): nullptr on success, else the CUDA error string.
+template <typename... Params, typename... Args>
+static const char* anyquant_launch(void (*fn)(Params...), unsigned grid, unsigned threads, int smem, void* stream,
+                                   int pdl, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = (cudaStream_t)stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  cudaError_t e = cudaLaunchKernelEx(&cfg, fn, args...);
+  if (e == cudaSuccess) e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
 #include <stdint.h>
 
 namespace anyquant_int4 {
@@ -270,20 +290,8 @@ const char* anyquant_int4_gemv_launch(const void* x, const void* w, const void* 
   const int grid = (int)((warps_needed + warps - 1) / warps);
   const uint32_t cpg_mul = (uint32_t)(((1u << 20) + chunks_per_group - 1) / chunks_per_group);
 
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(32 * warps);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = (cudaStream_t)stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  cudaError_t e = cudaLaunchKernelEx(&cfg, fn, (const __nv_bfloat16*)x, (const uint4*)w, (const uint32_t*)meta,
-                                     (__nv_bfloat16*)y, N, K, G, cpg_mul);
-  if (e == cudaSuccess) e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+  return anyquant_launch(fn, (unsigned)grid, 32 * warps, smem, stream, pdl, (const __nv_bfloat16*)x, (const uint4*)w,
+                         (const uint32_t*)meta, (__nv_bfloat16*)y, N, K, G, cpg_mul);
 }
 
 // ============================================================================================
@@ -757,17 +765,5 @@ const char* anyquant_int4_mma_launch(const void* x, const void* w, const void* m
   args.RT = RT;
   args.S = S;
 
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)grid);
-  cfg.blockDim = dim3(32 * warps);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = (cudaStream_t)stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  cudaError_t e = cudaLaunchKernelEx(&cfg, fn, args);
-  if (e == cudaSuccess) e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+  return anyquant_launch(fn, (unsigned)grid, 32 * warps, smem, stream, pdl, args);
 }

@@ -209,6 +209,7 @@ const char* anyquant_int4_stream_launch(const void* x, const void* units, void* 
   long long grid = (long long)sms[dev] * (ctas_per_sm < 1 ? 1 : ctas_per_sm);
   if (grid > tiles) grid = tiles;
   const int tpc = (int)((tiles + grid - 1) / grid);
+  // cuda_int4.stream_smem_bytes repeats this formula so that kernels.supports can decline first
   const int smem = (((NB * 256 + NB * 8 + 15) & ~15) + tpc * W * 64 + S * W * UNIT_BYTES + 7) / 8 * 8 + 2 * S * 8;
   if (smem > 227 * 1024) return "anyquant cuda_stream: shared memory over 227 KiB (fewer warps or stages)";
   static int smem_set[16][9];
@@ -227,17 +228,5 @@ const char* anyquant_int4_stream_launch(const void* x, const void* units, void* 
   args.tiles = tiles;
   args.tiles_per_cta_max = tpc;
 
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)grid);
-  cfg.blockDim = dim3(32 * (W + 1));
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = (cudaStream_t)stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  cudaError_t e = cudaLaunchKernelEx(&cfg, fn, args);
-  if (e == cudaSuccess) e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+  return anyquant_launch(fn, (unsigned)grid, 32 * (W + 1), smem, stream, pdl, args);
 }
