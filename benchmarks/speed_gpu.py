@@ -266,12 +266,19 @@ def kernel_rows(layers, batches, copy_bw, shapes=SHAPES, kinds=None, layout="sep
     return rows, per_shape
 
 
-STREAM_SEQUENCE_CFGS = [(2, 16, 1), (3, 16, 1), (4, 16, 1), (6, 16, 1), (3, 8, 1), (4, 8, 1), (6, 8, 1), (8, 8, 1),
-                        (2, 16, 2), (3, 16, 2), (2, 8, 2), (4, 8, 2), (2, 30, 1), (3, 30, 1), (3, 24, 1),
-                        (2, 16, 3), (3, 16, 3), (2, 24, 2)]
+# cps 1 with W <= 17: two CTAs of 17 or 18 warps at 56 registers fit a multiprocessor, so the
+# next GEMV's CTA starts beside this one's and copies while it runs
+STREAM_SEQUENCE_CFGS = [(2, 16, 1), (3, 16, 1), (4, 16, 1), (5, 16, 1), (6, 16, 1), (3, 12, 1), (4, 12, 1),
+                        (5, 12, 1), (6, 12, 1), (4, 14, 1), (5, 14, 1), (4, 17, 1), (5, 17, 1), (4, 8, 1),
+                        (8, 8, 1), (2, 16, 2), (3, 16, 2), (3, 24, 1), (3, 30, 1)]
 
 
-def tune_stream_sequence(layers, copy_bw, shapes, layout, apply=False):
+def _with_pdl(c):
+    """(S, W, CTAs) -> (S, W, CTAs, 1); a 4-tuple keeps its programmatic-launch flag."""
+    return tuple(c) if len(c) == 4 else tuple(c) + (1,)
+
+
+def tune_stream_sequence(layers, copy_bw, shapes, layout, apply=False, cfgs=None):
     """cuda_stream in the whole sequence of one layout (every matmul of the 32 layers in one
     graph, as kernel_rows times it): consecutive GEMVs overlap only where their CTAs fit on a
     multiprocessor together, so the per-shape bests (timed on one shape back to back) can lose
@@ -286,7 +293,7 @@ def tune_stream_sequence(layers, copy_bw, shapes, layout, apply=False):
     keys = sorted({(n, k) for _, n, k in shapes})
     before = {key: kernels._stream_cfg(*key) for key in keys}
     candidates = [("per_shape", before)] + [
-        (list(c) + [1], {key: tuple(c) + (1,) for key in keys}) for c in STREAM_SEQUENCE_CFGS]
+        (list(_with_pdl(c)), {key: _with_pdl(c) for key in keys}) for c in cfgs or STREAM_SEQUENCE_CFGS]
     rows, best = [], None
     for label, table in candidates:
         if not all(cuda_int4.stream_shape_ok(n, k, GROUP, table[(n, k)], sms) for n, k in keys):
@@ -343,7 +350,7 @@ def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm"), apply=
     if "stream" in which:
         from anyquant.runtime import cuda_int4
 
-        stream_cfgs = [(st, w, cps, 1) for st in cuda_int4.STREAM_STAGES for w in (4, 8, 16) for cps in (1, 2)]
+        stream_cfgs = [(st, w, cps, 1) for st in cuda_int4.STREAM_STAGES for w in (4, 8, 15, 16) for cps in (1, 2)]
         sweeps["stream"] = (1, stream_cfgs, None)  # fn bound per shape below (it takes N)
     dev = torch.device("cuda:0")
     for (n, k) in sorted({(n, k) for _, n, k in shapes}):
@@ -996,6 +1003,12 @@ def main(argv=None):
     ap.add_argument("--stream-sequence", choices=("separate", "fused"), default=None,
                     help="time cuda_stream configurations over each layout's whole sequence; with --apply-tune, "
                          "keep the best for this layout")
+    ap.add_argument("--stream-carveout", type=int, default=None,
+                    help="cuda_stream's L1 / shared-memory split in percent of the most shared memory (-1: the "
+                         "driver's choice per launch); default: cuda_int4.STREAM_CARVEOUT")
+    ap.add_argument("--stream-cfgs", default=None,
+                    help="--stream-sequence: the configurations to time instead of STREAM_SEQUENCE_CFGS, "
+                         "as 'S,W,CTAs[,PDL];...' (PDL 1 by default)")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--skip-separate", action="store_true", help="kernel level: only the fused layout")
@@ -1025,6 +1038,9 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("speed_gpu.py needs a CUDA device")
     set_batch1_first(args.batch1_first)
+    from anyquant.runtime import cuda_int4
+    if args.stream_carveout is not None:
+        cuda_int4.STREAM_CARVEOUT = args.stream_carveout
     global TUNE_OBJECTIVE
     TUNE_OBJECTIVE = args.tune_objective
     props = torch.cuda.get_device_properties(0)
@@ -1034,6 +1050,7 @@ def main(argv=None):
         "cuda": torch.version.cuda, "triton": version("triton"), "transformers": version("transformers"),
         "bitsandbytes": version("bitsandbytes"), "gemlite": version("gemlite"),
         "shapes": SHAPES, "shapes_fused": SHAPES_FUSED, "layers": LAYERS, "group_size": GROUP,
+        "cuda_stream_carveout": cuda_int4.STREAM_CARVEOUT,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1058,13 +1075,16 @@ def main(argv=None):
         log(f"built 32 layers in {time.time() - t0:.1f}s; {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
         bw = result["copy_bandwidth_GBps"]
         which = tuple(args.tune.split(",")) if args.tune else ()
+        stream_cfgs = ([tuple(int(v) for v in c.split(",")) for c in args.stream_cfgs.split(";")]
+                       if args.stream_cfgs else None)
         result["tune"], result["kernel_level"], result["per_shape"] = [], [], []
         if which and args.tune_shapes in ("separate", "both"):
             result["tune"] += tune(layers, bw, SHAPES, which, args.apply_tune)
             save()
         if args.stream_sequence and not args.skip_separate:
             result.setdefault("stream_sequence", []).extend(
-                tune_stream_sequence(layers, bw, SHAPES, "separate", args.apply_tune and args.stream_sequence == "separate"))
+                tune_stream_sequence(layers, bw, SHAPES, "separate", args.apply_tune and args.stream_sequence == "separate",
+                                     stream_cfgs))
             save()
         if not args.skip_separate:
             rows, per_shape = kernel_rows(layers, [1, 16], bw, kinds=kinds)
@@ -1086,7 +1106,8 @@ def main(argv=None):
             save()
         if args.stream_sequence:
             result.setdefault("stream_sequence", []).extend(
-                tune_stream_sequence(layers, bw, SHAPES_FUSED, "fused", args.apply_tune and args.stream_sequence == "fused"))
+                tune_stream_sequence(layers, bw, SHAPES_FUSED, "fused", args.apply_tune and args.stream_sequence == "fused",
+                                     stream_cfgs))
             save()
         rows, per_shape = kernel_rows(layers, [1, 16], bw, shapes=SHAPES_FUSED,
                                       kinds=[k for k in kinds if k != "bnb_nf4"] if kinds else

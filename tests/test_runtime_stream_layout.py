@@ -53,6 +53,6 @@ def test_stream_shared_memory_matches_the_launcher_and_declines_what_does_not_fi
     assert cuda_int4.stream_shape_ok(4096, 14336, 128, (8, 16, 1, 1), 132)        # 167 KiB
     assert not cuda_int4.stream_shape_ok(4096, 65536, 128, (8, 16, 1, 1), 132)    # x alone is 132 KiB
     assert not cuda_int4.stream_shape_ok(4096, 4096, 64, (4, 8, 1, 1), 132)       # group 64
-    assert not cuda_int4.stream_shape_ok(4096, 4096, 128, (5, 8, 1, 1), 132)      # S not compiled
+    assert not cuda_int4.stream_shape_ok(4096, 4096, 128, (7, 8, 1, 1), 132)      # S not compiled
     # an lm_head-sized matrix: 8016 tiles, 61 per CTA, so the slots grow with the tiles a CTA owns
     assert cuda_int4.stream_smem_bytes(128256, 4096, (4, 8, 1, 1), 132) == 8448 + 61 * 8 * 64 + 4 * 8 * 1088 + 64

@@ -469,44 +469,57 @@ __device__ __forceinline__ void finish_tile(const Args& a, float* red, int& pari
 }
 
 // x staged in shared memory in the order the lanes read it, and the per-block sums A_b, B_b.
+// Each thread issues the loads of up to 4 items before it converts any: x is read after the
+// grid-dependency wait, so this is on every GEMV's critical path, and a loop that waits for one
+// L2 round trip per item costs K / 4096 round trips at 512 threads (about 2 us at K = 14336).
 __device__ __forceinline__ void stage_x(const __nv_bfloat16* x, int K, uint4* __restrict__ xs,
                                         float2* __restrict__ xab) {
+  constexpr int BATCH = 4;
   const int NB = K >> 7;
   // item i = (b, wi, t) = 16 b + 4 wi + t covers columns 128 b + 32 t + 8 wi .. + 7
   const uint4* x4 = reinterpret_cast<const uint4*>(x);
   const int items = NB * 16;
-  for (int i0 = 0; i0 < items; i0 += blockDim.x) {
-    const int i = i0 + threadIdx.x;
-    float pa = 0.0f, pb = 0.0f;
-    if (i < items) {
-      const int b = i >> 4, wi = (i >> 2) & 3, tt = i & 3;
-      const uint4 raw = __ldg(x4 + b * 16 + tt * 4 + wi);
-      float f[8];
-      f[0] = __uint_as_float(raw.x << 16);
-      f[1] = __uint_as_float(raw.x & 0xFFFF0000u);
-      f[2] = __uint_as_float(raw.y << 16);
-      f[3] = __uint_as_float(raw.y & 0xFFFF0000u);
-      f[4] = __uint_as_float(raw.z << 16);
-      f[5] = __uint_as_float(raw.z & 0xFFFF0000u);
-      f[6] = __uint_as_float(raw.w << 16);
-      f[7] = __uint_as_float(raw.w & 0xFFFF0000u);
-      // odd columns divided by 8: exact (a power of two), and bf16 keeps the exponent range
-      const float o1 = f[1] * 0.125f, o5 = f[5] * 0.125f, o3 = f[3] * 0.125f, o7 = f[7] * 0.125f;
-      uint4 out;
-      out.x = __byte_perm(raw.x, raw.z, 0x5410);
-      out.y = (__float_as_uint(o1) >> 16) | (__float_as_uint(o5) & 0xFFFF0000u);
-      out.z = __byte_perm(raw.y, raw.w, 0x5410);
-      out.w = (__float_as_uint(o3) >> 16) | (__float_as_uint(o7) & 0xFFFF0000u);
-      xs[i] = out;
-      pa = 128.0f * (((f[0] + f[4]) + (f[2] + f[6])) + ((o1 + o5) + (o3 + o7)));
-      pb = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
+  for (int i0 = 0; i0 < items; i0 += BATCH * blockDim.x) {
+    uint4 raws[BATCH];
+#pragma unroll
+    for (int j = 0; j < BATCH; ++j) {
+      const int i = i0 + j * blockDim.x + threadIdx.x;
+      if (i < items) raws[j] = __ldg(x4 + (i >> 4) * 16 + (i & 3) * 4 + ((i >> 2) & 3));
     }
 #pragma unroll
-    for (int off = 8; off > 0; off >>= 1) {
-      pa += __shfl_xor_sync(0xFFFFFFFFu, pa, off);
-      pb += __shfl_xor_sync(0xFFFFFFFFu, pb, off);
+    for (int j = 0; j < BATCH; ++j) {
+      if (i0 + j * blockDim.x >= items) break;  // uniform across the CTA
+      const int i = i0 + j * blockDim.x + threadIdx.x;
+      float pa = 0.0f, pb = 0.0f;
+      if (i < items) {
+        const uint4 raw = raws[j];
+        float f[8];
+        f[0] = __uint_as_float(raw.x << 16);
+        f[1] = __uint_as_float(raw.x & 0xFFFF0000u);
+        f[2] = __uint_as_float(raw.y << 16);
+        f[3] = __uint_as_float(raw.y & 0xFFFF0000u);
+        f[4] = __uint_as_float(raw.z << 16);
+        f[5] = __uint_as_float(raw.z & 0xFFFF0000u);
+        f[6] = __uint_as_float(raw.w << 16);
+        f[7] = __uint_as_float(raw.w & 0xFFFF0000u);
+        // odd columns divided by 8: exact (a power of two), and bf16 keeps the exponent range
+        const float o1 = f[1] * 0.125f, o5 = f[5] * 0.125f, o3 = f[3] * 0.125f, o7 = f[7] * 0.125f;
+        uint4 out;
+        out.x = __byte_perm(raw.x, raw.z, 0x5410);
+        out.y = (__float_as_uint(o1) >> 16) | (__float_as_uint(o5) & 0xFFFF0000u);
+        out.z = __byte_perm(raw.y, raw.w, 0x5410);
+        out.w = (__float_as_uint(o3) >> 16) | (__float_as_uint(o7) & 0xFFFF0000u);
+        xs[i] = out;
+        pa = 128.0f * (((f[0] + f[4]) + (f[2] + f[6])) + ((o1 + o5) + (o3 + o7)));
+        pb = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
+      }
+#pragma unroll
+      for (int off = 8; off > 0; off >>= 1) {
+        pa += __shfl_xor_sync(0xFFFFFFFFu, pa, off);
+        pb += __shfl_xor_sync(0xFFFFFFFFu, pb, off);
+      }
+      if (i < items && (i & 15) == 0) xab[i >> 4] = make_float2(pa, pb);
     }
-    if (i < items && (i & 15) == 0) xab[i >> 4] = make_float2(pa, pb);
   }
 }
 

@@ -41,7 +41,33 @@ struct SArgs {
   const uint4* units;
   __nv_bfloat16* y;
   int N, K, NB, tiles, tiles_per_cta_max;
+#ifdef ANYQUANT_STREAM_TRACE
+  int trace_slot;
+#endif
 };
+
+// Diagnostics only (benchmarks/stream_trace.py builds with ANYQUANT_STREAM_TRACE): thread 0 of
+// each CTA records the global timer at its phases, per launch slot, to see where a sequence of
+// GEMVs loses time at kernel boundaries.
+#ifdef ANYQUANT_STREAM_TRACE
+constexpr int TRACE_SLOTS = 256, TRACE_CTAS = 512, TRACE_FIELDS = 8;
+__device__ unsigned long long trace_buf[TRACE_SLOTS * TRACE_CTAS * TRACE_FIELDS];
+__device__ __forceinline__ void trace_mark(const SArgs& a, int field) {
+  if (threadIdx.x == 0 && blockIdx.x < TRACE_CTAS) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    trace_buf[((size_t)a.trace_slot * TRACE_CTAS + blockIdx.x) * TRACE_FIELDS + field] = t;
+    if (field == 0) {
+      unsigned int sm;
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+      trace_buf[((size_t)a.trace_slot * TRACE_CTAS + blockIdx.x) * TRACE_FIELDS + 7] = sm;
+    }
+  }
+}
+#define ANYQUANT_TRACE(field) trace_mark(a, field)
+#else
+#define ANYQUANT_TRACE(field)
+#endif
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
@@ -71,9 +97,13 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, int byt
                : "memory");
 }
 
-// S stages of W units; W consumer warps and one producer warp per CTA.
+// S stages of W units; W consumer warps and one producer warp per CTA. 56 registers (no spills
+// at S <= 8): two CTAs of W <= 16 then fit on one multiprocessor (2 x 17 warps x 32 x 56 of its
+// 65,536), so either two of one launch run there, or one of this launch and one of the next,
+// which starts its copies before this one ends. At the 64 that ptxas otherwise picks for some S
+// only one fits, and which configurations streamed across kernels changed with S.
 template <int S>
-__global__ void __launch_bounds__(1024) gemv_stream_kernel(const SArgs a) {
+__global__ void __maxnreg__(56) gemv_stream_kernel(const SArgs a) {
   extern __shared__ uint4 smem[];
   const int NB = a.NB;
   const int W = (blockDim.x >> 5) - 1;
@@ -90,6 +120,7 @@ __global__ void __launch_bounds__(1024) gemv_stream_kernel(const SArgs a) {
   uint64_t* bars = reinterpret_cast<uint64_t*>(base + ((off + 7) & ~7));  // full[S], empty[S]
   const uint32_t full0 = smem_addr(bars), empty0 = smem_addr(bars + S);
 
+  ANYQUANT_TRACE(0);  // entry
   const int t0 = (int)((long long)blockIdx.x * a.tiles / gridDim.x);
   const int t1 = (int)((long long)(blockIdx.x + 1) * a.tiles / gridDim.x);
   const long long u0 = (long long)t0 * NB, u1 = (long long)t1 * NB;
@@ -115,12 +146,14 @@ __global__ void __launch_bounds__(1024) gemv_stream_kernel(const SArgs a) {
   };
   if (producer)
     for (int s = 0; s < S && s < nst; ++s) issue(s);
+  for (int i = threadIdx.x; i < a.tiles_per_cta_max * W * 16; i += blockDim.x) red[i] = 0.0f;
 
   grid_launch_dependents();  // the next kernel may start its own copies now
   grid_dependency_wait();    // x is written by the kernel before
+  ANYQUANT_TRACE(1);         // released by the kernel before
   stage_x(a.x, a.K, xs, xab);
-  for (int i = threadIdx.x; i < a.tiles_per_cta_max * W * 16; i += blockDim.x) red[i] = 0.0f;
   __syncthreads();
+  ANYQUANT_TRACE(2);  // x staged
 
   if (warp == W) {
     if (producer) {
@@ -163,6 +196,7 @@ __global__ void __launch_bounds__(1024) gemv_stream_kernel(const SArgs a) {
     }
   }
   __syncthreads();
+  ANYQUANT_TRACE(3);  // every stage consumed
   for (int i = threadIdx.x; i < (t1 - t0) * 16; i += blockDim.x) {
     const int tl = i >> 4, r = i & 15;
     float v = 0.0f;
@@ -170,11 +204,12 @@ __global__ void __launch_bounds__(1024) gemv_stream_kernel(const SArgs a) {
     const int row = (t0 + tl) * 16 + r;
     if (row < a.N) a.y[row] = __float2bfloat16_rn(v);
   }
+  ANYQUANT_TRACE(4);  // rows written
 }
 
 typedef void (*StreamFn)(const SArgs);
 
-#define ANYQUANT_STREAM_STAGES(X) X(2) X(3) X(4) X(6) X(8)
+#define ANYQUANT_STREAM_STAGES(X) X(2) X(3) X(4) X(5) X(6) X(8)
 
 static StreamFn pick(int S) {
 #define ANYQUANT_PICK_STREAM(p) \
@@ -186,12 +221,22 @@ static StreamFn pick(int S) {
 
 }  // namespace anyquant_int4_stream
 
+#ifdef ANYQUANT_STREAM_TRACE
+static int trace_next_slot = 0;  // launch slots are assigned on the host (so a captured graph keeps them)
+void anyquant_stream_trace_reset() { trace_next_slot = 0; }
+void anyquant_stream_trace_read(void* host, size_t bytes) {
+  cudaDeviceSynchronize();
+  cudaMemcpyFromSymbol(host, anyquant_int4_stream::trace_buf, bytes);
+}
+#endif
+
 // Returns nullptr on success, else an error message. units: the repacked weights
 // (ceil(N / 16) * K / 128 units of 1088 bytes, 16-byte aligned); S stages of W units (W consumer
 // warps and one producer warp per CTA); a grid of up to ctas_per_sm CTAs per multiprocessor,
-// never more CTAs than 16-row tiles.
+// never more CTAs than 16-row tiles; carveout: the L1 / shared-memory split asked for (percent of
+// the most shared memory; -1: the driver's choice per launch).
 const char* anyquant_int4_stream_launch(const void* x, const void* units, void* y, int N, int K, int S, int W,
-                                        int ctas_per_sm, int pdl, void* stream) {
+                                        int ctas_per_sm, int pdl, int carveout, void* stream) {
   using namespace anyquant_int4_stream;
   StreamFn fn = pick(S);
   if (!fn) return "anyquant cuda_stream: no compiled variant for this number of stages S";
@@ -212,11 +257,22 @@ const char* anyquant_int4_stream_launch(const void* x, const void* units, void* 
   // cuda_int4.stream_smem_bytes repeats this formula so that kernels.supports can decline first
   const int smem = (((NB * 256 + NB * 8 + 15) & ~15) + tpc * W * 64 + S * W * UNIT_BYTES + 7) / 8 * 8 + 2 * S * 8;
   if (smem > 227 * 1024) return "anyquant cuda_stream: shared memory over 227 KiB (fewer warps or stages)";
-  static int smem_set[16][9];
-  if (smem > 48 * 1024 && smem > smem_set[dev][S]) {
-    cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  // carveout >= 0: every variant asks for the same L1 / shared-memory split (percent of the most
+  // shared memory). A multiprocessor runs CTAs of one split at a time and drains before it
+  // switches, so two GEMVs whose launches made the driver pick different splits (it picks from
+  // each launch's shared memory) do not overlap across their boundary: the streaming is lost.
+  static int smem_set[16][9], carveout_set[16][9];  // carveout_set: carveout + 2 (0: never set)
+  const int smem_attr = carveout >= 0 ? 227 * 1024 : smem;
+  if (smem_attr > 48 * 1024 && smem_attr > smem_set[dev][S]) {
+    cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_attr);
     if (e != cudaSuccess) return cudaGetErrorString(e);
-    smem_set[dev][S] = smem;
+    smem_set[dev][S] = smem_attr;
+  }
+  const int want = carveout < 0 ? -1 : carveout, have = carveout_set[dev][S] ? carveout_set[dev][S] - 2 : -1;
+  if (want != have) {
+    cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout, want);
+    if (e != cudaSuccess) return cudaGetErrorString(e);
+    carveout_set[dev][S] = want + 2;
   }
   SArgs args;
   args.x = (const __nv_bfloat16*)x;
@@ -227,6 +283,9 @@ const char* anyquant_int4_stream_launch(const void* x, const void* units, void* 
   args.NB = NB;
   args.tiles = tiles;
   args.tiles_per_cta_max = tpc;
+#ifdef ANYQUANT_STREAM_TRACE
+  args.trace_slot = trace_next_slot++ % TRACE_SLOTS;
+#endif
 
   return anyquant_launch(fn, (unsigned)grid, 32 * (W + 1), smem, stream, pdl, args);
 }

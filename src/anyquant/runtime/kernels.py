@@ -40,8 +40,8 @@ import torch.nn.functional as F
 KERNELS = ("reference", "cuda_stream", "cuda_mma", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "torch_int4", "gemlite")
 
 # Measured order of preference on sm_90 (H100), per batch-size bucket; see the module doc.
-# Batch 1: cuda_stream first on sm_90 (fourth session, 2026-11-24, H100: fused Linears 1.59 ms vs
-# 2.09 for cuda_mma; end to end, fused + whole step compiled, 382.2 vs 360.9 tok/s in one process),
+# Batch 1: cuda_stream first on sm_90 (2026-11-24, H100: fused Linears about 1.53 ms vs 2.09 for
+# cuda_mma; end to end, fused + whole step compiled, see docs/runtime.md),
 # then cuda_mma (317.4 tok/s with it vs 304.6 with torch_int4 first in the same process).
 # Buckets: 1, 2..16, 17+. Every GPU kernel also needs compute capability >= 8.0.
 # H100, 2026-11-24, us per matmul (32 layers' matrices of one shape in one CUDA graph):
@@ -121,12 +121,14 @@ _CUDA_MMA_DEFAULT = (0, 1, 1, 16, 2, 1)
 # programmatic dependent launch).
 _CUDA_STREAM_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 # Measured on an H100 (2026-11-24, `speed_gpu.py --stream-sequence`, each layout's whole sequence in
-# one graph): the per-shape bests (each shape's 32 matrices back to back) lose in the mixed
-# sequence, where consecutive GEMVs overlap only if their CTAs fit on a multiprocessor together,
-# so one configuration serves every shape. (3, 16, 2) was fastest in 2 of 3 processes (fused
-# 1.561 / 1.566 ms) but 1.930 in the third; (2, 16, 2) measured 1.596 to 1.608 in all three,
-# so it is the default (benchmarks/results/speed_gpu.json "stream_sequence").
-_CUDA_STREAM_DEFAULT = (2, 16, 2, 1)
+# one graph): one configuration for every shape, since consecutive GEMVs overlap only where their
+# CTAs fit on a multiprocessor together and the per-shape bests (each shape back to back) lose in
+# the mixed sequence. The kernel is held to 56 registers, so two CTAs of W = 16 fit on one
+# multiprocessor: at 2 CTAs per multiprocessor one launch is one wave and a CTA of the next GEMV
+# starts streaming as soon as one of this GEMV's leaves. (3, 16, 2) measured fused 1.528 / 1.542 ms
+# and separate 1.793 / 1.809 ms in two processes; (5, 16, 1) was as fast fused (1.526 / 1.529) but
+# 2.14 separate (benchmarks/results/speed_gpu.json "stream_sequence").
+_CUDA_STREAM_DEFAULT = (3, 16, 2, 1)
 _GEMV_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {
     (1024, 4096): (2, 1024, 4, 3), (4096, 4096): (8, 1024, 4, 3),
     (4096, 14336): (8, 1024, 4, 3), (14336, 4096): (16, 1024, 4, 1),

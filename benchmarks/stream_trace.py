@@ -1,0 +1,162 @@
+"""Where a sequence of cuda_stream GEMVs loses time at kernel boundaries (H100 diagnostics).
+
+Builds the CUDA extension a second time with ANYQUANT_STREAM_TRACE, so that thread 0 of every
+CTA records the GPU's global timer (ns) at: entry, release by the kernel before
+(griddepcontrol.wait), x staged, every stage consumed, rows written. Replays the kernel-level
+sequence of speed_gpu.py (32 layers, one CUDA graph) for each configuration given and prints,
+per shape (median over the 32 layers):
+
+- start: the first CTA's entry, relative to the end of the kernel before (negative: it started
+  while the one before ran, which is what lets it stream early)
+- release: from the end of the kernel before (its last CTA's rows written) to this kernel's
+  first CTA released (the grid-completion latency)
+- stage_x: release to x staged (slowest CTA)
+- body: x staged to every stage consumed (slowest CTA)
+- tail: every stage consumed to rows written (slowest CTA), and end-to-end per kernel
+- the most CTAs of one launch that ran on one multiprocessor (over the 32 layers)
+
+Usage (on the GPU): python benchmarks/stream_trace.py --layout fused --cfgs "4,16,1;3,16,1"
+Writes benchmarks/results/stream_trace.json unless --out is given.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+import speed_gpu  # noqa: E402
+from anyquant.runtime import cuda_int4, kernels  # noqa: E402
+
+_TRACE_CPP = """
+void anyquant_stream_trace_reset();
+void anyquant_stream_trace_read(void* host, size_t bytes);
+torch::Tensor trace_read(int64_t n) {
+  auto t = torch::empty({n}, torch::dtype(torch::kInt64));
+  anyquant_stream_trace_read(t.data_ptr(), (size_t)n * 8);
+  return t;
+}
+void trace_reset() { anyquant_stream_trace_reset(); }
+"""
+SLOTS, CTAS, FIELDS = 256, 512, 8  # as in cuda_int4_stream.cu
+
+
+def build_traced():
+    from torch.utils.cpp_extension import load_inline
+
+    cu = "\n".join(p.read_text() for p in (cuda_int4._SRC, cuda_int4._SRC_STREAM, cuda_int4._SRC_ATTN))
+    major, minor = torch.cuda.get_device_capability()
+    digest = hashlib.sha1((cu + cuda_int4._CPP + _TRACE_CPP).encode()).hexdigest()[:12]
+    return load_inline(
+        name=f"anyquant_stream_trace_{digest}",
+        cpp_sources=[cuda_int4._CPP + _TRACE_CPP],
+        cuda_sources=[cu],
+        functions=["gemv", "gemv_mma", "gemv_stream", "decode_attention", "trace_read", "trace_reset"],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}", "-std=c++17",
+                           "-DANYQUANT_STREAM_TRACE"],
+    )
+
+
+def trace_sequence(mod, layers, shapes, table, replays=20):
+    """Replays the sequence in one graph; returns (median ms, per-launch records of the last replay)."""
+    kernels._CUDA_STREAM_CFG.update(table)
+    x = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (speed_gpu.HIDDEN, speed_gpu.INTER)}
+
+    def run():
+        for layer in layers:
+            for name, _, k in shapes:
+                kernels.int4_linear_forward(layer[name]["int4"], x[k], kernel="cuda_stream")
+
+    run()
+    torch.cuda.synchronize()
+    mod.trace_reset()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        run()
+    launches = len(layers) * len(shapes)
+    assert launches <= SLOTS, "more launches than trace slots"
+    times = []
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(replays):
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1))
+    raw = mod.trace_read(SLOTS * CTAS * FIELDS).view(SLOTS, CTAS, FIELDS)[:launches]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    recs = []
+    for i in range(launches):
+        name, n, k = shapes[i % len(shapes)]
+        cfg = table[(n, k)]
+        grid = min(sms * max(cfg[2], 1), -(-n // 16))
+        r = raw[i, :grid].double()
+        sm_max = int(torch.bincount(raw[i, :grid, 7]).max().item())
+        recs.append({"shape": name, "n": n, "k": k, "grid": grid, "sm_max": sm_max,
+                     "entry": r[:, 0], "release": r[:, 1], "staged": r[:, 2], "consumed": r[:, 3], "written": r[:, 4]})
+    del g
+    return statistics.median(times), recs
+
+
+def summarize(recs, shapes):
+    per = {name: {"start": [], "release": [], "stage_x": [], "body": [], "tail": [], "kernel": [], "sm_max": []}
+           for name, _, _ in shapes}
+    for prev, cur in zip(recs, recs[1:]):
+        prev_end = prev["written"].max().item()
+        s = per[cur["shape"]]
+        s["start"].append((cur["entry"].min().item() - prev_end) / 1e3)
+        s["release"].append((cur["release"].min().item() - prev_end) / 1e3)
+        s["stage_x"].append((cur["staged"] - cur["release"]).max().item() / 1e3)
+        s["body"].append((cur["consumed"] - cur["staged"]).max().item() / 1e3)
+        s["tail"].append((cur["written"] - cur["consumed"]).max().item() / 1e3)
+        s["kernel"].append((cur["written"].max().item() - prev_end) / 1e3)
+        s["sm_max"].append(cur["sm_max"])
+    out = {name: {key: round(statistics.median(v), 3) for key, v in d.items() if v} for name, d in per.items()}
+    for name, d in per.items():  # the most CTAs of one launch on one multiprocessor, any layer
+        out[name]["sm_max"] = max(d["sm_max"]) if d["sm_max"] else 0
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layout", choices=("separate", "fused", "both"), default="both")
+    ap.add_argument("--cfgs", default="4,16,1;3,16,1;2,16,2", help="'S,W,CTAs[,PDL];...' (PDL 1 by default)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "stream_trace.json"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available() or not cuda_int4.stream_supported(torch.device("cuda")):
+        sys.exit("stream_trace.py needs an sm_90 GPU")
+    mod = build_traced()
+    cuda_int4.module_for = lambda device: mod  # every cuda_stream launch goes through the traced build
+    cfgs = [speed_gpu._with_pdl(tuple(int(v) for v in c.split(","))) for c in args.cfgs.split(";")]
+    layers = speed_gpu.build_layers(False)
+    result = {"device": torch.cuda.get_device_name(0), "carveout": cuda_int4.STREAM_CARVEOUT, "rows": []}
+    layouts = ["separate", "fused"] if args.layout == "both" else [args.layout]
+    for layout in layouts:
+        if layout == "fused":
+            layers = speed_gpu.fuse_layers(layers)
+        shapes = speed_gpu.SHAPES if layout == "separate" else speed_gpu.SHAPES_FUSED
+        keys = sorted({(n, k) for _, n, k in shapes})
+        for cfg in cfgs:
+            ms, recs = trace_sequence(mod, layers, shapes, {key: cfg for key in keys})
+            summary = summarize(recs, shapes)
+            result["rows"].append({"layout": layout, "cfg": list(cfg), "ms": round(ms, 4), "per_shape_us": summary})
+            print(f"{layout} {list(cfg)}: {ms:.3f} ms (traced build)")
+            print(f"  {'shape':14s} {'start':>7s} {'release':>8s} {'stage_x':>8s} {'body':>7s} {'tail':>6s} {'kernel':>7s}"
+                  "  (us)  most CTAs on one SM")
+            for name, s in summary.items():
+                print(f"  {name:14s} {s['start']:7.2f} {s['release']:8.2f} {s['stage_x']:8.2f} {s['body']:7.2f} "
+                      f"{s['tail']:6.2f} {s['kernel']:7.2f}  {s['sm_max']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
