@@ -513,3 +513,51 @@ def test_decode_attention_in_a_llama_decode_step():
     _MEASURED.append({"shape": "tiny llama decode step logits", "kernel": "decode_attention", "batch": 1,
                       "rel_err": err})
     assert err < 2e-2, err
+
+
+@_cuda
+def test_stream_trace_diagnostic_build_orders_phases_and_matches_the_plain_build(monkeypatch):
+    """benchmarks/stream_trace.py builds cuda_stream with per-CTA timestamps: every launch of a
+    captured sequence must record its CTAs' phases in order (entry <= released <= x staged <=
+    stages consumed <= rows written), on real multiprocessors, and the traced kernel must
+    compute exactly what the plain build does."""
+    import sys
+    from pathlib import Path
+
+    from anyquant.runtime import cuda_int4, kernels
+    from anyquant.runtime.int4_linear import Int4Linear
+
+    if _cuda_gemv_missing():
+        pytest.skip(_cuda_gemv_missing())
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("cuda_stream needs sm_90")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import stream_trace
+
+    shapes = [("a", 512, stream_trace.speed_gpu.HIDDEN), ("b", 4000, stream_trace.speed_gpu.HIDDEN)]
+    layers = [{name: {"int4": Int4Linear.from_float(
+        torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16), group_size=128)}
+        for name, n, k in shapes} for _ in range(3)]
+    x = torch.randn(1, stream_trace.speed_gpu.HIDDEN, device="cuda", dtype=torch.bfloat16)
+    cfg = kernels._CUDA_STREAM_DEFAULT
+    plain = [kernels.int4_linear_forward(layer[name]["int4"], x, kernel="cuda_stream")
+             for layer in layers for name, _, _ in shapes]
+    mod = stream_trace.build_traced()
+    monkeypatch.setattr(cuda_int4, "module_for", lambda device: mod)
+    monkeypatch.setitem(kernels._CUDA_STREAM_CFG, (512, 4096), cfg)
+    monkeypatch.setitem(kernels._CUDA_STREAM_CFG, (4000, 4096), cfg)
+    traced = [kernels.int4_linear_forward(layer[name]["int4"], x, kernel="cuda_stream")
+              for layer in layers for name, _, _ in shapes]
+    for a, b in zip(plain, traced):
+        assert torch.equal(a, b)
+    ms, recs = stream_trace.trace_sequence(mod, layers, shapes, {(512, 4096): cfg, (4000, 4096): cfg}, replays=3)
+    assert ms > 0 and len(recs) == len(layers) * len(shapes)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for r in recs:
+        phases = torch.stack([r["entry"], r["release"], r["staged"], r["consumed"], r["written"]])
+        assert (phases > 0).all(), r["shape"]
+        assert (phases[1:] >= phases[:-1]).all(), r["shape"]
+        # 17 warps at 56 registers: two CTAs fit on a multiprocessor, a third does not
+        assert r["grid"] == min(sms * cfg[2], -(-r["n"] // 16)) and 1 <= r["sm_max"] <= 2
+    summary = stream_trace.summarize(recs, shapes)
+    assert set(summary) == {"a", "b"} and all(s["kernel"] > 0 for s in summary.values())
