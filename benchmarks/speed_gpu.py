@@ -95,8 +95,9 @@ def version(name):
 
 # ---- timing ---------------------------------------------------------------------------------
 
-def graph_time_ms(fn, replays: int = 30) -> float:
-    """Median ms of replays of one CUDA graph holding fn()."""
+def graph_time_ms(fn, replays: int = 30, before_capture=None) -> float:
+    """Median ms of replays of one CUDA graph holding fn(); before_capture() runs after the
+    warm-up calls, just before the capture."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -104,6 +105,8 @@ def graph_time_ms(fn, replays: int = 30) -> float:
         fn()
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
+    if before_capture is not None:
+        before_capture()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()

@@ -75,22 +75,10 @@ def trace_sequence(mod, layers, shapes, table, replays=20):
             for name, _, k in shapes:
                 kernels.int4_linear_forward(layer[name]["int4"], x[k], kernel="cuda_stream")
 
-    run()
-    torch.cuda.synchronize()
-    mod.trace_reset()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run()
     launches = len(layers) * len(shapes)
     assert launches <= SLOTS, "more launches than trace slots"
-    times = []
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(replays):
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1))
+    # slots are numbered from the reset at capture; the buffer keeps the last replay's records
+    ms = speed_gpu.graph_time_ms(run, replays, before_capture=mod.trace_reset)
     raw = mod.trace_read(SLOTS * CTAS * FIELDS).view(SLOTS, CTAS, FIELDS)[:launches]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     recs = []
@@ -102,8 +90,7 @@ def trace_sequence(mod, layers, shapes, table, replays=20):
         sm_max = int(torch.bincount(raw[i, :grid, 7]).max().item())
         recs.append({"shape": name, "n": n, "k": k, "grid": grid, "sm_max": sm_max,
                      "entry": r[:, 0], "release": r[:, 1], "staged": r[:, 2], "consumed": r[:, 3], "written": r[:, 4]})
-    del g
-    return statistics.median(times), recs
+    return ms, recs
 
 
 def summarize(recs, shapes):

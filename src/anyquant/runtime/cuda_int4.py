@@ -281,8 +281,8 @@ def gemv_mma(x2: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], group_
 STREAM_STAGES = (2, 3, 4, 5, 6, 8)  # compiled S
 # The L1 / shared-memory split every cuda_stream launch asks for, in percent of the most shared
 # memory (-1: the driver picks per launch from its shared memory; see the launcher for why one
-# split for all). Benchmarks set it to compare; a process should keep one value (the attribute
-# the launcher sets once per variant is not undone).
+# split for all). Benchmarks set it to compare, before the first launch: the launcher sets the
+# attribute once per compiled variant and device and keeps it.
 STREAM_CARVEOUT = 100
 UNIT_WORDS = 272  # int32 per unit: 16 rows x 128 columns of nibbles (256) + 16 metadata words
 

@@ -234,7 +234,8 @@ void anyquant_stream_trace_read(void* host, size_t bytes) {
 // (ceil(N / 16) * K / 128 units of 1088 bytes, 16-byte aligned); S stages of W units (W consumer
 // warps and one producer warp per CTA); a grid of up to ctas_per_sm CTAs per multiprocessor,
 // never more CTAs than 16-row tiles; carveout: the L1 / shared-memory split asked for (percent of
-// the most shared memory; -1: the driver's choice per launch).
+// the most shared memory; -1: the driver's choice per launch; the first value a variant is
+// launched with stays).
 const char* anyquant_int4_stream_launch(const void* x, const void* units, void* y, int N, int K, int S, int W,
                                         int ctas_per_sm, int pdl, int carveout, void* stream) {
   using namespace anyquant_int4_stream;
@@ -258,21 +259,23 @@ const char* anyquant_int4_stream_launch(const void* x, const void* units, void* 
   const int smem = (((NB * 256 + NB * 8 + 15) & ~15) + tpc * W * 64 + S * W * UNIT_BYTES + 7) / 8 * 8 + 2 * S * 8;
   if (smem > 227 * 1024) return "anyquant cuda_stream: shared memory over 227 KiB (fewer warps or stages)";
   // carveout >= 0: every variant asks for the same L1 / shared-memory split (percent of the most
-  // shared memory). A multiprocessor runs CTAs of one split at a time and drains before it
-  // switches, so two GEMVs whose launches made the driver pick different splits (it picks from
-  // each launch's shared memory) do not overlap across their boundary: the streaming is lost.
-  static int smem_set[16][9], carveout_set[16][9];  // carveout_set: carveout + 2 (0: never set)
-  const int smem_attr = carveout >= 0 ? 227 * 1024 : smem;
-  if (smem_attr > 48 * 1024 && smem_attr > smem_set[dev][S]) {
-    cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_attr);
+  // shared memory), set once per variant and device. A multiprocessor runs CTAs of one split at a
+  // time and drains before it switches, so two GEMVs whose launches made the driver pick
+  // different splits (it picks from each launch's shared memory) do not overlap across their
+  // boundary: the streaming is lost.
+  static int smem_set[16][9];
+  static bool carveout_set[16][9];
+  if (carveout >= 0 && !carveout_set[dev][S]) {
+    cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024);
+    if (e == cudaSuccess) e = cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout, carveout);
     if (e != cudaSuccess) return cudaGetErrorString(e);
-    smem_set[dev][S] = smem_attr;
+    smem_set[dev][S] = 227 * 1024;
+    carveout_set[dev][S] = true;
   }
-  const int want = carveout < 0 ? -1 : carveout, have = carveout_set[dev][S] ? carveout_set[dev][S] - 2 : -1;
-  if (want != have) {
-    cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout, want);
+  if (smem > 48 * 1024 && smem > smem_set[dev][S]) {
+    cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return cudaGetErrorString(e);
-    carveout_set[dev][S] = want + 2;
+    smem_set[dev][S] = smem;
   }
   SArgs args;
   args.x = (const __nv_bfloat16*)x;
