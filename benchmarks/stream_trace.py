@@ -21,7 +21,6 @@ Writes benchmarks/results/stream_trace.json unless --out is given.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
@@ -49,20 +48,8 @@ SLOTS, CTAS, FIELDS = 256, 512, 8  # as in cuda_int4_stream.cu
 
 
 def build_traced():
-    from torch.utils.cpp_extension import load_inline
-
-    cu = "\n".join(p.read_text() for p in (cuda_int4._SRC, cuda_int4._SRC_STREAM, cuda_int4._SRC_ATTN))
     major, minor = torch.cuda.get_device_capability()
-    digest = hashlib.sha1((cu + cuda_int4._CPP + _TRACE_CPP).encode()).hexdigest()[:12]
-    return load_inline(
-        name=f"anyquant_stream_trace_{digest}",
-        cpp_sources=[cuda_int4._CPP + _TRACE_CPP],
-        cuda_sources=[cu],
-        functions=["gemv", "gemv_mma", "gemv_stream", "decode_attention", "trace_read", "trace_reset"],
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}", "-std=c++17",
-                           "-DANYQUANT_STREAM_TRACE"],
-    )
+    return cuda_int4._build(f"{major}{minor}", _TRACE_CPP, ("trace_read", "trace_reset"), ("ANYQUANT_STREAM_TRACE",))
 
 
 def trace_sequence(mod, layers, shapes, table, replays=20):

@@ -182,19 +182,22 @@ def nvcc_path() -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _build(arch: str):
+def _build(arch: str, extra_cpp: str = "", extra_functions: tuple[str, ...] = (), defines: tuple[str, ...] = ()):
+    """The extension for one architecture. extra_cpp / extra_functions / defines build a variant
+    under its own name (benchmarks/stream_trace.py: the kernels with timestamps)."""
     from torch.utils.cpp_extension import load_inline
 
     cu = _SRC.read_text() + "\n" + _SRC_STREAM.read_text() + "\n" + _SRC_ATTN.read_text()
-    digest = hashlib.sha1((cu + _CPP).encode()).hexdigest()[:12]
+    flags = [f"-D{d}" for d in defines]
+    digest = hashlib.sha1((cu + _CPP + extra_cpp + " ".join(flags)).encode()).hexdigest()[:12]
     gencode = f"-gencode=arch=compute_{arch},code=sm_{arch}"
     return load_inline(
         name=f"anyquant_cuda_int4_{digest}_sm{arch}",
-        cpp_sources=[_CPP],
+        cpp_sources=[_CPP + extra_cpp],
         cuda_sources=[cu],
-        functions=["gemv", "gemv_mma", "gemv_stream", "decode_attention"],
+        functions=["gemv", "gemv_mma", "gemv_stream", "decode_attention", *extra_functions],
         extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", gencode, "-std=c++17"],
+        extra_cuda_cflags=["-O3", gencode, "-std=c++17", *flags],
         verbose=os.environ.get("ANYQUANT_VERBOSE_BUILD") == "1",
     )
 
