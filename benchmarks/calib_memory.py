@@ -99,7 +99,7 @@ def child(model_dir: str, method: str, n_samples: int, seq_len: int, threads: in
 
     torch.set_num_threads(threads)
     import anyquant
-    from anyquant.calib.runner import release_freed_memory
+    from anyquant.calib.memory import release_freed_memory
     from anyquant.eval.memory import peak_rss_bytes, track_peak_memory
     from anyquant.model.load import load_model
 

@@ -1,7 +1,7 @@
 """Quality of every anyquant 4-bit method on one real model, on the same held-out tokens (issue 5).
 
 Rows: float, nf4 (bitsandbytes, double quant), int4 RTN, hqq, awq, gptq. Each quantized row is
-saved, its bits per weight read back from the saved safetensors (anyquant.evaluate.stored_sizes),
+saved, its bits per weight read back from the saved safetensors (anyquant.eval.stored.stored_sizes),
 reloaded with anyquant.load, and scored against the float model on the same token windows of
 held-out Wikipedia text (anyquant.calib.text.evaluation_text): perplexity, KL(float || quant),
 top-1 agreement. awq/gptq calibrate on the news corpus (disjoint from the evaluation text).
@@ -38,11 +38,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import anyquant  # noqa: E402
 from specs import parse_spec, split_specs  # noqa: E402  (benchmarks/specs.py)
+
+import anyquant  # noqa: E402
 from anyquant.calib.text import evaluation_text  # noqa: E402
-from anyquant.eval.metrics import compare, token_windows  # noqa: E402
-from anyquant.evaluate import _DTYPE_BYTES, CachedLogits, stored_sizes  # noqa: E402
+from anyquant.eval.metrics import (  # noqa: E402
+    CachedLogits,  # noqa: E402
+    compare,
+    token_windows,
+)
+from anyquant.eval.stored import DTYPE_BYTES, stored_sizes  # noqa: E402
 
 CALIBRATED = {"awq", "gptq"}
 
@@ -235,7 +240,7 @@ def _peer_hqq(model_dir, group_size: int):
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
     from transformers import AutoModelForCausalLM
 
-    from anyquant.methods.registry import set_submodule
+    from anyquant.model.tree import set_submodule
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     cfg = BaseQuantizeConfig(nbits=4, group_size=group_size)
@@ -272,7 +277,7 @@ def peer_checkpoint(directory: str):
             for key in st.keys():
                 if key.endswith(("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")):
                     sl = st.get_slice(key)  # header only: the packed weights are not read
-                    nbytes += math.prod(sl.get_shape()) * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+                    nbytes += math.prod(sl.get_shape()) * DTYPE_BYTES.get(sl.get_dtype(), 4)
                 if key.endswith("weight_shape"):
                     rows, cols = (int(v) for v in st.get_tensor(key).tolist())
                     numel += rows * cols

@@ -28,8 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import anyquant  # noqa: E402
 from specs import parse_spec, split_specs  # noqa: E402  (benchmarks/specs.py)
+
+import anyquant  # noqa: E402
 
 CALIBRATED = {"awq", "gptq"}
 

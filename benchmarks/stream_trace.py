@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 import speed_gpu  # noqa: E402
+
 from anyquant.runtime import cuda_int4, kernels  # noqa: E402
 
 _TRACE_CPP = """

@@ -223,9 +223,9 @@ def synthetic_inputs(model) -> tuple[dict, str]:
 
 def one(model_type: str, task: str, workdir: Path) -> dict:
     import bitsandbytes
+    from transformers import BitsAndBytesConfig
 
     import anyquant
-    from transformers import BitsAndBytesConfig
 
     row: dict = {"model_type": model_type, "task": task, "anyquant": {}, "transformers_bnb": {}}
     try:
@@ -456,12 +456,13 @@ def main() -> None:
         jobs = jobs[: a.limit]
 
     # Import what the children use once, here (they inherit it through fork); no torch ops.
-    import anyquant  # noqa: F401
-    import anyquant.formats.io  # noqa: F401
-    import anyquant.numerics.probe  # noqa: F401
     import bitsandbytes  # noqa: F401
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText  # noqa: F401
+
+    import anyquant  # noqa: F401
+    import anyquant.formats.io  # noqa: F401
+    import anyquant.numerics.probe  # noqa: F401
 
     transformers.utils.logging.disable_progress_bar()
 

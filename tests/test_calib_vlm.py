@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import anyquant
+from anyquant.calib import blocks as calib_blocks
 from anyquant.calib import runner
 from anyquant.calib.images import IMAGE_NAMES, sample_image, vlm_calibration
 from anyquant.runtime.int4_linear import Int4Linear
@@ -39,7 +40,12 @@ def _word_tokenizer(vocab_size: int, image_token: str, image_id: int):
 
 
 def build_llava(path, processor: bool = False):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     torch.manual_seed(0)
     v = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
@@ -180,15 +186,20 @@ def test_calib_file_on_vlm_is_text_only_and_noted(model_dirs, tmp_path):
 
 
 def test_find_blocks_prefers_listed_modules():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     v = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                          image_size=28, patch_size=14)
     t = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=300)
     m = LlavaForConditionalGeneration(LlavaConfig(vision_config=v, text_config=t, image_token_index=299))
-    assert runner.find_blocks(m)[0] == "model.vision_tower.encoder.layers"  # the longest list
-    assert runner.find_blocks(m, prefer=[f"{LM_BLOCKS}.1.mlp.up_proj"])[0] == LM_BLOCKS
+    assert calib_blocks.find_blocks(m)[0] == "model.vision_tower.encoder.layers"  # the longest list
+    assert calib_blocks.find_blocks(m, prefer=[f"{LM_BLOCKS}.1.mlp.up_proj"])[0] == LM_BLOCKS
 
 
 def test_calibration_images_are_real_and_varied():

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import anyquant
+from anyquant.calib import blocks as calib_blocks
 from anyquant.calib import runner
 from tests.conftest import assert_stock_matches, make_tiny_llama
 
@@ -72,7 +73,7 @@ def test_block_output_error_below_rtn(saved, method, factor):
 
 
 def test_hqq_weight_error_below_rtn(saved, outlier_llama):
-    from anyquant.methods import primitives as P
+    from anyquant import primitives as P
 
     float_model = AutoModelForCausalLM.from_pretrained(outlier_llama)
     errs = saved["hqq"][0].report["per_layer_weight_error"]
@@ -83,11 +84,11 @@ def test_hqq_weight_error_below_rtn(saved, outlier_llama):
 
 def test_probe_finds_shared_inputs_and_producers(outlier_llama):
     m = AutoModelForCausalLM.from_pretrained(outlier_llama)
-    name, blocks = runner.find_blocks(m)
+    name, blocks = calib_blocks.find_blocks(m)
     assert name == "model.layers"
-    batches = runner.capture_inputs(m, blocks[0], torch.randint(0, 512, (2, 16)), 2)
+    batches = calib_blocks.capture_inputs(m, blocks[0], torch.randint(0, 512, (2, 16)), 2)
     names = [n for n, mod in blocks[0].named_modules() if isinstance(mod, torch.nn.Linear)]
-    p = runner.probe_block(blocks[0], batches[0], names)
+    p = calib_blocks.probe_block(blocks[0], batches[0], names)
     by = {tuple(g): prod for g, prod in zip(p.groups, p.producers)}
     assert by[("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")] == "input_layernorm"
     assert by[("mlp.gate_proj", "mlp.up_proj")] == "post_attention_layernorm"
@@ -129,17 +130,17 @@ def test_resume_after_interruption_gives_same_result(tmp_path, calib, ids, monke
     opts = dict(progress=False, calib=calib, n_samples=8, seq_len=CALIB_SEQ, **extra)
     full = anyquant.quantize(str(src), "gptq", checkpoint_dir=None, **opts)
 
-    real_save = runner._save_block
+    real_save = runner.save_block
 
     def save_then_die(directory, i, block, entry):
         real_save(directory, i, block, entry)
         if i == 0:
             raise KeyboardInterrupt("simulated kill after block 1")
 
-    monkeypatch.setattr(runner, "_save_block", save_then_die)
+    monkeypatch.setattr(runner, "save_block", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         anyquant.quantize(str(src), "gptq", checkpoint_dir=ck, **opts)
-    monkeypatch.setattr(runner, "_save_block", real_save)
+    monkeypatch.setattr(runner, "save_block", real_save)
     again = anyquant.quantize(str(src), "gptq", checkpoint_dir=ck, **opts)
     cal = again.report["calibration"]
     assert cal["resumed_blocks"] == 1
@@ -238,8 +239,8 @@ def test_awq_scales_down_proj_through_up_proj_and_keeps_the_block_function(outli
 
     model = AutoModelForCausalLM.from_pretrained(outlier_llama).eval()
     block = model.model.layers[0]
-    batches = runner.capture_inputs(model, block, calib, 8)
-    before = runner.block_outputs(block, batches)
+    batches = calib_blocks.capture_inputs(model, block, calib, 8)
+    before = calib_blocks.block_outputs(block, batches)
     up_before = block.mlp.up_proj.weight.detach().clone()
     linears = {n: {} for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     ctx = runner.BlockContext(block, "model.layers.0", linears, batches, make_config("awq", group_size=64),
@@ -251,7 +252,7 @@ def test_awq_scales_down_proj_through_up_proj_and_keeps_the_block_function(outli
     torch.testing.assert_close(block.mlp.up_proj.weight, up_before * s_in.unsqueeze(0) / s.unsqueeze(1),
                                rtol=1e-5, atol=1e-7)
     # Measured 2e-7 relative (float32 rounding of the folded weights).
-    assert runner.relative_error(before, runner.block_outputs(block, batches)) < 1e-5
+    assert calib_blocks.relative_error(before, calib_blocks.block_outputs(block, batches)) < 1e-5
     # This tiny Llama has grouped-query attention (4 heads, 2 kv heads): v_proj has half o_proj's
     # inputs, so o_proj cannot be scaled, and the report says what was tried.
     assert any(n.startswith("self_attn.o_proj: not scaled") and "tried:" in n for n in ctx.notes), ctx.notes
@@ -284,12 +285,12 @@ def test_awq_folds_into_gemma_norms_that_compute_one_plus_weight(calib):
     with torch.no_grad():  # a few large channels, as trained models have (AWQ has nothing to do on flat ones)
         for norm in (block.input_layernorm, block.pre_feedforward_layernorm):
             norm.weight[torch.randperm(norm.weight.numel(), generator=g)[:8]] = 19.0
-    batches = runner.capture_inputs(model, block, calib, 8)
-    before = runner.block_outputs(block, batches)
+    batches = calib_blocks.capture_inputs(model, block, calib, 8)
+    before = calib_blocks.block_outputs(block, batches)
     linears = {n: {} for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     ctx = runner.BlockContext(block, "model.layers.0", linears, batches, make_config("awq", group_size=64),
                               torch.float32)
     _, _, scaled = awq_scale_block(ctx, 20)
     assert {"self_attn.q_proj", "mlp.gate_proj"} <= set(scaled), ctx.notes
     # Measured 4.6e-7 on Gemma-3-270M's first block (float32 rounding of the folded weights).
-    assert runner.relative_error(before, runner.block_outputs(block, batches)) < 1e-5
+    assert calib_blocks.relative_error(before, calib_blocks.block_outputs(block, batches)) < 1e-5

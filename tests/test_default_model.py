@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import anyquant
-from anyquant.evaluate import CachedLogits, stored_sizes
+from anyquant.eval.metrics import CachedLogits
+from anyquant.eval.stored import stored_sizes
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +25,7 @@ def default_dir():
 def windows(default_dir):
     from transformers import AutoTokenizer
 
-    from anyquant.calib.text import evaluation_text
-    from anyquant.eval.metrics import token_windows
+    from anyquant.calib.text import evaluation_text, token_windows
 
     tok = AutoTokenizer.from_pretrained(default_dir)
     return token_windows(tok, evaluation_text(), max_tokens=1024)

@@ -31,10 +31,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from anyquant.doctor import _avx512bf16_cpu, diagnose
+from anyquant.diagnosis import _avx512bf16_cpu, diagnose
 from anyquant.methods.bnb import keep_compute_dtype
+from anyquant.model.tree import probe_logits
 from anyquant.numerics.capabilities import ENV, detect_capabilities, simulated_device
-from anyquant.pipeline import probe_inputs, probe_logits
+from anyquant.numerics.inputs import probe_inputs
 from tests.fixtures import build_fixture
 
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")

@@ -5,16 +5,20 @@ from __future__ import annotations
 import copy
 import math
 import re
-import time
 
 import pytest
 import torch
 
 from anyquant.calib.text import calibration_text, evaluation_text, gensim_test_data_dir
 from anyquant.errors import AnyquantError
-from anyquant.eval.memory import dir_size_bytes, peak_rss_bytes, track_peak_memory
+from anyquant.eval.memory import dir_size_bytes
 from anyquant.eval.metrics import compare, perplexity, token_windows
-from anyquant.eval.report import format_table, format_value, write_markdown, write_report
+from anyquant.eval.report import (
+    format_table,
+    format_value,
+    write_markdown,
+    write_report,
+)
 
 # ---------------------------------------------------------------- text
 

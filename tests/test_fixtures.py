@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import anyquant
-from anyquant.pipeline import probe_inputs, probe_logits
+from anyquant.model.tree import probe_logits
+from anyquant.numerics.inputs import probe_inputs
 from tests.fixtures import build_fixture
 
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")

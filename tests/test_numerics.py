@@ -11,7 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 from anyquant.errors import AnyquantError
-from anyquant.numerics.capabilities import ENV, detect_capabilities, simulate, simulated_device
+from anyquant.numerics.capabilities import (
+    ENV,
+    detect_capabilities,
+    simulate,
+    simulated_device,
+)
 from anyquant.numerics.policy import check_consistency, choose_policy
 from tests.fixtures_numerics import make_overflow_llama
 
@@ -163,7 +168,7 @@ def test_doctor_json_f3_and_fixed_config_runs(overflow_dir, tmp_path, ids):
 def test_doctor_no_bf16_and_already_quantized(overflow_dir, tmp_path, ids):
     from transformers import BitsAndBytesConfig
 
-    from anyquant.doctor import diagnose
+    from anyquant.diagnosis import diagnose
 
     d = diagnose(overflow_dir, {"load_in_4bit": True, "bnb_4bit_compute_dtype": "bfloat16"}, capabilities=NO_BF16)
     # bf16 compute, and the declared bfloat16 that transformers' dtype="auto" loads, on a device without it
@@ -210,7 +215,7 @@ def test_glm4v_like_remote_cast_never_a_dtype_error(glm_dir, monkeypatch, caps):
 
 
 def test_doctor_names_remote_code_cast(glm_dir):
-    from anyquant.doctor import diagnose
+    from anyquant.diagnosis import diagnose
 
     d = diagnose(glm_dir, {"load_in_4bit": True, "bnb_4bit_compute_dtype": "float16", "dtype": "float16"},
                  trust_remote_code=True, capabilities=NO_BF16)

@@ -59,7 +59,7 @@ def test_manifest(saved, method, tiny_llama):
 
 
 def test_stored_bits_per_weight(saved):
-    from anyquant.evaluate import stored_sizes
+    from anyquant.eval.stored import stored_sizes
 
     _, path = saved["nf4"]
     s = stored_sizes(path, json.loads((path / "anyquant.json").read_text())["plan"])

@@ -127,7 +127,12 @@ def test_only_restricts_and_precedence():
 
 
 def test_vlm_components_from_config_and_structure():
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     torch.manual_seed(0)
     v = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -152,11 +157,10 @@ def test_vlm_components_from_config_and_structure():
 
 
 def test_cli_plan_include_vision_only_on_remote_code_fixture(tmp_path):
-    from tests.fixtures import build_fixture
-
     from typer.testing import CliRunner
 
     from anyquant.cli import app
+    from tests.fixtures import build_fixture
 
     path = build_fixture("minicpmv_like", tmp_path / "mv")
     p = CliRunner().invoke(app, ["plan", str(path), "--method", "int8", "--json", "--trust-remote-code",
@@ -226,7 +230,12 @@ def test_vlm_token_embedding_found_despite_lookalikes(case):
     have `vocab_size` rows (LFM2-VL: 256 patch positions) and a token table can have more rows
     than `vocab_size` (Molmo2's additional tokens); neither may hand the language model to the
     vision tower."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     torch.manual_seed(0)
     # 28 px / 14 px patches = 4 positions + CLS = 5 rows in the vision position table

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from anyquant.methods import primitives as P
+from anyquant import primitives as P
 
 
 def reference_int4(w: np.ndarray, group: int, symmetric: bool):
@@ -69,7 +69,10 @@ def test_zero_group_and_exact_zero():
 
 
 def test_pack_roundtrip_exact_and_matches_compressed_tensors():
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+    from compressed_tensors.compressors.pack_quantized.helpers import (
+        pack_to_int32,
+        unpack_from_int32,
+    )
 
     g = torch.Generator().manual_seed(0)
     for shape in [(8, 64), (24, 40), (3, 8)]:

@@ -6,8 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import anyquant
+from anyquant import primitives as P
 from anyquant.calib.tune import _TunableInt4
-from anyquant.methods import primitives as P
 from anyquant.runtime.int4_linear import Int4Linear
 from tests.conftest import assert_stock_matches
 

@@ -23,8 +23,10 @@ def calibration_windows(tokenizer, n_samples: int, seq_len: int):
     (this venv has other transformers / compressed-tensors versions): read by path."""
     root = Path(__file__).resolve().parents[2] / "src"
     sys.path.insert(0, str(root))
-    from anyquant.calib.text import calibration_text  # noqa: E402  (pure Python: reads gensim's file)
-    from anyquant.eval.metrics import token_windows  # noqa: E402
+    from anyquant.calib.text import (
+        calibration_text,  # noqa: E402  (pure Python: reads gensim's file)
+        token_windows,  # noqa: E402
+    )
 
     ids = token_windows(tokenizer, calibration_text(), max_tokens=n_samples * seq_len, window=seq_len)
     return ids[:n_samples]

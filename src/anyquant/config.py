@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -128,6 +129,10 @@ class CalibratedInt4Config(Int4Config):
     tune_target: str = "model"
     calibrated: ClassVar[bool] = True
 
+    def needs_float_batches(self) -> bool:
+        """Whether calibration must also carry the float model's own block inputs along."""
+        return self.tune_steps > 0 and self.tune_target == "model"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.n_samples < 1 or self.seq_len < 2:
@@ -171,6 +176,9 @@ class GPTQConfig(CalibratedInt4Config):
     refits: int = 0  # rounds of least-squares scale refit + GPTQ again (methods.gptq.gptq_refined)
     method: ClassVar[str] = "gptq"
 
+    def needs_float_batches(self) -> bool:
+        return self.float_targets or super().needs_float_batches()
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (0 < self.damp < 1):
@@ -197,9 +205,9 @@ def known_methods() -> list[str]:
 
 def config_class(method: str | None) -> type[MethodConfig]:
     if method not in _CONFIGS:
-        raise AnyquantError(
-            f"unknown method {method!r}; known methods: {', '.join(known_methods())}"
-        )
+        close = difflib.get_close_matches(str(method), known_methods(), n=1, cutoff=0.4)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise AnyquantError(f"unknown method {method!r}; known methods: {', '.join(known_methods())}{hint}")
     return _CONFIGS[method]
 
 

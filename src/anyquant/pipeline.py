@@ -14,17 +14,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from anyquant import primitives as P
 from anyquant.config import MethodConfig, make_config
 from anyquant.errors import AlreadyQuantizedError, AnyquantError
-from anyquant.methods import primitives as P
-from anyquant.methods.registry import dequantize_linear, dequantize_modules, handler_for, set_submodule
-from anyquant.model.load import SourceInfo, check_finite, load_model
+from anyquant.formats.io import load_source
+from anyquant.methods.registry import handler_for
+from anyquant.model.dequant import dequantize_linear, dequantize_modules
+from anyquant.model.load import SourceInfo, check_finite
 from anyquant.model.modelmap import ModelMap, as_linear, build_model_map
-from anyquant.numerics.capabilities import detect_capabilities
+from anyquant.model.tree import probe_logits, set_submodule
 from anyquant.numerics.dtype import dtype_name
-from anyquant.numerics.policy import check_consistency, choose_policy
-from anyquant.plan import Plan, build_plan
-from anyquant.plan.plan import load_overrides
+from anyquant.numerics.policy import check_consistency
+from anyquant.planning import Plan
+from anyquant.planning.prepare import prepare
 from anyquant.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -40,39 +42,6 @@ class QuantizeResult:
     tokenizer: Any = None
     model_map: ModelMap | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def probe_inputs(model: nn.Module, seq_len: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Small deterministic inputs built from the config (the probe issue extends this to VLMs)."""
-    config = getattr(model, "config", None)
-    vocab = None
-    for cfg in (config, getattr(config, "text_config", None)):
-        vocab = vocab or getattr(cfg, "vocab_size", None)
-    if not vocab:
-        raise AnyquantError(
-            f"{type(model).__name__}: cannot build probe inputs (no vocab_size in its config)"
-        )
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, int(vocab), (1, seq_len), generator=g)
-    from anyquant.numerics.probe import vision_probe_inputs
-
-    return {"input_ids": ids.to(_device_of(model)), **vision_probe_inputs(model, g)}
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
-
-
-@torch.no_grad()
-def probe_logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(**inputs)
-    logits = out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
-    if hasattr(logits, "last_hidden_state"):
-        logits = logits.last_hidden_state
-    return logits.float()
 
 
 def quantize(
@@ -99,7 +68,7 @@ def quantize(
     handler = handler_for(config.method)
     tokenizer = None
     if isinstance(model, (str, Path)):
-        model, tokenizer, info = load_model(model, trust_remote_code=trust_remote_code, requantize=requantize)
+        model, tokenizer, info = load_source(model, trust_remote_code=trust_remote_code, requantize=requantize)
     else:
         info = SourceInfo(path=None, fingerprint=f"in-memory:{type(model).__name__}")
     notes: list[str] = []
@@ -118,19 +87,13 @@ def quantize(
         notes.append(f"source was already quantized ({info.quantization_config.get('quant_method')}); dequantized first")
     check_finite(model)
 
-    device = _device_of(model)
-    # dtype policy: device capabilities + a float32 probe of activation ranges (fp16 overflow)
-    policy = choose_policy(model, dtype, detect_capabilities(device), probe_inputs(model))
+    # dtype policy (device capabilities + float32 probe of activation ranges), probe forward,
+    # plan: all before any weight changes, by the same function `anyquant plan` uses
+    prep = prepare(model, config, dtype=dtype, plan=plan, overrides=overrides, include_vision=include_vision,
+                   only=only, model_map=mmap)
+    policy, the_plan, inputs = prep.policy, prep.plan, prep.inputs
     compute_dtype = policy.compute_dtype
-    ov = list(overrides or [])
-    if isinstance(plan, (str, Path)):
-        ov = load_overrides(plan) + ov
-    from anyquant.numerics.probe import run_probe
-
-    facts, inputs, probe_notes = run_probe(model, probe_inputs(model))  # before any weight changes
-    notes += probe_notes
-    the_plan = plan if isinstance(plan, Plan) else build_plan(
-        mmap, config, dtype_name(compute_dtype), ov, facts, include_vision=include_vision, only=only)
+    notes += prep.notes
     if not the_plan.to_quantize():
         raise AnyquantError(
             f"{config.method}: the plan quantizes no module (all {len(the_plan.decisions)} kept); "
@@ -154,7 +117,7 @@ def quantize(
     todo = the_plan.to_quantize()
     calibration = None
     todo_loop = todo
-    if hasattr(handler, "quantize_model"):  # calibrated: block by block over the whole model
+    if handler.calibrated:  # block by block over the whole model
         calibration = _quantize_calibrated(handler, model, the_plan, config, compute_dtype, calib, tokenizer,
                                            info, checkpoint_dir, progress, notes, model_map=mmap,
                                            trust_remote_code=trust_remote_code)
@@ -199,7 +162,7 @@ def quantize(
         "per_layer_weight_error": per_layer,
         "quantize_seconds": time.perf_counter() - t0,
         "notes": notes,
-        "probe": facts.to_dict(),
+        "probe": prep.facts.to_dict(),
     }
     if calibration is not None:
         report["calibration"] = calibration

@@ -80,8 +80,12 @@ def make_internvl_like(path: Path, *, seed: int = 0) -> Path:
     files = ("configuration_internvllike.py", "modeling_internvllike.py")
     for f in files:
         shutil.copy(here / f, path / f)
-    from anyquant_fixture_internvl_like.configuration_internvllike import InternVLLikeConfig
-    from anyquant_fixture_internvl_like.modeling_internvllike import InternVLLikeForCausalLM
+    from anyquant_fixture_internvl_like.configuration_internvllike import (
+        InternVLLikeConfig,
+    )
+    from anyquant_fixture_internvl_like.modeling_internvllike import (
+        InternVLLikeForCausalLM,
+    )
 
     cfg = InternVLLikeConfig(auto_map={"AutoConfig": "configuration_internvllike.InternVLLikeConfig",
                                        "AutoModelForCausalLM": "modeling_internvllike.InternVLLikeForCausalLM"})

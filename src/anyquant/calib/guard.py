@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from anyquant.methods import primitives as P
+from anyquant import primitives as P
 
 log = logging.getLogger(__name__)
 

@@ -145,7 +145,7 @@ class VLMCalibration:
 
 
 def _text_chunks(tokenizer, text: str, n: int, seq_len: int) -> list[list[int]]:
-    from anyquant.eval.metrics import token_windows
+    from anyquant.calib.text import token_windows
 
     ids = token_windows(tokenizer, text, max_tokens=n * seq_len, window=seq_len, bos=False)
     rows = [r.tolist() for r in ids]
@@ -240,9 +240,11 @@ def _image_processor_for(model: nn.Module):
     patch/merge sizes and square image sizes taken from the vision config. None if the model
     type has none registered."""
     import transformers
-    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+    from transformers.models.auto.image_processing_auto import (
+        IMAGE_PROCESSOR_MAPPING_NAMES,
+    )
 
-    from anyquant.model.modelmap import _cfg_get, _sub_config
+    from anyquant.model.modelmap import cfg_get, sub_config
 
     cfg = model.config
     names = IMAGE_PROCESSOR_MAPPING_NAMES.get(getattr(cfg, "model_type", None))
@@ -260,14 +262,14 @@ def _image_processor_for(model: nn.Module):
     except Exception as e:  # noqa: BLE001 — a third-party constructor; fall back to manual preprocessing, logged
         log.info("%s(): %s; preprocessing images by hand", cls.__name__, e)
         return None
-    vcfg = _sub_config(cfg, ("vision", "visual"))
+    vcfg = sub_config(cfg, ("vision", "visual"))
     kw: dict[str, Any] = {}
     for key, cfg_keys in (("patch_size", ("patch_size",)), ("temporal_patch_size", ("temporal_patch_size",)),
                           ("merge_size", ("spatial_merge_size", "merge_size"))):
-        v = _cfg_get(vcfg, *cfg_keys) if vcfg is not None else None
+        v = cfg_get(vcfg, *cfg_keys) if vcfg is not None else None
         if key in defaults and isinstance(v, int):
             kw[key] = v
-    size = _cfg_get(vcfg, "image_size", "img_size") if vcfg is not None else None
+    size = cfg_get(vcfg, "image_size", "img_size") if vcfg is not None else None
     if isinstance(size, (list, tuple)):
         size = size[0]
     if isinstance(size, int):
@@ -293,12 +295,12 @@ def _square(img: np.ndarray, size: int) -> np.ndarray:
 def _config_image_size(model: nn.Module, spec) -> int:
     """Square side for the image: the vision config's image size; else 224 rounded to whole
     patches x merge (patch-sequence models such as Qwen2-VL size themselves from the image)."""
-    from anyquant.model.modelmap import _cfg_get
+    from anyquant.model.modelmap import cfg_get
 
     if spec.size:
         return spec.size
-    unit = int(_cfg_get(spec.vision_config, "patch_size") or 14) * int(
-        _cfg_get(spec.vision_config, "spatial_merge_size", "merge_size") or 1)
+    unit = int(cfg_get(spec.vision_config, "patch_size") or 14) * int(
+        cfg_get(spec.vision_config, "spatial_merge_size", "merge_size") or 1)
     return max(unit, 224 // unit * unit)
 
 

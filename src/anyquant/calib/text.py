@@ -20,6 +20,9 @@ import html
 import importlib.util
 import pathlib
 import re
+from typing import Any
+
+import torch
 
 from anyquant.errors import AnyquantError
 
@@ -191,3 +194,72 @@ def strip_wiki_markup(wikitext: str) -> str:
     text = _TRAILING_SPACE.sub("", text)
     text = _BLANK_LINES.sub("\n\n", text)
     return text.strip()
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # encode() is the one API both HF slow and fast tokenizers share with the same result type
+    # (a flat list of ids); __call__ returns a BatchEncoding whose shape depends on input type.
+    try:
+        # verbose=False silences HF's "sequence longer than model max length" warning: we cut
+        # the ids into windows ourselves.
+        ids = tokenizer.encode(text, add_special_tokens=False, verbose=False)
+    except TypeError:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    return list(ids)
+
+
+def token_windows(
+    tokenizer: Any,
+    text: str,
+    max_tokens: int = 16384,
+    window: int = 512,
+    bos: bool = True,
+) -> torch.LongTensor:
+    """Cut the first ``max_tokens`` tokens of ``text`` into non-overlapping rows of ``window``.
+
+    With ``bos`` and a tokenizer that has a BOS token, each row is ``[bos] + window - 1`` text
+    tokens, so row length is always ``window`` (the model's context budget). Models like
+    Gemma score far worse without BOS, and every window then starts the way training did.
+    A trailing partial window is dropped so all windows weigh the same, unless the text is
+    too short for even one full window, in which case the single short row is kept.
+    Returns a LongTensor ``[n_windows, window]``. Deterministic.
+    """
+    if window < 2:
+        raise AnyquantError(f"token_windows: window={window} must be >= 2 (one context token and one target)")
+    if max_tokens < 1:
+        raise AnyquantError(f"token_windows: max_tokens={max_tokens} must be >= 1")
+    bos_id = getattr(tokenizer, "bos_token_id", None) if bos else None
+    per_row = window - 1 if bos_id is not None else window
+
+    ids = _encode_prefix(tokenizer, text, max_tokens)
+    if not ids:
+        raise AnyquantError("token_windows: the text produced no tokens; pass non-empty evaluation text")
+    ids = ids[:max_tokens]
+    n_rows = len(ids) // per_row
+    if n_rows == 0:
+        rows = [ids]
+    else:
+        rows = [ids[i * per_row : (i + 1) * per_row] for i in range(n_rows)]
+    if bos_id is not None:
+        rows = [[int(bos_id)] + row for row in rows]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _encode_prefix(tokenizer: Any, text: str, max_tokens: int) -> list[int]:
+    """Tokens of a prefix of ``text`` long enough to yield ``max_tokens`` tokens.
+
+    Tokenizing all 3M characters of the evaluation text takes seconds we do not need. A prefix
+    cut at whitespace tokenizes identically to the full text up to the cut (BPE pre-tokenizers
+    split on whitespace), and we keep a margin so the cut never reaches the tokens we use.
+    """
+    margin = 64
+    n_chars = max(4096, (max_tokens + margin) * 8)
+    while True:
+        if n_chars >= len(text):
+            return _encode(tokenizer, text)
+        cut = text.rfind(" ", 0, n_chars)
+        prefix = text[: cut if cut > 0 else n_chars]
+        ids = _encode(tokenizer, prefix)
+        if len(ids) >= max_tokens + margin:
+            return ids
+        n_chars *= 2

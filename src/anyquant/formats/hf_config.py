@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from anyquant.model.modelmap import LINEAR
-from anyquant.plan import Plan
+from anyquant.planning import Plan
 
 
 def _kept_linears(plan: Plan) -> list[str]:

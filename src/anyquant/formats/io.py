@@ -6,7 +6,6 @@ so a crash or Ctrl-C never leaves a half-written output where a user expects a m
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -19,8 +18,15 @@ import torch
 from torch import nn
 
 from anyquant.errors import AnyquantError
-from anyquant.formats.manifest import MANIFEST, build_manifest, read_manifest, write_manifest
-from anyquant.methods.registry import handler_for, set_submodule
+from anyquant.formats.manifest import (
+    MANIFEST,
+    build_manifest,
+    read_manifest,
+    write_manifest,
+)
+from anyquant.methods.registry import handler_for
+from anyquant.model.load import load_model, model_classes, resolve_source
+from anyquant.model.tree import set_submodule
 from anyquant.numerics.dtype import DTYPES
 
 log = logging.getLogger(__name__)
@@ -210,7 +216,7 @@ def _load_int4(directory: Path, manifest: dict[str, Any], trust_remote_code: boo
     from transformers import AutoConfig
 
     from anyquant.model.modelmap import linear_features
-    from anyquant.plan import Plan
+    from anyquant.planning import Plan
     from anyquant.runtime.int4_linear import Int4Linear
 
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
@@ -314,6 +320,18 @@ def _from_pretrained_float(directory: Path, config, dtype: torch.dtype, trust_re
 
 
 def _model_classes(config) -> list[Any]:
-    from anyquant.model.load import model_classes
 
     return model_classes(getattr(config, "architectures", None))
+
+
+def load_source(source: str | Path, **kwargs: Any):
+    """model.load.load_model for any source, an anyquant output included (built by
+    load_quantized; with requantize=True it is then dequantized). Returns (model, tokenizer, SourceInfo)."""
+    path = resolve_source(source)
+    loader = None
+    if (path / MANIFEST).is_file():
+        trc = kwargs.get("trust_remote_code", False)
+
+        def loader(p: Path) -> nn.Module:
+            return load_quantized(p, trust_remote_code=trc)
+    return load_model(path, loader=loader, **kwargs)

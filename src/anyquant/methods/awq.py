@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from anyquant import primitives as P
 from anyquant.calib.guard import nonfinite, rtn_grid
-from anyquant.methods import primitives as P
 from anyquant.methods.registry import register
 from anyquant.methods.rtn import CalibratedInt4
 
@@ -115,7 +115,7 @@ def awq_scale_block(ctx, grid: int):
     block computes the same function, with weights easier to round. Returns (the block's
     LinearProbe, calibration rows per input group, scale per scaled Linear). gptq uses this
     too (GPTQConfig.awq_scales): scales first, then second-order rounding."""
-    from anyquant.calib.runner import _first_sample, hidden_of, probe_block, run_block
+    from anyquant.calib.blocks import first_sample, hidden_of, probe_block, run_block
 
     block, cfg = ctx.block, ctx.config
     names = list(ctx.linears)
@@ -141,7 +141,7 @@ def awq_scale_block(ctx, grid: int):
     finally:
         for h in hooks:
             h.remove()
-    probe_batch = _first_sample(ctx.batches[0])
+    probe_batch = first_sample(ctx.batches[0])
     y0 = run_block(block, probe_batch).float()
     tol = 1e-3 if ctx.compute_dtype == torch.float32 else 3e-2
     scaled: dict[str, torch.Tensor] = {}

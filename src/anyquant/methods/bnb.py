@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from anyquant.config import BnB4bitConfig, Int8Config
-from anyquant.methods.registry import register
+from anyquant.methods.registry import Method, register
 from anyquant.model.modelmap import ModuleInfo
-
 
 # transformers' bitsandbytes loader converts exactly these module types when it reads a saved
 # checkpoint; a quantized subclass (FalconLinear, ...) could be saved but never loaded again.
@@ -80,7 +79,7 @@ def pin_bnb_modules(module: nn.Module) -> nn.Module:
     return module
 
 
-class BnB4bit:
+class BnB4bit(Method):
     format = "bitsandbytes"
 
     def __init__(self, name: str) -> None:
@@ -119,7 +118,7 @@ class BnB4bit:
         return 4 + 32 / config.block_size
 
 
-class BnBInt8:
+class BnBInt8(Method):
     name = "int8"
     format = "bitsandbytes"
 

@@ -16,12 +16,10 @@ input together), each group's Hessians measured with the earlier groups already 
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
-from torch import nn
 
-from anyquant.methods import primitives as P
+from anyquant import primitives as P
 from anyquant.methods.registry import register
 from anyquant.methods.rtn import CalibratedInt4
 
@@ -216,7 +214,7 @@ def gptq_block(ctx) -> None:
     """Linears that read the same input share one Hessian, so they are quantized as one stacked
     matrix (rows are independent given H): one column sweep per group instead of per layer."""
     from anyquant.calib.guard import nonfinite
-    from anyquant.calib.runner import probe_block, run_block
+    from anyquant.calib.blocks import probe_block, run_block
 
     cfg = ctx.config
     if cfg.awq_scales:

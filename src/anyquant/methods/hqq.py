@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from anyquant import primitives as P
 from anyquant.calib.guard import guarded
 from anyquant.config import HQQConfig
-from anyquant.methods import primitives as P
 from anyquant.methods.registry import register
 from anyquant.methods.rtn import Int4RTN
 from anyquant.runtime.int4_linear import Int4Linear
@@ -78,7 +78,6 @@ def hqq_grid(
 
 class HQQ(Int4RTN):
     name = "hqq"
-    format = "compressed-tensors"
 
     def quantize_linear(self, linear: nn.Linear, options, config: HQQConfig, compute_dtype) -> nn.Module:
         g = options.get("group_size", config.group_size)

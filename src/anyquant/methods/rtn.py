@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from anyquant.config import Int4Config
-from anyquant.methods.registry import register
+from anyquant.calib.runner import quantize_model_blockwise
+from anyquant.methods.registry import Method, register
 from anyquant.model.modelmap import ModuleInfo
 from anyquant.runtime.int4_linear import Int4Linear
 
@@ -29,7 +29,7 @@ def fit_group_size(in_features: int | list[int], requested: int) -> int | None:
     return None
 
 
-class Int4RTN:
+class Int4RTN(Method):
     name = "int4"
     format = "compressed-tensors"
 
@@ -70,14 +70,9 @@ class Int4RTN:
                 d.reason_code = "group_size_fallback"
                 d.reason = f"int4 round-to-nearest, group size {g} (model-wide: see plan notes)"
 
-    def qparams(self, linear: nn.Linear, group_size: int, config: Int4Config, **_):
-        """Hook for calibrated methods: return (scale, zero) or None for plain min-max."""
-        return None
-
     def quantize_linear(self, linear: nn.Linear, options, config: Int4Config, compute_dtype) -> nn.Module:
         g = options.get("group_size", config.group_size)
-        qparams = self.qparams(linear, g, config)
-        return Int4Linear.from_float(linear, g, config.symmetric, qparams=qparams, dtype=compute_dtype)
+        return Int4Linear.from_float(linear, g, config.symmetric, dtype=compute_dtype)
 
     def bits_per_weight(self, info: ModuleInfo, options, config: Int4Config, scale_bits: int = 16) -> float:
         g = options.get("group_size", config.group_size)
@@ -87,15 +82,13 @@ class Int4RTN:
 class CalibratedInt4(Int4RTN):
     """A calibrated method: the block-by-block runner calls `block_algorithm(ctx)` per block."""
 
-    format = "compressed-tensors"
+    calibrated = True
 
     @staticmethod
     def block_algorithm(ctx) -> None:
         raise NotImplementedError
 
     def quantize_model(self, model, plan, config, compute_dtype, calib_ids, progress=True, **kw):
-        from anyquant.calib.runner import quantize_model_blockwise
-
         return quantize_model_blockwise(model, plan, config, compute_dtype, calib_ids, self.block_algorithm,
                                         progress, **kw)
 

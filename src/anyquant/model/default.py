@@ -71,7 +71,7 @@ def gemma3_270m_dir() -> Path:
 
 def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors once (about a minute); cached in %s", gguf_file, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)

@@ -11,12 +11,13 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from anyquant.errors import AlreadyQuantizedError, AnyquantError
+from anyquant.model.dequant import dequantize_modules
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,11 @@ def refuse_if_quantized(info: SourceInfo) -> None:
 
 
 def _auto_classes():
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+    )
 
     return (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModel)
 
@@ -156,10 +161,13 @@ def load_model(
     requantize: bool = False,
     dtype: torch.dtype | None = None,
     refuse_quantized: bool = True,
+    loader: Callable[[Path], torch.nn.Module] | None = None,
 ) -> tuple[torch.nn.Module, Any, SourceInfo]:
     """Load a model directory (or `default`), returning (model, tokenizer or None, SourceInfo).
 
-    Refuses already-quantized sources unless `requantize`; then dequantizes and records it."""
+    Refuses already-quantized sources unless `requantize`; then dequantizes and records it.
+    `loader` builds the model instead of transformers' auto classes (formats.io.load_source
+    passes anyquant's own loader for an anyquant output)."""
     path = resolve_source(source)
     info = inspect_files(path)
     if refuse_quantized and not requantize:
@@ -175,13 +183,13 @@ def load_model(
             "weights but no quantization_config saying how to turn them back into floats; "
             "re-export the float model instead"
         )
-    model = _from_pretrained(path, info, trust_remote_code, dtype, requantize)
+    model = _from_pretrained(path, info, trust_remote_code, dtype, requantize, loader)
     check_finite(model)
-    tokenizer = _load_tokenizer(path, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code)
     return model, tokenizer, info
 
 
-def _from_pretrained(path, info, trust_remote_code, dtype, requantize):
+def _from_pretrained(path, info, trust_remote_code, dtype, requantize, loader=None):
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -192,10 +200,8 @@ def _from_pretrained(path, info, trust_remote_code, dtype, requantize):
         from transformers import CompressedTensorsConfig
 
         kwargs["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
-    if (path / "anyquant.json").exists():
-        from anyquant.formats.io import load_quantized
-
-        model = load_quantized(path, trust_remote_code=trust_remote_code)
+    if loader is not None:
+        model = loader(path)
     else:
         last_error: Exception | None = None
         model = None
@@ -210,7 +216,7 @@ def _from_pretrained(path, info, trust_remote_code, dtype, requantize):
     model.eval()
     _own_weights(model)
     if requantize and qc:
-        model = dequantize_model(model)
+        model = dequantize_modules(model)
         log.warning("%s was already quantized (%s); dequantized before quantizing again", path, qc.get("quant_method"))
     return model
 
@@ -234,14 +240,9 @@ def _own_weights(model: torch.nn.Module) -> None:
     gc.collect()  # drop the last views, so the mapping goes now rather than at some later collection
 
 
-def dequantize_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Turn every quantized Linear back into a float nn.Linear (bitsandbytes, anyquant int4)."""
-    from anyquant.methods.registry import dequantize_modules
-
-    return dequantize_modules(model)
 
 
-def _load_tokenizer(path: Path, trust_remote_code: bool):
+def load_tokenizer(path: Path, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):

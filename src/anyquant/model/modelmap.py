@@ -182,7 +182,7 @@ def _text_vocab_size(config: Any) -> int | None:
     return None
 
 
-def _sub_config(config: Any, kinds: tuple[str, ...]) -> Any:
+def sub_config(config: Any, kinds: tuple[str, ...]) -> Any:
     """A sub-config whose attribute name contains one of `kinds` (vision_config, text_config, ...)."""
     if config is None:
         return None
@@ -195,7 +195,7 @@ def _sub_config(config: Any, kinds: tuple[str, ...]) -> Any:
     return None
 
 
-def _cfg_get(cfg: Any, *keys: str) -> Any:
+def cfg_get(cfg: Any, *keys: str) -> Any:
     for k in keys:
         v = cfg.get(k) if isinstance(cfg, dict) else getattr(cfg, k, None)
         if v:
@@ -235,10 +235,10 @@ def find_components(model: nn.Module, config: Any, vocab: int | None) -> _Compon
     is the highest ancestor of the token embedding (a 2-D weight with `vocab` rows, owned by a
     non-Linear module) that does not hold the vision tower. Module names serve as a hint only
     when the config names no vision sub-config."""
-    vcfg = _sub_config(config, ("vision", "visual"))
-    tcfg = _sub_config(config, ("text_config", "llm_config", "language_config")) or config
+    vcfg = sub_config(config, ("vision", "visual"))
+    tcfg = sub_config(config, ("text_config", "llm_config", "language_config")) or config
     comps = _Components(vocab=vocab)
-    comps.text_hidden = _cfg_get(tcfg, "hidden_size", "n_embd", "d_model", "embed_dim") if tcfg is not None else None
+    comps.text_hidden = cfg_get(tcfg, "hidden_size", "n_embd", "d_model", "embed_dim") if tcfg is not None else None
     named = list(model.named_modules())
     embeds = [
         n for n, m in named
@@ -256,8 +256,8 @@ def find_components(model: nn.Module, config: Any, vocab: int | None) -> _Compon
             embeds = [n for n in embeds if keep(n)] or embeds
     patch = None
     if vcfg is not None:
-        comps.vision_hidden = _cfg_get(vcfg, "hidden_size", "embed_dim", "width", "d_model")
-        channels = _cfg_get(vcfg, "num_channels", "in_channels", "in_chans") or 3
+        comps.vision_hidden = cfg_get(vcfg, "hidden_size", "embed_dim", "width", "d_model")
+        channels = cfg_get(vcfg, "num_channels", "in_channels", "in_chans") or 3
         patch = next(
             (n for n, m in named if isinstance(m, nn.modules.conv._ConvNd) and m.in_channels == channels),
             None,

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from anyquant.errors import AnyquantError
+from anyquant.model.tree import device_of
 from anyquant.numerics.capabilities import DeviceCapabilities, detect_capabilities
 from anyquant.numerics.dtype import DTYPES, dtype_name
 
@@ -530,7 +531,7 @@ def choose_policy(
     requested = requested or "auto"
     if requested != "auto" and requested not in DTYPES:
         raise AnyquantError(f"--dtype {requested}: expected one of auto, {', '.join(DTYPES)}")
-    caps = capabilities or detect_capabilities(_device_of(model))
+    caps = capabilities or detect_capabilities(device_of(model))
     where = f"{caps.name} ({caps.device_type}{', simulated' if caps.simulated else ''})"
     decl = declared_dtype(model)
     decl_name = dtype_name(decl) if decl is not None else None
@@ -638,13 +639,6 @@ def choose_policy(
     msg = f"float16 overflows in {len(regions)} module(s); kept in float32 with casts at their boundaries: {kept}"
     log.warning("dtype policy: %s", msg)
     return policy(torch.float16, head + msg, fp32_modules=dict(regions), overflow=values, probe_absmax=absmax)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- consistency

@@ -134,9 +134,9 @@ def vision_input_spec(model: nn.Module) -> VisionInputSpec | None:
     takes `pixel_values`; None otherwise. Shared by the probe and the image calibration data."""
     import inspect as _inspect
 
-    from anyquant.model.modelmap import _cfg_get, _sub_config
+    from anyquant.model.modelmap import cfg_get, sub_config
 
-    vcfg = _sub_config(getattr(model, "config", None), ("vision", "visual"))
+    vcfg = sub_config(getattr(model, "config", None), ("vision", "visual"))
     if vcfg is None:
         return None
     try:
@@ -145,10 +145,10 @@ def vision_input_spec(model: nn.Module) -> VisionInputSpec | None:
         return None
     if "pixel_values" not in params:
         return None
-    size = _cfg_get(vcfg, "image_size", "img_size")
+    size = cfg_get(vcfg, "image_size", "img_size")
     if isinstance(size, (list, tuple)):
         size = size[0]
-    channels = _cfg_get(vcfg, "num_channels", "in_channels", "in_chans") or 3
+    channels = cfg_get(vcfg, "num_channels", "in_channels", "in_chans") or 3
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = p.dtype if p is not None else torch.float32
     device = p.device if p is not None else torch.device("cpu")

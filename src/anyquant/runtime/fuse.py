@@ -28,7 +28,7 @@ import inspect
 import torch
 from torch import nn
 
-from anyquant.methods import primitives as P
+from anyquant import primitives as P
 from anyquant.runtime.int4_linear import Int4Linear
 
 DEFAULT_GROUPS = (

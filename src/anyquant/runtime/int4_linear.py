@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anyquant.methods import primitives as P
+from anyquant import primitives as P
 from anyquant.runtime import ops
 
 

@@ -70,7 +70,7 @@ class Plan:
         )
 
 
-def _matches(pattern: str, name: str) -> bool:
+def matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
         return re.search(pattern[3:], name) is not None
     return name == pattern
@@ -104,7 +104,7 @@ def load_overrides(path: str | Path) -> list[tuple[str, str]]:
 def check_patterns(overrides: list[tuple[str, str]], names: list[str]) -> None:
     """A pattern that matches nothing is an error, never a silent no-op."""
     for pattern, _ in overrides:
-        if not any(_matches(pattern, n) for n in names):
+        if not any(matches(pattern, n) for n in names):
             probe = pattern[3:] if pattern.startswith("re:") else pattern
             close = difflib.get_close_matches(probe, names, n=3, cutoff=0.3)
             hint = f"; closest module names: {', '.join(close)}" if close else ""

@@ -22,7 +22,12 @@ from torch import nn
 from anyquant.errors import AnyquantError
 from anyquant.numerics.capabilities import DeviceCapabilities, detect_capabilities
 from anyquant.numerics.dtype import DTYPES, dtype_name
-from anyquant.numerics.policy import FP16_MARGIN, FP16_MAX, overflow_regions, probe_ranges
+from anyquant.numerics.policy import (
+    FP16_MARGIN,
+    FP16_MAX,
+    overflow_regions,
+    probe_ranges,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +163,15 @@ def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, tr
                        extra={"already_quantized": True, "unresolved": list(findings)})
 
     model, _, _ = load_model(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
-    from anyquant.pipeline import probe_inputs
+    from anyquant.numerics.inputs import probe_inputs
 
     inputs = probe_inputs(model)
     # F1, measured: one forward in the dtype the user would load with (CPU computes all three)
-    from anyquant.numerics.policy import DtypeBoundaryError, check_consistency, fix_boundaries
+    from anyquant.numerics.policy import (
+        DtypeBoundaryError,
+        check_consistency,
+        fix_boundaries,
+    )
 
     f1_modules: set[str] = set()
     if model_dtype in DTYPES and model_dtype != "float32":

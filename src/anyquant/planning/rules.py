@@ -11,9 +11,15 @@ from typing import Callable
 
 from anyquant.config import MethodConfig
 from anyquant.model.modelmap import (
-    EMBEDDING, HEAD, LINEAR, PROJECTOR, VISION, ModelMap, ModuleInfo,
+    EMBEDDING,
+    HEAD,
+    LINEAR,
+    PROJECTOR,
+    VISION,
+    ModelMap,
+    ModuleInfo,
 )
-from anyquant.plan.plan import KEEP, QUANTIZE, Decision
+from anyquant.planning.plan import KEEP, QUANTIZE, Decision
 
 
 @dataclass

@@ -1,13 +1,13 @@
-"""`anyquant inspect`: what a model holds and what each method would make of it."""
+"""What a model directory holds and what each method would make of it (`anyquant inspect`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from anyquant.config import known_methods, make_config
-from anyquant.model.load import load_model
+from anyquant.formats.io import load_source
 from anyquant.model.modelmap import build_model_map
-from anyquant.plan import build_plan
+from anyquant.planning import build_plan
 
 
 def size_estimates(model, mmap) -> dict[str, dict[str, Any]]:
@@ -34,7 +34,7 @@ def size_estimates(model, mmap) -> dict[str, dict[str, Any]]:
 
 
 def inspect_source(source: str, trust_remote_code: bool = False) -> dict[str, Any]:
-    model, _, info = load_model(source, trust_remote_code=trust_remote_code, refuse_quantized=False)
+    model, _, info = load_source(source, trust_remote_code=trust_remote_code, refuse_quantized=False)
     mmap = build_model_map(model)
     data = mmap.summary()
     data["source"] = str(info.path)
@@ -48,29 +48,3 @@ def inspect_source(source: str, trust_remote_code: bool = False) -> dict[str, An
     data["param_dtypes"] = dtypes
     data["estimated_size"] = size_estimates(model, mmap) if not data["quantized_tensors"] else {}
     return data
-
-
-def print_inspect(console, data: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    console.print(f"[bold]{data['source']}[/bold]  ({data['model_type']}, {data['total_params']:,} parameters)")
-    t = Table(title="components")
-    for c in ("component", "modules by kind", "parameters"):
-        t.add_column(c)
-    for comp, v in data["components"].items():
-        kinds = ", ".join(f"{k}: {n}" for k, n in sorted(v["modules"].items()))
-        t.add_row(comp, kinds, f"{v['params']:,}")
-    console.print(t)
-    console.print("parameter dtypes: " + ", ".join(f"{k}: {n:,}" for k, n in data["param_dtypes"].items()))
-    console.print("tied parameters: " + ("; ".join(" = ".join(g) for g in data["tied"]) or "none"))
-    if data["quantized_tensors"]:
-        console.print(f"[red]already quantized[/red]: {len(data['quantized_tensors'])} tensors, first: {data['quantized_tensors'][0]}")
-    else:
-        console.print("already-quantized tensors: none")
-    if data["estimated_size"]:
-        t = Table(title="estimated size")
-        t.add_column("method")
-        t.add_column("size", justify="right")
-        for m, v in data["estimated_size"].items():
-            t.add_row(m, f"{v['bytes'] / 2**20:.1f} MiB")
-        console.print(t)

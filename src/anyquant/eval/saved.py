@@ -13,12 +13,12 @@ def load_any(path: str, trust_remote_code: bool):
     """An anyquant output through anyquant.load; any other model directory through transformers."""
     from anyquant.formats.io import load_quantized
     from anyquant.formats.manifest import read_manifest
-    from anyquant.model.load import _load_tokenizer, load_model, resolve_source
+    from anyquant.model.load import load_model, load_tokenizer, resolve_source
 
     p = resolve_source(path)
     manifest = read_manifest(p)
     if manifest is not None:
-        return load_quantized(p, trust_remote_code=trust_remote_code), _load_tokenizer(p, trust_remote_code), manifest
+        return load_quantized(p, trust_remote_code=trust_remote_code), load_tokenizer(p, trust_remote_code), manifest
     model, tok, _ = load_model(p, trust_remote_code=trust_remote_code, refuse_quantized=False)
     return model, tok, None
 
@@ -26,7 +26,8 @@ def load_any(path: str, trust_remote_code: bool):
 def run_eval(target: str, baseline: str | None, text_file: Path | None, max_tokens: int,
              trust_remote_code: bool, progress: bool = True) -> dict[str, Any]:
     from anyquant.eval.memory import dir_size_bytes, track_peak_memory
-    from anyquant.evaluate import evaluate, stored_sizes
+    from anyquant.eval.metrics import evaluate
+    from anyquant.eval.stored import stored_sizes
 
     with track_peak_memory() as mem:
         model, tok, manifest = load_any(target, trust_remote_code)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from anyquant.config import MethodConfig, make_config
+from anyquant.config import MethodConfig
 from anyquant.errors import AnyquantError
 from anyquant.model.modelmap import LINEAR, ModelMap
-from anyquant.plan.plan import KEEP, QUANTIZE, Decision, Plan, _matches, check_patterns
-from anyquant.plan.rules import RULES, PlanContext
+from anyquant.planning.plan import (
+    KEEP,
+    QUANTIZE,
+    Decision,
+    Plan,
+    check_patterns,
+    matches,
+)
+from anyquant.planning.rules import RULES, PlanContext
 
 __all__ = ["build_plan", "Plan", "Decision", "QUANTIZE", "KEEP", "PlanContext"]
 
@@ -59,7 +66,7 @@ def apply_only(plan: Plan, patterns: list[str]) -> None:
     the rules chose; never forces a module the rules kept (use a plan file for that)."""
     check_patterns([(p, "only") for p in patterns], [d.name for d in plan.decisions])
     for d in plan.to_quantize():
-        if not any(_matches(p, d.name) for p in patterns):
+        if not any(matches(p, d.name) for p in patterns):
             d.action, d.method, d.options = KEEP, None, {}
             d.reason_code, d.reason = "not_selected", "not selected by --only"
 
@@ -77,7 +84,7 @@ def apply_overrides(plan: Plan, model_map: ModelMap, config: MethodConfig, overr
                 f"{config.method!r} (one method per run)"
             )
         for name in names:
-            if not _matches(pattern, name):
+            if not matches(pattern, name):
                 continue
             d = by_name[name]
             if action == KEEP:

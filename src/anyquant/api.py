@@ -1,0 +1,90 @@
+"""The public API: inspect, plan, quantize, save, load, evaluate, doctor.
+
+The command line is a thin layer over these functions; `anyquant/__init__.py` re-exports them.
+No submodule of the package carries one of these names, so `anyquant.evaluate` stays the
+function however many submodules have been imported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from anyquant.config import MethodConfig, make_config
+from anyquant.config import known_methods as _known_methods
+from anyquant.diagnosis import diagnose
+from anyquant.eval.metrics import DEFAULT_MAX_TOKENS
+from anyquant.eval.metrics import evaluate as _evaluate
+from anyquant.formats.io import load_quantized, load_source
+from anyquant.formats.io import save as _save
+from anyquant.inspection import inspect_source
+from anyquant.model.modelmap import ModelMap, build_model_map
+from anyquant.pipeline import QuantizeResult
+from anyquant.pipeline import quantize as _quantize
+from anyquant.planning.plan import Plan
+from anyquant.planning.prepare import prepare
+
+__all__ = ["inspect", "plan", "quantize", "save", "load", "evaluate", "doctor", "known_methods"]
+
+
+def _as_model(model: nn.Module | str | Path, trust_remote_code: bool) -> nn.Module:
+    if isinstance(model, (str, Path)):
+        m, _, _ = load_source(model, trust_remote_code=trust_remote_code, requantize=True)
+        return m
+    return model
+
+
+def inspect(model: nn.Module | str | Path, *, trust_remote_code: bool = False) -> ModelMap | dict[str, Any]:
+    """A model directory: the summary `anyquant inspect --json` prints (components, kinds,
+    params, dtypes, tied and quantized tensors, size per method). An nn.Module: its ModelMap."""
+    if isinstance(model, (str, Path)):
+        return inspect_source(str(model), trust_remote_code)
+    return build_model_map(model)
+
+
+def plan(model: nn.Module | str | Path, method: str | MethodConfig = "nf4", *, dtype: str = "auto",
+         plan_file: str | Path | None = None, overrides: list[tuple[str, str]] | None = None,
+         trust_remote_code: bool = False, include_vision: bool = False, only: list[str] | None = None,
+         **options: Any) -> Plan:
+    """The Plan `quantize` would follow on this device: one decision per module with its
+    reason, and the compute dtype of the same dtype policy. Runs the same probes as quantize;
+    an in-memory model's weights and dtypes are left as they were."""
+    m = _as_model(model, trust_remote_code)
+    cfg = method if isinstance(method, MethodConfig) else make_config(method, **options)
+    return prepare(m, cfg, dtype=dtype, plan=plan_file, overrides=overrides, include_vision=include_vision,
+                   only=only, keep_dtypes=True).plan
+
+
+def quantize(model: nn.Module | str | Path, method: str | MethodConfig = "nf4", **options: Any) -> QuantizeResult:
+    """Quantize a model (an nn.Module, quantized in place, or a model directory / "default").
+    Returns a QuantizeResult (.model, .plan, .report); see anyquant.pipeline.quantize for the
+    options (dtype, plan, overrides, calib, method config fields such as group_size)."""
+    return _quantize(model, method, **options)
+
+
+def save(result: QuantizeResult, out_dir: str | Path, *, force: bool = False) -> Path:
+    """Write a quantized model directory atomically (all files, or nothing)."""
+    return _save(result, out_dir, force=force)
+
+
+def load(directory: str | Path, *, trust_remote_code: bool = False) -> nn.Module:
+    """A saved anyquant output as a model callable like the source model."""
+    return load_quantized(directory, trust_remote_code=trust_remote_code)
+
+
+def evaluate(model: nn.Module, baseline: nn.Module | None = None, text: str | None = None, *, tokenizer=None,
+             max_tokens: int = DEFAULT_MAX_TOKENS, progress: bool = True) -> dict[str, Any]:
+    """Perplexity, KL divergence and top-1 agreement against `baseline` on held-out text."""
+    return _evaluate(model, baseline, text, tokenizer=tokenizer, max_tokens=max_tokens, progress=progress)
+
+
+def doctor(source: str | Path, bnb_config: dict[str, Any] | None = None, *,
+           trust_remote_code: bool = False) -> dict[str, Any]:
+    """Which failure class a transformers + bitsandbytes config hits on this device, and a fixed config."""
+    return diagnose(source, bnb_config, trust_remote_code=trust_remote_code)
+
+
+def known_methods() -> list[str]:
+    """Every method name `quantize` accepts."""
+    return _known_methods()

@@ -1,0 +1,61 @@
+"""Host memory of a calibrating process (glibc): freed block-sized tensors must go back to the
+OS, or the process keeps about one float block per block it has calibrated."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import gc
+import sys
+from typing import Callable
+
+# --------------------------------------------------------------------------- memory
+
+
+def _libc_function(name: str) -> Callable[..., int] | None:
+    """A C library function of this process on Linux (glibc: malloc_trim, mallopt), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), name)  # musl and others lack malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's initial value
+
+
+@functools.lru_cache(maxsize=1)
+def pin_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold at its initial 128 KiB for the rest of the process.
+
+    glibc raises the threshold to the size of each mmapped chunk freed (up to 32 MiB), so once
+    the first replaced float weight is freed, later tensors of block size come from the heap,
+    where the int4 blocks that outlive each step sit among freed temporaries and pin their
+    pages; `release_freed_memory` then cannot return them. Peak RSS above the loaded model grew
+    with depth by this alone, and varied by up to 20 MiB between identical runs
+    (benchmarks/calib_memory.py, gptq: 29.7 -> 40.7 MiB median from 8 to 32 layers; with the
+    threshold fixed 33.3-33.5 -> 34.3-34.6). Large tensors then map and unmap their own pages.
+    Setting it turns off glibc's dynamic adjustment for the whole process (a calibrating
+    process), so it is done once. A no-op off glibc."""
+    mallopt = _libc_function("mallopt")
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def release_freed_memory() -> None:
+    """Give heap pages that freed tensors left behind back to the OS (glibc's malloc_trim).
+
+    After each block its float weights (replaced by Int4Linear) and its temporaries are freed,
+    but glibc keeps them: its mmap threshold rises after the first large free, so later
+    tensors of a block's sizes come from the heap, which it does not shrink. Without this the
+    process RSS grew by about one block's float size per block although no tensor outlives its
+    block. This alone reduced the growth with depth (gptq's overhead above the loaded model 63
+    MiB at 8 layers, 108 at 32; 74 -> 146 without it); with `pin_mmap_threshold` keeping large
+    tensors out of the heap it no longer grows (benchmarks/calib_memory.py). A no-op off glibc."""
+    gc.collect()  # a block's copies can sit in reference cycles (modules, hooks, closures) until the next collection
+    trim = _libc_function("malloc_trim")
+    if trim is not None:
+        trim(0)
+
+

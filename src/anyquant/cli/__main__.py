@@ -1,0 +1,5 @@
+"""`python -m anyquant.cli`."""
+
+from anyquant.cli import main
+
+main()

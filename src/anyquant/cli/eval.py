@@ -1,0 +1,37 @@
+"""`anyquant eval`: the command line over the public API (anyquant.api)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from anyquant.cli.common import (
+    app,
+    console,
+    fails_cleanly,
+    setup_logging,
+)
+
+
+@app.command("eval")
+@fails_cleanly
+def eval_cmd(target: str = typer.Argument(..., help="model directory to evaluate (an anyquant output or any model)"),
+             baseline: Optional[str] = typer.Option(None, "--baseline", help="float model to compare with (default: the target's source)"),
+             text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text file (default: held-out Wikipedia text)"),
+             max_tokens: int = typer.Option(16384, "--max-tokens"),
+             json_out: bool = typer.Option(False, "--json"),
+             trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
+    """Perplexity, KL divergence and top-1 agreement against the baseline; bits per weight; size; memory."""
+    setup_logging(False)
+    from anyquant.eval.saved import run_eval
+
+    data = run_eval(target, baseline, text, max_tokens, trust_remote_code, progress=not json_out)
+    if json_out:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    con = console()
+    for k, v in data.items():
+        con.print(f"{k:28s} {v}")

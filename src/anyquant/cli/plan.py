@@ -1,0 +1,58 @@
+"""`anyquant plan`: the command line over the public API (anyquant.api)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from anyquant.cli.common import (
+    SourceArg,
+    app,
+    check_dtype,
+    console,
+    fails_cleanly,
+    method_options,
+    setup_logging,
+)
+
+
+@app.command()
+@fails_cleanly
+def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", "-m"),
+         group_size: Optional[int] = typer.Option(None, "--group-size"),
+         dtype: str = typer.Option("auto", "--dtype"),
+         plan_file: Optional[Path] = typer.Option(None, "--plan", help="overrides (JSON)"),
+         keep: List[str] = typer.Option([], "--keep", help="module name or re:pattern to keep in float"),
+         only: List[str] = typer.Option([], "--only", help="quantize only Linear layers matching this name or re:pattern"),
+         include_vision: bool = typer.Option(False, "--include-vision", help="also quantize the vision tower's Linear layers"),
+         json_out: bool = typer.Option(False, "--json"),
+         trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+         requantize: bool = typer.Option(False, "--requantize")):
+    """One row per module: action, method, dtype, reason."""
+    setup_logging(False)
+    method_opts = method_options(method, group_size)  # before anything heavy: a misspelt method fails fast
+    check_dtype(dtype)
+    from anyquant.api import plan as make_plan
+    from anyquant.formats.io import load_source
+
+    model, _, _ = load_source(source, trust_remote_code=trust_remote_code, requantize=requantize)
+    p = make_plan(model, method, dtype=dtype, plan_file=plan_file, overrides=[(k, "keep") for k in keep],
+                  include_vision=include_vision, only=only, **method_opts)
+    if json_out:
+        typer.echo(json.dumps(p.to_dict(), indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"plan: {method}")
+    for c in ("module", "kind", "component", "action", "method", "dtype", "reason"):
+        t.add_column(c)
+    for d in p.decisions:
+        t.add_row(d.name, d.kind, d.component, d.action, d.method or "-", d.dtype, d.reason)
+    con = console()
+    con.print(t)
+    con.print(f"{len(p.to_quantize())} quantized, {len(p.kept())} kept")
+    for n in p.notes:
+        con.print(f"note: {n}")

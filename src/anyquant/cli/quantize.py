@@ -1,0 +1,63 @@
+"""`anyquant quantize`: the command line over the public API (anyquant.api)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from anyquant.cli.common import (
+    SourceArg,
+    app,
+    check_dtype,
+    fails_cleanly,
+    method_options,
+    setup_logging,
+)
+
+
+@app.command()
+@fails_cleanly
+def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method", "-m"),
+             out: Path = typer.Option(..., "--out", "-o", help="output directory (written atomically)"),
+             group_size: Optional[int] = typer.Option(None, "--group-size"),
+             dtype: str = typer.Option("auto", "--dtype", help="auto|bfloat16|float16|float32"),
+             plan_file: Optional[Path] = typer.Option(None, "--plan", help="overrides (JSON)"),
+             keep: List[str] = typer.Option([], "--keep", help="module name or re:pattern to keep in float"),
+             only: List[str] = typer.Option([], "--only", help="quantize only Linear layers matching this name or re:pattern"),
+             include_vision: bool = typer.Option(False, "--include-vision", help="also quantize the vision tower's Linear layers"),
+             trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+             requantize: bool = typer.Option(False, "--requantize", help="dequantize an already-quantized source first"),
+             calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file for awq/gptq (default: the bundled news corpus)"),
+             n_samples: Optional[int] = typer.Option(None, "--n-samples", help="awq/gptq: calibration sequences"),
+             seq_len: Optional[int] = typer.Option(None, "--seq-len", help="awq/gptq: tokens per calibration sequence"),
+             act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="gptq: columns in order of decreasing Hessian diagonal"),
+             awq_scales: Optional[bool] = typer.Option(None, "--awq-scales/--no-awq-scales", help="gptq: AWQ's activation-aware scales first (better, about 2x slower)"),
+             tune_steps: Optional[int] = typer.Option(None, "--tune-steps", help="awq/gptq: block-output tuning steps per block after the method (0: off)"),
+             tune_target: Optional[str] = typer.Option(None, "--tune-target", help="awq/gptq tuning toward: model (the float model's output of each block) or block (the float block's, on the same inputs)"),
+             force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
+             verbose: bool = typer.Option(False, "--verbose", "-v")):
+    """Quantize SOURCE with METHOD and write a loadable model directory to OUT."""
+    setup_logging(verbose)
+    opts = method_options(method, group_size, n_samples=n_samples, seq_len=seq_len, act_order=act_order,
+                          awq_scales=awq_scales, tune_steps=tune_steps, tune_target=tune_target)
+    check_dtype(dtype)
+    from anyquant.api import quantize as run
+    from anyquant.api import save
+    from anyquant.formats.io import check_output_dir
+    from anyquant.model.load import resolve_source
+
+    src = resolve_source(source)
+    check_output_dir(out, src, force)  # fail before the slow part
+    ov = [(k, "keep") for k in keep]
+    result = run(src, method, dtype=dtype, plan=plan_file, overrides=ov, only=only, include_vision=include_vision,
+                 trust_remote_code=trust_remote_code, requantize=requantize, calib=calib, **opts)
+    path = save(result, out, force=force)
+    r = result.report
+    typer.echo(
+        f"{method}: quantized {r['modules_quantized']} modules, kept {r['modules_kept']}; "
+        f"probe logits error {r['probe_logits_relative_error']:.4f}; wrote {path}"
+    )
+    for n in result.notes + result.plan.notes:
+        typer.echo(f"note: {n}")

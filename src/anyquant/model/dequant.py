@@ -1,0 +1,54 @@
+"""Quantized Linears (anyquant int4, bitsandbytes 4-bit and LLM.int8) back to float nn.Linear:
+for re-quantizing an already-quantized source and for measuring a quantized layer's error."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from anyquant.model.tree import set_submodule
+from anyquant.runtime.int4_linear import Int4Linear
+
+
+def dequantize_linear(module: nn.Module) -> nn.Linear | None:
+    """A float nn.Linear equal to what a quantized module computes, or None if not quantized."""
+    if isinstance(module, Int4Linear):
+        w = module.dequantized_weight(torch.float32)
+        bias = module.bias
+    else:
+        try:
+            import bitsandbytes as bnb
+            import bitsandbytes.functional as bnbf
+        except ImportError:
+            return None
+        if isinstance(module, bnb.nn.Linear4bit):
+            w = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            bias = module.bias
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            cb, scb = module.weight.data, module.weight.SCB
+            if cb.dtype != torch.int8:
+                return None
+            w = cb.float() * scb.float().unsqueeze(1) / 127.0
+            bias = module.bias
+        else:
+            return None
+    out = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=torch.float32)
+    out.weight.data.copy_(w)
+    if bias is not None:
+        out.bias.data.copy_(bias.detach().float())
+    return out
+
+
+def dequantize_modules(model: nn.Module) -> nn.Module:
+    for name, mod in list(model.named_modules()):
+        lin = dequantize_linear(mod)
+        if lin is not None:
+            set_submodule(model, name, lin)
+    if hasattr(model, "config") and hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # transformers marks a model it loaded quantized and then refuses dtype casts on it; the
+    # modules are float now, so the marks are wrong.
+    for attr in ("hf_quantizer", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if attr in model.__dict__:
+            setattr(model, attr, None if attr in ("hf_quantizer", "quantization_method") else False)
+    return model

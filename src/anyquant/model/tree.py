@@ -1,0 +1,38 @@
+"""Module-tree helpers every layer above `model` shares: replace a submodule by name, the
+device a model lives on, the logits of a forward whatever the output type."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the first materialised parameter (meta parameters are skipped); CPU if none."""
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """`.logits` of a model output, else its first element; a base model's hidden states."""
+    logits = output.logits if hasattr(output, "logits") else (
+        output[0] if isinstance(output, (tuple, list)) else output)
+    if hasattr(logits, "last_hidden_state"):
+        logits = logits.last_hidden_state
+    return logits
+
+
+@torch.no_grad()
+def probe_logits(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """The model's output on `inputs` as float32 logits."""
+    return logits_of(model(**inputs)).float()
