@@ -7,6 +7,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from anyquant.calib.text import evaluation_text
+from anyquant.eval.memory import dir_size_bytes, track_peak_memory
+from anyquant.eval.metrics import CachedLogits, compare, token_windows
+from anyquant.eval.report import format_table, write_report
+from anyquant.eval.stored import stored_sizes
+from anyquant.formats.io import save
+from anyquant.model.load import load_model, resolve_source
+from anyquant.pipeline import quantize
+
 COLUMNS = [
     ("method", "method"),
     ("bits_per_weight", "bits/weight (stored)"),
@@ -24,14 +33,6 @@ def run_demo(out: Path, methods: list[str], max_tokens: int = 8192, source: str 
              progress: bool = True) -> dict[str, Any]:
     from rich.console import Console
 
-    from anyquant.calib.text import evaluation_text
-    from anyquant.eval.memory import dir_size_bytes, track_peak_memory
-    from anyquant.eval.metrics import CachedLogits, compare, token_windows
-    from anyquant.eval.report import format_table, write_report
-    from anyquant.eval.stored import stored_sizes
-    from anyquant.formats.io import save
-    from anyquant.model.load import load_model, resolve_source
-    from anyquant.pipeline import quantize
 
     console = Console(stderr=True)
     out = Path(out)

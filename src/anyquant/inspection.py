@@ -6,12 +6,12 @@ from typing import Any
 
 from anyquant.config import known_methods, make_config
 from anyquant.formats.io import load_source
+from anyquant.methods import handler_for
 from anyquant.model.modelmap import build_model_map
 from anyquant.planning import build_plan
 
 
 def size_estimates(model, mmap) -> dict[str, dict[str, Any]]:
-    from anyquant.methods.registry import handler_for
 
     float_bytes = sum(
         p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()

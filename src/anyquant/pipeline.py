@@ -6,6 +6,7 @@ No weight changes until the plan is complete and validated (patterns, shapes, F5
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,13 +16,17 @@ import torch
 from torch import nn
 
 from anyquant import primitives as P
+from anyquant.calib.images import vlm_calibration
+from anyquant.calib.runner import calibration_ids
+from anyquant.calib.text import calibration_text
 from anyquant.config import MethodConfig, make_config
 from anyquant.errors import AlreadyQuantizedError, AnyquantError
 from anyquant.formats.io import load_source
-from anyquant.methods.registry import handler_for
+from anyquant.methods import handler_for
+from anyquant.model.default import cache_dir
 from anyquant.model.dequant import dequantize_linear, dequantize_modules
 from anyquant.model.load import SourceInfo, check_finite
-from anyquant.model.modelmap import ModelMap, as_linear, build_model_map
+from anyquant.model.modelmap import VISION, ModelMap, as_linear, build_model_map
 from anyquant.model.tree import probe_logits, set_submodule
 from anyquant.numerics.dtype import dtype_name
 from anyquant.numerics.policy import check_consistency
@@ -172,7 +177,6 @@ def quantize(
 
 def _is_vlm(model_map: ModelMap | None, plan: Plan) -> bool:
     """A vision tower found by inspect (ModelMap.component_roots), or planned modules in one."""
-    from anyquant.model.modelmap import VISION
 
     if model_map is not None and model_map.component_roots.get(VISION) is not None:
         return True
@@ -192,9 +196,7 @@ def _quantize_calibrated(handler, model, plan, config, compute_dtype, calib, tok
     dicts passed as `calib` is used as it is. Checkpoints ("auto") live under the cache, keyed
     by source fingerprint + config + plan + calibration data, and are removed once the run
     completes."""
-    import shutil
 
-    from anyquant.calib.runner import calibration_ids
 
     vlm = _is_vlm(model_map, plan)
     if isinstance(calib, torch.Tensor):
@@ -208,7 +210,6 @@ def _quantize_calibrated(handler, model, plan, config, compute_dtype, calib, tok
         if n_img:
             notes.append(f"{config.method}: calibrated on {len(ids)} given input batches ({n_img} with images)")
     elif vlm and calib is None:
-        from anyquant.calib.images import vlm_calibration
 
         vc = vlm_calibration(model, model_dir=info.path, tokenizer=tokenizer, n_samples=config.n_samples,
                              seq_len=config.seq_len, trust_remote_code=trust_remote_code)
@@ -222,7 +223,6 @@ def _quantize_calibrated(handler, model, plan, config, compute_dtype, calib, tok
                 "model, or quantize a model directory (its tokenizer is used)"
             )
         if calib is None:
-            from anyquant.calib.text import calibration_text
 
             text = calibration_text()
         else:
@@ -239,7 +239,6 @@ def _quantize_calibrated(handler, model, plan, config, compute_dtype, calib, tok
         if info.path is None:
             checkpoint_dir = None  # in-memory model: no stable identity to resume against
         else:
-            from anyquant.model.default import cache_dir
 
             checkpoint_dir = cache_dir() / "calib-checkpoints"
     creport = handler.quantize_model(model, plan, config, compute_dtype, ids, progress=progress,

@@ -39,7 +39,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from anyquant.calib.text import calibration_text, token_windows
 from anyquant.errors import AnyquantError
+from anyquant.model.modelmap import cfg_get, sub_config
+from anyquant.numerics.probe import vision_input_spec
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +148,6 @@ class VLMCalibration:
 
 
 def _text_chunks(tokenizer, text: str, n: int, seq_len: int) -> list[list[int]]:
-    from anyquant.calib.text import token_windows
 
     ids = token_windows(tokenizer, text, max_tokens=n * seq_len, window=seq_len, bos=False)
     rows = [r.tolist() for r in ids]
@@ -244,7 +246,6 @@ def _image_processor_for(model: nn.Module):
         IMAGE_PROCESSOR_MAPPING_NAMES,
     )
 
-    from anyquant.model.modelmap import cfg_get, sub_config
 
     cfg = model.config
     names = IMAGE_PROCESSOR_MAPPING_NAMES.get(getattr(cfg, "model_type", None))
@@ -295,7 +296,6 @@ def _square(img: np.ndarray, size: int) -> np.ndarray:
 def _config_image_size(model: nn.Module, spec) -> int:
     """Square side for the image: the vision config's image size; else 224 rounded to whole
     patches x merge (patch-sequence models such as Qwen2-VL size themselves from the image)."""
-    from anyquant.model.modelmap import cfg_get
 
     if spec.size:
         return spec.size
@@ -307,7 +307,6 @@ def _config_image_size(model: nn.Module, spec) -> int:
 def config_image_inputs(model: nn.Module, img: np.ndarray) -> dict[str, torch.Tensor]:
     """pixel_values (and whatever else the model type's image processor returns that the
     forward takes: image_grid_thw, image_sizes, ...) for one real image, float32."""
-    from anyquant.numerics.probe import vision_input_spec
 
     spec = vision_input_spec(model)
     if spec is None:
@@ -438,7 +437,6 @@ def vlm_calibration(model: nn.Module, *, model_dir: str | Path | None = None, to
     one, else built from the config. `text` defaults to the news calibration text."""
     proc = load_processor(model_dir, trust_remote_code)
     if text is None and (proc is not None or tokenizer is not None):
-        from anyquant.calib.text import calibration_text
 
         text = calibration_text()
     if proc is not None:

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from anyquant import primitives as P
+from anyquant.calib.blocks import hidden_of, relative_error, run_block, slice_batch
+from anyquant.model.tree import set_submodule
 from anyquant.runtime.int4_linear import Int4Linear
 
 
@@ -91,8 +93,6 @@ def tune_block(
     """Tune the Int4Linear modules `linears` (names relative to `block`) in place; returns the
     block's relative output error before and after and whether the tuned weights were kept, and
     the kept block's outputs on `batches` (the runner's next inputs; None when not kept)."""
-    from anyquant.calib.blocks import hidden_of, relative_error, run_block, slice_batch
-    from anyquant.model.tree import set_submodule
 
     originals = {n: block.get_submodule(n) for n in linears}
     if not originals or steps <= 0:

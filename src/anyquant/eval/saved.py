@@ -7,13 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from anyquant.errors import AnyquantError
+from anyquant.eval.memory import dir_size_bytes, track_peak_memory
+from anyquant.eval.metrics import evaluate
+from anyquant.eval.stored import stored_sizes
+from anyquant.formats.io import load_quantized
+from anyquant.formats.manifest import read_manifest
+from anyquant.model.load import load_model, load_tokenizer, resolve_source
 
 
 def load_any(path: str, trust_remote_code: bool):
     """An anyquant output through anyquant.load; any other model directory through transformers."""
-    from anyquant.formats.io import load_quantized
-    from anyquant.formats.manifest import read_manifest
-    from anyquant.model.load import load_model, load_tokenizer, resolve_source
 
     p = resolve_source(path)
     manifest = read_manifest(p)
@@ -25,9 +28,6 @@ def load_any(path: str, trust_remote_code: bool):
 
 def run_eval(target: str, baseline: str | None, text_file: Path | None, max_tokens: int,
              trust_remote_code: bool, progress: bool = True) -> dict[str, Any]:
-    from anyquant.eval.memory import dir_size_bytes, track_peak_memory
-    from anyquant.eval.metrics import evaluate
-    from anyquant.eval.stored import stored_sizes
 
     with track_peak_memory() as mem:
         model, tok, manifest = load_any(target, trust_remote_code)

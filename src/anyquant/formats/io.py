@@ -18,16 +18,24 @@ import torch
 from torch import nn
 
 from anyquant.errors import AnyquantError
+from anyquant.formats.hf_config import (
+    bnb_quantization_config,
+    compressed_tensors_config,
+)
 from anyquant.formats.manifest import (
     MANIFEST,
     build_manifest,
     read_manifest,
     write_manifest,
 )
-from anyquant.methods.registry import handler_for
+from anyquant.methods import handler_for
+from anyquant.methods.bnb import pin_bnb_modules
 from anyquant.model.load import load_model, model_classes, resolve_source
+from anyquant.model.modelmap import linear_features, quantized_linear_types
 from anyquant.model.tree import set_submodule
 from anyquant.numerics.dtype import DTYPES
+from anyquant.planning import Plan
+from anyquant.runtime.int4_linear import Int4Linear
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +67,10 @@ def save(result, out_dir: str | Path, *, force: bool = False, extra_metrics: dic
         model = result.model
         compute_dtype = DTYPES[result.plan.compute_dtype]
         if handler.format == "bitsandbytes":
-            from anyquant.formats.hf_config import bnb_quantization_config
 
             qc = bnb_quantization_config(result.plan, compute_dtype)
             qc["llm_int8_skip_modules"] = _float_linear_names(model, qc.get("llm_int8_skip_modules") or [])
         else:
-            from anyquant.formats.hf_config import compressed_tensors_config
 
             qc = compressed_tensors_config(result.plan)
         _save_pretrained_with(model, tmp, qc)
@@ -97,7 +103,6 @@ def _float_linear_names(model: nn.Module, skip: list[str]) -> list[str]:
     because its forward is not a plain linear map (Llama 4's router), and fused expert weights
     (a 3-D parameter: transformers may unfuse them into Linear layers to quantize). Unlisted,
     transformers builds quantized modules there and finds no quantized weights for them."""
-    from anyquant.model.modelmap import quantized_linear_types
 
     qtypes = quantized_linear_types()
     out = list(skip)
@@ -143,7 +148,6 @@ def _save_pretrained_with(model: nn.Module, directory: Path, quantization_config
 def _reverting_merges_quantized(model: nn.Module) -> bool:
     """Would save_pretrained's reverse weight conversion touch a quantized module's tensors with
     anything but a rename that loading undoes (a merge, split or transpose; a one-way rename)?"""
-    from anyquant.model.modelmap import quantized_linear_types
 
     try:
         from transformers.core_model_loading import revert_weight_conversion
@@ -201,7 +205,6 @@ def load_quantized(directory: str | Path, *, trust_remote_code: bool = False) ->
                 model = auto.from_pretrained(directory, trust_remote_code=trust_remote_code).eval()
             except ValueError:
                 continue
-            from anyquant.methods.bnb import pin_bnb_modules
 
             return pin_bnb_modules(model)
         raise AnyquantError(f"{directory}: transformers could not load this bitsandbytes checkpoint")
@@ -215,9 +218,6 @@ def _load_int4(directory: Path, manifest: dict[str, Any], trust_remote_code: boo
     from safetensors import safe_open
     from transformers import AutoConfig
 
-    from anyquant.model.modelmap import linear_features
-    from anyquant.planning import Plan
-    from anyquant.runtime.int4_linear import Int4Linear
 
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):

@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from anyquant import __version__
+
 MANIFEST = "anyquant.json"
 FORMAT_VERSION = 1
 
 
 def build_manifest(result, fmt: str) -> dict[str, Any]:
-    from anyquant import __version__
 
     return {
         "format_version": FORMAT_VERSION,

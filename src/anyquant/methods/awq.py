@@ -20,15 +20,13 @@ import torch
 from torch import nn
 
 from anyquant import primitives as P
+from anyquant.calib.blocks import first_sample, hidden_of, probe_block, run_block
 from anyquant.calib.guard import nonfinite, rtn_grid
 from anyquant.methods.registry import register
 from anyquant.methods.rtn import CalibratedInt4
 
 MAX_ROWS = 4096  # calibration tokens used in the grid-search objective (all tokens feed mean|x|)
 
-
-class _Done(Exception):
-    pass
 
 
 @torch.no_grad()
@@ -115,7 +113,6 @@ def awq_scale_block(ctx, grid: int):
     block computes the same function, with weights easier to round. Returns (the block's
     LinearProbe, calibration rows per input group, scale per scaled Linear). gptq uses this
     too (GPTQConfig.awq_scales): scales first, then second-order rounding."""
-    from anyquant.calib.blocks import first_sample, hidden_of, probe_block, run_block
 
     block, cfg = ctx.block, ctx.config
     names = list(ctx.linears)

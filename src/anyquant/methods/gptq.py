@@ -20,6 +20,10 @@ import copy
 import torch
 
 from anyquant import primitives as P
+from anyquant.calib.blocks import probe_block, run_block
+from anyquant.calib.guard import nonfinite
+from anyquant.config import AWQConfig
+from anyquant.methods.awq import awq_scale_block
 from anyquant.methods.registry import register
 from anyquant.methods.rtn import CalibratedInt4
 
@@ -213,13 +217,9 @@ class _Done(Exception):
 def gptq_block(ctx) -> None:
     """Linears that read the same input share one Hessian, so they are quantized as one stacked
     matrix (rows are independent given H): one column sweep per group instead of per layer."""
-    from anyquant.calib.guard import nonfinite
-    from anyquant.calib.blocks import probe_block, run_block
 
     cfg = ctx.config
     if cfg.awq_scales:
-        from anyquant.config import AWQConfig
-        from anyquant.methods.awq import awq_scale_block
 
         awq_scale_block(ctx, AWQConfig.grid)  # awq's own default grid over alpha
     probe = probe_block(ctx.block, ctx.batches[0], list(ctx.linears))

@@ -60,14 +60,6 @@ def register(handler: Method) -> Method:
     return handler
 
 
-def handler_for(method: str | MethodConfig) -> Method:
-    """The handler of a method name or config (unknown names: an error listing the known ones)."""
-    cls = type(method) if isinstance(method, MethodConfig) else config_class(method)
-    _load_builtin()
-    return _HANDLERS[cls]
-
-
-def _load_builtin() -> None:
-    # Always import all of them: importing one method module directly (e.g. rtn) registers
-    # that handler alone, so "the registry is not empty" does not mean "all are loaded".
-    from anyquant.methods import awq, bnb, gptq, hqq, rtn  # noqa: F401  (registration side effect)
+def registered_handler(config_type: type[MethodConfig]) -> Method:
+    """The handler registered for a config type (anyquant.methods.handler_for loads every built-in first)."""
+    return _HANDLERS[config_type]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from anyquant.config import Int4Config
 from anyquant.calib.runner import quantize_model_blockwise
+from anyquant.config import Int4Config
 from anyquant.methods.registry import Method, register
 from anyquant.model.modelmap import ModuleInfo
 from anyquant.runtime.int4_linear import Int4Linear

@@ -6,6 +6,7 @@ loads a uint8 checkpoint into float Linear layers as values 0..255), then on the
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from anyquant.errors import AlreadyQuantizedError, AnyquantError
+from anyquant.model.default import default_model_dir
 from anyquant.model.dequant import dequantize_modules
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,6 @@ class SourceInfo:
 
 def resolve_source(source: str | Path) -> Path:
     if str(source) == "default":
-        from anyquant.model.default import default_model_dir
 
         return default_model_dir()
     path = Path(source).expanduser()
@@ -235,7 +236,6 @@ def _own_weights(model: torch.nn.Module) -> None:
     for t in list(model.parameters()) + list(model.buffers()):
         if t.device.type == "cpu" and not t.is_meta:
             t.data = t.data.clone()
-    import gc
 
     gc.collect()  # drop the last views, so the mapping goes now rather than at some later collection
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anyquant.runtime.int4_linear import Int4Linear
+
 LINEAR, CONV, EMBEDDING, NORM, OTHER = "linear", "conv", "embedding", "norm", "other"
 VISION, PROJECTOR, LANGUAGE, HEAD = "vision tower", "projector", "language model", "head"
 
@@ -23,7 +25,6 @@ _PROJECTOR_HINTS = ("projector", "resampler", "mm_proj", "merger", "connector", 
 
 
 def quantized_linear_types() -> tuple[type, ...]:
-    from anyquant.runtime.int4_linear import Int4Linear
 
     types: list[type] = [Int4Linear]
     try:

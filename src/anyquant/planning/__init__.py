@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from anyquant.config import MethodConfig
 from anyquant.errors import AnyquantError
+from anyquant.methods import handler_for
 from anyquant.model.modelmap import LINEAR, ModelMap
 from anyquant.planning.plan import (
     KEEP,
@@ -53,7 +54,6 @@ def build_plan(
         apply_only(plan, ctx.only)
     if overrides:
         apply_overrides(plan, model_map, config, overrides)
-    from anyquant.methods.registry import handler_for
 
     finalize = getattr(handler_for(config.method), "finalize", None)
     if finalize is not None:
@@ -72,7 +72,6 @@ def apply_only(plan: Plan, patterns: list[str]) -> None:
 
 
 def apply_overrides(plan: Plan, model_map: ModelMap, config: MethodConfig, overrides) -> None:
-    from anyquant.methods.registry import handler_for
 
     names = [d.name for d in plan.decisions]
     check_patterns(overrides, names)

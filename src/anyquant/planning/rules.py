@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from anyquant.config import MethodConfig
+from anyquant.methods import handler_for
 from anyquant.model.modelmap import (
     EMBEDDING,
     HEAD,
@@ -92,7 +93,6 @@ def rule_vision(m, mm, cfg, dtype, ctx):
 
 
 def rule_shape(m, mm, cfg, dtype, ctx):
-    from anyquant.methods.registry import handler_for
 
     ok, options, code, reason = handler_for(cfg.method).fit(m, cfg)
     if not ok:
