@@ -16,9 +16,7 @@ import torch
 from torch import nn
 
 from anyquant import primitives as P
-from anyquant.calib.images import vlm_calibration
-from anyquant.calib.runner import calibration_ids
-from anyquant.calib.text import calibration_text
+from anyquant.calib.data import calibration_data
 from anyquant.config import MethodConfig, make_config
 from anyquant.errors import AlreadyQuantizedError, AnyquantError
 from anyquant.formats.io import load_source
@@ -123,9 +121,12 @@ def quantize(
     calibration = None
     todo_loop = todo
     if handler.calibrated:  # block by block over the whole model
-        calibration = _quantize_calibrated(handler, model, the_plan, config, compute_dtype, calib, tokenizer,
-                                           info, checkpoint_dir, progress, notes, model_map=mmap,
-                                           trust_remote_code=trust_remote_code)
+        data, data_notes = calibration_data(model, config, calib, compute_dtype, tokenizer=tokenizer,
+                                            model_dir=info.path, vlm=_is_vlm(mmap, the_plan),
+                                            trust_remote_code=trust_remote_code)
+        notes += data_notes
+        calibration = _quantize_calibrated(handler, model, the_plan, config, compute_dtype, data, info,
+                                           checkpoint_dir, progress, notes)
         per_layer = calibration.pop("per_layer_weight_error")
         for d in todo:
             n = model.get_submodule(d.name).out_features * model.get_submodule(d.name).in_features
@@ -183,65 +184,16 @@ def _is_vlm(model_map: ModelMap | None, plan: Plan) -> bool:
     return any(d.component == VISION for d in plan.decisions)
 
 
-def _quantize_calibrated(handler, model, plan, config, compute_dtype, calib, tokenizer, info, checkpoint_dir,
-                         progress, notes, *, model_map: ModelMap | None = None,
-                         trust_remote_code: bool = False) -> dict[str, Any]:
-    """Calibration batches, then the handler's block-by-block `quantize_model`.
-
-    Text models: token ids from --calib text (default the news corpus). Vision-language models
-    (a vision tower in the ModelMap) without --calib: image+text samples (calib.images:
-    scikit-image photos + news text, through the directory's processor or built from the
-    config), so the language model's blocks calibrate on image-token positions too; with
-    --calib FILE (or a token tensor) a VLM calibrates text-only, noted. A list of forward-input
-    dicts passed as `calib` is used as it is. Checkpoints ("auto") live under the cache, keyed
-    by source fingerprint + config + plan + calibration data, and are removed once the run
-    completes."""
-
-
-    vlm = _is_vlm(model_map, plan)
-    if isinstance(calib, torch.Tensor):
-        ids = calib.long()
-        if vlm:
-            notes.append(f"{config.method}: vision-language model calibrated text-only on the {ids.shape[0]} "
-                         "token sequences given (the language model saw no image tokens)")
-    elif isinstance(calib, (list, tuple)):
-        ids = [_cast_floats(dict(b), compute_dtype) for b in calib]
-        n_img = sum(1 for b in ids if "pixel_values" in b)
-        if n_img:
-            notes.append(f"{config.method}: calibrated on {len(ids)} given input batches ({n_img} with images)")
-    elif vlm and calib is None:
-
-        vc = vlm_calibration(model, model_dir=info.path, tokenizer=tokenizer, n_samples=config.n_samples,
-                             seq_len=config.seq_len, trust_remote_code=trust_remote_code)
-        ids = [_cast_floats(b, compute_dtype) for b in vc.batches]
-        notes.append(f"{config.method}: {vc.describe()}")
-        notes.extend(f"{config.method}: {n}" for n in vc.notes)
-    else:
-        if tokenizer is None:
-            raise AnyquantError(
-                f"{config.method} needs calibration tokens: pass calib=<LongTensor [n, seq]> for an in-memory "
-                "model, or quantize a model directory (its tokenizer is used)"
-            )
-        if calib is None:
-
-            text = calibration_text()
-        else:
-            p = Path(calib).expanduser()
-            if not p.is_file():
-                raise AnyquantError(f"--calib {calib}: no such file (a UTF-8 text file is expected)")
-            text = p.read_text(encoding="utf-8", errors="replace")
-        ids = calibration_ids(tokenizer, text, config.n_samples, config.seq_len)
-        if vlm:
-            notes.append(f"{config.method}: vision-language model calibrated text-only on --calib {calib} "
-                         f"({ids.shape[0]} sequences; the language model saw no image tokens)")
+def _quantize_calibrated(handler, model, plan, config, compute_dtype, data, info, checkpoint_dir, progress,
+                         notes) -> dict[str, Any]:
+    """The handler's block-by-block `quantize_model` on calibration `data`. Checkpoints ("auto")
+    live under the cache, keyed by source fingerprint + config + plan + calibration data, and
+    are removed once the run completes; an in-memory model has no stable identity to resume
+    against, so it gets none."""
     auto = checkpoint_dir == "auto"
     if auto:
-        if info.path is None:
-            checkpoint_dir = None  # in-memory model: no stable identity to resume against
-        else:
-
-            checkpoint_dir = cache_dir() / "calib-checkpoints"
-    creport = handler.quantize_model(model, plan, config, compute_dtype, ids, progress=progress,
+        checkpoint_dir = None if info.path is None else cache_dir() / "calib-checkpoints"
+    creport = handler.quantize_model(model, plan, config, compute_dtype, data, progress=progress,
                                      checkpoint_dir=checkpoint_dir,
                                      fingerprint=info.fingerprint if info.path is not None else None)
     if creport.get("resumed_blocks"):
@@ -253,8 +205,3 @@ def _quantize_calibrated(handler, model, plan, config, compute_dtype, calib, tok
     if auto and creport.get("checkpoint_dir"):
         shutil.rmtree(creport["checkpoint_dir"], ignore_errors=True)
     return creport
-
-
-def _cast_floats(batch: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    """Floating inputs (pixel_values) in the compute dtype, as the probe inputs are."""
-    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
