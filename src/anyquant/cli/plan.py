@@ -32,9 +32,9 @@ def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", 
          trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
          requantize: bool = typer.Option(False, "--requantize")):
     """One row per module: action, method, dtype, reason."""
-    setup_logging(False)
     method_opts = method_options(method, group_size)  # before anything heavy: a misspelt method fails fast
     check_dtype(dtype)
+    setup_logging(False)
     from anyquant.api import plan as make_plan
     from anyquant.formats.io import load_source
 

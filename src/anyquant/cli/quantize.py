@@ -39,10 +39,10 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
              force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
              verbose: bool = typer.Option(False, "--verbose", "-v")):
     """Quantize SOURCE with METHOD and write a loadable model directory to OUT."""
-    setup_logging(verbose)
     opts = method_options(method, group_size, n_samples=n_samples, seq_len=seq_len, act_order=act_order,
                           awq_scales=awq_scales, tune_steps=tune_steps, tune_target=tune_target)
     check_dtype(dtype)
+    setup_logging(verbose)
     from anyquant.api import quantize as run
     from anyquant.api import save
     from anyquant.formats.io import check_output_dir
