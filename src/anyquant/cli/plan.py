@@ -30,19 +30,25 @@ def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", 
          include_vision: bool = typer.Option(False, "--include-vision", help="also quantize the vision tower's Linear layers"),
          json_out: bool = typer.Option(False, "--json"),
          trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-         requantize: bool = typer.Option(False, "--requantize")):
-    """One row per module: action, method, dtype, reason."""
+         requantize: bool = typer.Option(False, "--requantize"),
+         show_all: bool = typer.Option(False, "--all", help="one row per module instead of the grouped summary")):
+    """What quantize would do: repeated blocks grouped, exceptions one per line (--all: every module)."""
     method_opts = method_options(method, group_size)  # before anything heavy: a misspelt method fails fast
     check_dtype(dtype)
     setup_logging(False)
     from anyquant.api import plan as make_plan
     from anyquant.formats.io import load_source
+    from anyquant.planning.summary import collapse_notes, summarize
 
     model, _, _ = load_source(source, trust_remote_code=trust_remote_code, requantize=requantize)
     p = make_plan(model, method, dtype=dtype, plan_file=plan_file, overrides=[(k, "keep") for k in keep],
                   include_vision=include_vision, only=only, **method_opts)
     if json_out:
         typer.echo(json.dumps(p.to_dict(), indent=2))
+        return
+    if not show_all:
+        for line in summarize(p):
+            typer.echo(line)
         return
     from rich.table import Table
 
@@ -54,5 +60,5 @@ def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", 
     con = console()
     con.print(t)
     con.print(f"{len(p.to_quantize())} quantized, {len(p.kept())} kept")
-    for n in p.notes:
+    for n in collapse_notes(p.notes):
         con.print(f"note: {n}")

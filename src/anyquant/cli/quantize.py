@@ -47,6 +47,7 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
     from anyquant.api import save
     from anyquant.formats.io import check_output_dir
     from anyquant.model.load import resolve_source
+    from anyquant.planning.summary import collapse_notes
 
     src = resolve_source(source)
     check_output_dir(out, src, force)  # fail before the slow part
@@ -59,5 +60,5 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
         f"{method}: quantized {r['modules_quantized']} modules, kept {r['modules_kept']}; "
         f"probe logits error {r['probe_logits_relative_error']:.4f}; wrote {path}"
     )
-    for n in result.notes + result.plan.notes:
+    for n in collapse_notes(result.notes + result.plan.notes):
         typer.echo(f"note: {n}")
