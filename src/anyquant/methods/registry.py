@@ -5,7 +5,7 @@ A method is a subclass of `Method`. The planner asks it `fit` for each Linear an
 turns each planned Linear into a quantized module with `quantize_linear`; a calibrated one
 (`calibrated = True`) gets the whole model and the calibration batches in `quantize_model`
 and works block by block. `format` names the output format its modules are saved in
-(formats.io chooses the quantization config and the loader by it). Handlers register by config type; an unknown method's error lists the known ones."""
+(a name registered in anyquant.formats: formats.registry.Format writes its quantization config and loads it). Handlers register by config type; an unknown method's error lists the known ones."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ Fit = tuple[bool, dict[str, Any], str, str]
 class Method:
     name: ClassVar[str]
     config_type: ClassVar[type[MethodConfig]]
-    format: ClassVar[str]  # "bitsandbytes" or "compressed-tensors": formats.io saves and loads by it
+    format: ClassVar[str]  # a registered formats.registry.Format name: "bitsandbytes" or "compressed-tensors"
     calibrated: ClassVar[bool] = False
 
     def fit(self, info: ModuleInfo, config: MethodConfig) -> Fit:
