@@ -82,7 +82,7 @@ def main() -> None:
 
         model_dir = default_model_dir()
     elif args.model == "gemma3-270m":
-        from anyquant.model.default import gemma3_270m_dir
+        from benchmark_models import gemma3_270m_dir
 
         model_dir = gemma3_270m_dir()
     else:

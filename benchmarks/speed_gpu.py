@@ -36,6 +36,7 @@ Prints tables and writes JSON (device, date, versions, every number) to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import importlib.metadata as md
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from anyquant.runtime import kernels  # noqa: E402
+from anyquant.runtime import cuda_int4, kernels  # noqa: E402
 from anyquant.runtime.int4_linear import Int4Linear  # noqa: E402
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB = 4096, 14336, 32, 8, 128, 32, 128256
@@ -183,7 +184,7 @@ def make_op(kind: str):
 def fuse_layers(layers):
     """The same weights, q/k/v and gate/up joined (bf16 by concatenation, int4 by
     anyquant.runtime.fuse); the separate layers' entries are dropped as it goes."""
-    from anyquant.runtime.fuse import _fuse_int4
+    from anyquant.runtime.fuse import fuse_int4
 
     out = []
     for layer in layers:
@@ -194,9 +195,9 @@ def fuse_layers(layers):
                 new[name] = {"bf16": layer[name]["bf16"], "int4": layer[name]["int4"]}
             else:
                 new[name] = {"bf16": torch.cat([layer[p]["bf16"] for p in parts], 0),
-                             "int4": _fuse_int4([layer[p]["int4"] for p in parts])}
-        new["o_proj"]["int4"]._kernel_cache.clear()
-        new["down_proj"]["int4"]._kernel_cache.clear()
+                             "int4": fuse_int4([layer[p]["int4"] for p in parts])}
+        new["o_proj"]["int4"].clear_kernel_cache()
+        new["down_proj"]["int4"].clear_kernel_cache()
         layer.clear()
         out.append(new)
     return out
@@ -276,7 +277,7 @@ STREAM_SEQUENCE_CFGS = [(2, 16, 1), (3, 16, 1), (4, 16, 1), (5, 16, 1), (6, 16, 
                         (8, 8, 1), (2, 16, 2), (3, 16, 2), (3, 24, 1), (3, 30, 1)]
 
 
-def _with_pdl(c):
+def with_pdl(c):
     """(S, W, CTAs) -> (S, W, CTAs, 1); a 4-tuple keeps its programmatic-launch flag."""
     return tuple(c) if len(c) == 4 else tuple(c) + (1,)
 
@@ -287,21 +288,18 @@ def tune_stream_sequence(layers, copy_bw, shapes, layout, apply=False, cfgs=None
     multiprocessor together, so the per-shape bests (timed on one shape back to back) can lose
     there. Times the per-shape table as it stands, then each configuration of
     STREAM_SEQUENCE_CFGS on every shape; with apply, the fastest stays in the dispatch table."""
-    from anyquant.runtime import cuda_int4
-
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     x = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
     n_weights = sum(n * k for _, n, k in shapes) * LAYERS
     floor = n_weights * BITS["int4_g128"] / 8 / (copy_bw * 1e9) * 1e3
     keys = sorted({(n, k) for _, n, k in shapes})
-    before = {key: kernels._stream_cfg(*key) for key in keys}
+    before = {key: kernels.current_settings().config("cuda_stream", key) for key in keys}
     candidates = [("per_shape", before)] + [
-        (list(_with_pdl(c)), {key: _with_pdl(c) for key in keys}) for c in cfgs or STREAM_SEQUENCE_CFGS]
+        (list(with_pdl(c)), {key: with_pdl(c) for key in keys}) for c in cfgs or STREAM_SEQUENCE_CFGS]
     rows, best = [], None
     for label, table in candidates:
         if not all(cuda_int4.stream_shape_ok(n, k, GROUP, table[(n, k)], sms) for n, k in keys):
             continue
-        kernels._CUDA_STREAM_CFG.update(table)
 
         def run():
             for layer in layers:
@@ -309,7 +307,8 @@ def tune_stream_sequence(layers, copy_bw, shapes, layout, apply=False, cfgs=None
                     kernels.int4_linear_forward(layer[name]["int4"], x[k], kernel="cuda_stream")
 
         try:
-            ms = graph_time_ms(run)
+            with kernels.use_kernels(configs={"cuda_stream": table}):
+                ms = graph_time_ms(run)
         except Exception as exc:  # recorded, never silently dropped
             rows.append({"kernel": "stream_sequence", "layout": layout, "cfg": label,
                          "error": f"{type(exc).__name__}: {exc}"[:300]})
@@ -321,14 +320,16 @@ def tune_stream_sequence(layers, copy_bw, shapes, layout, apply=False, cfgs=None
         log(f"  stream sequence {layout:8s} {str(label):22s} {ms:.3f} ms  {100 * floor / ms:5.1f}% of floor")
         if best is None or ms < best[0]:
             best = (ms, table)
-    kernels._CUDA_STREAM_CFG.update(best[1] if apply else before)
+    if apply:
+        keep_settings(configs={"cuda_stream": best[1]})
     return rows
 
 
 def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm"), apply=False):
     """Sweep our kernels' launch configurations per unique shape (batch 1 and 16). With apply,
     cuda_gemv's best configuration per shape, and whether it beat torch_int4 there, are put in
-    kernels' tables for the rest of the run (copy them into kernels.py to keep them)."""
+    the kernel settings for the rest of the run (keep_settings; copy them into kernels.DEFAULT_SETTINGS
+    to keep them)."""
     from anyquant.runtime import triton_int4
 
     out = []
@@ -338,21 +339,15 @@ def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm"), apply=
     sweeps = {"gemv": (1, gemv_cfgs, triton_int4.gemv_il), "gemv2": (1, gemv2_cfgs, triton_int4.gemv_il2),
               "gemm": (16, gemm_cfgs, triton_int4.gemm_il)}
     if "cuda" in which:
-        from anyquant.runtime import cuda_int4
-
         cuda_cfgs = [(r, u, w, cps, pdl) for (r, u) in cuda_int4.VARIANTS for w in (4, 8) for cps in (0, 1, 2, 4)
                      for pdl in (0, 1)]
         sweeps["cuda"] = (1, cuda_cfgs, cuda_int4.gemv)
     if "mma" in which:
-        from anyquant.runtime import cuda_int4
-
         tiles = ((1, 2), (1, 4), (1, 8), (1, 16), (2, 2), (2, 4), (2, 8), (4, 2), (4, 4), (8, 1))
         mma_cfgs = [(0, u, rt, sk, cps, 1) for u in (1, 2, 4) for (rt, sk) in tiles for cps in (0, 2)]
         mma_cfgs += [(1, p, rt, sk, cps, 1) for p in cuda_int4.MMA_STAGES for (rt, sk) in tiles for cps in (0, 1, 2)]
         sweeps["mma"] = (1, mma_cfgs, cuda_int4.gemv_mma)
     if "stream" in which:
-        from anyquant.runtime import cuda_int4
-
         stream_cfgs = [(st, w, cps, 1) for st in cuda_int4.STREAM_STAGES for w in (4, 8, 15, 16) for cps in (1, 2)]
         sweeps["stream"] = (1, stream_cfgs, None)  # fn bound per shape below (it takes N)
     dev = torch.device("cuda:0")
@@ -361,18 +356,15 @@ def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm"), apply=
         mods = [layer[nm]["int4"] for layer in layers for nm in names]
         for kname in which:
             if kname in ("cuda", "mma"):
-                from anyquant.runtime import cuda_int4
-
-                packs = [kernels._cached(m, ("cuda_gemv", str(dev)), lambda m=m: cuda_int4.repack(m, dev)) for m in mods]
+                packs = [kernels.layout(m, "cuda_gemv", dev) for m in mods]
             elif kname == "stream":
-                packs = [kernels._cached(m, ("cuda_stream", str(dev)), lambda m=m: cuda_int4.repack_units(m, dev))
-                         for m in mods]
+                packs = [kernels.layout(m, "cuda_stream", dev) for m in mods]
             else:
-                packs = [kernels._cached(m, ("triton", str(dev)), lambda m=m: kernels._pack_triton(m, dev)) for m in mods]
+                packs = [kernels.layout(m, "triton_gemv", dev) for m in mods]
             b, cfgs, fn = sweeps[kname]
             if kname == "stream":
                 def fn(x_, p_, _group, cfg_, n=n):
-                    return cuda_int4.gemv_stream(x_, p_, n, cfg_)
+                    return cuda_int4.gemv_stream(x_, p_, n, cfg_, carveout=kernels.current_settings().stream_carveout)
             x = torch.randn(b, k, device="cuda", dtype=torch.bfloat16)
             best = None
             for cfg in cfgs:
@@ -426,9 +418,9 @@ def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm"), apply=
                             "note": "best configuration, pdl off"})
                 log(f"  tune mma   n={n:5d} k={k:5d}: best {best[1]} without pdl {us0:.2f} us/matmul")
                 if apply:
-                    kernels._CUDA_MMA_CFG[(n, k)] = tuple(best[1])
+                    keep_settings(configs={"cuda_mma": {(n, k): best[1]}})
             if kname == "stream" and best is not None and apply:
-                kernels._CUDA_STREAM_CFG[(n, k)] = tuple(best[1])
+                keep_settings(configs={"cuda_stream": {(n, k): best[1]}})
             if kname == "cuda" and best is not None:
                 # against torch_int4 on the same matrices, the same way (decides the dispatch order)
                 def run_t():
@@ -438,8 +430,9 @@ def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm"), apply=
                 out.append({"kernel": "torch_int4", "n": n, "k": k, "batch": 1, "us": round(us_t, 2)})
                 log(f"  tune cuda  n={n:5d} k={k:5d}: torch_int4 {us_t:.2f} us/matmul")
                 if apply:
-                    kernels._CUDA_GEMV_CFG[(n, k)] = tuple(best[1])
-                    (kernels._CUDA_GEMV_PREFERRED.add if best[0] < us_t else kernels._CUDA_GEMV_PREFERRED.discard)((n, k))
+                    preferred = kernels.current_settings().cuda_gemv_preferred
+                    keep_settings(configs={"cuda_gemv": {(n, k): best[1]}},
+                                  cuda_gemv_preferred=preferred | {(n, k)} if best[0] < us_t else preferred - {(n, k)})
             if best is None:
                 log(f"  tune {kname} n={n:5d} k={k:5d}: every configuration failed: {out[-1].get('error')}")
             else:
@@ -450,17 +443,15 @@ def tune(layers, copy_bw, shapes=SHAPES, which=("gemv", "gemv2", "gemm"), apply=
 def tune_lm_head(copy_bw, cfgs=None):
     """cuda_mma configurations for the int4 lm_head (VOCAB x HIDDEN, one matrix of 279 MB, so
     no cache effects): us per call, 4 calls per graph replay."""
-    from anyquant.runtime import cuda_int4
-
     w = torch.randn(VOCAB, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.02
     lin = torch.nn.Linear(HIDDEN, VOCAB, bias=False, device="meta")
     lin.weight = torch.nn.Parameter(w, requires_grad=False)
     m = Int4Linear.from_float(lin, group_size=GROUP)
     del w, lin
     dev = torch.device("cuda:0")
-    packed = kernels._cached(m, ("cuda_gemv", str(dev)), lambda: cuda_int4.repack(m, dev))
+    packed = kernels.layout(m, "cuda_mma", dev)
     x = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
-    cfgs = cfgs or ([kernels._CUDA_MMA_DEFAULT]
+    cfgs = cfgs or ([kernels.DEFAULT_SETTINGS.default_configs["cuda_mma"]]
                     + [(0, u, rt, sk, cps, 1) for u in (1, 2, 4) for (rt, sk) in ((1, 4), (1, 8), (1, 16), (2, 4), (2, 8), (4, 2), (4, 4))
                        for cps in (0, 1, 2)])
     floor_us = VOCAB * HIDDEN * BITS["int4_g128"] / 8 / (copy_bw * 1e9) * 1e6
@@ -490,7 +481,7 @@ def attention_bench(lengths=(264, 1024, 4096)):
     with enable_gqa. us per layer."""
     from anyquant.runtime import attention
 
-    attention._build_for(torch.device("cuda:0"))
+    attention.build_for(torch.device("cuda:0"))
     out = []
     for L in lengths:
         ks = [torch.randn(1, KV_HEADS, L, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(LAYERS)]
@@ -723,11 +714,14 @@ def _quantize_decoder(model):
     torch.cuda.empty_cache()
 
 
-def set_batch1_first(kernel):
-    """Put `kernel` first in the batch-1 dispatch order (None: leave it)."""
-    if kernel:
-        order = kernels._PREFERENCE[1]
-        kernels._PREFERENCE[1] = (kernel,) + tuple(k for k in order if k != kernel)
+# Kernel settings kept for the rest of the run (--batch1-first, --stream-carveout, --apply-tune):
+# each keep_settings enters one more kernels.use_kernels block here; main closes them at exit.
+RUN_SETTINGS = contextlib.ExitStack()
+
+
+def keep_settings(**changes):
+    """kernels.use_kernels(**changes) for the rest of the run (see RUN_SETTINGS)."""
+    return RUN_SETTINGS.enter_context(kernels.use_kernels(**changes))
 
 
 def e2e(compile_mode="default", variants=None, layers=LAYERS, compare=None, profile=None, lm_head_cfg=None):
@@ -751,7 +745,7 @@ def e2e(compile_mode="default", variants=None, layers=LAYERS, compare=None, prof
     model = _build_model(layers)
     log(f"  model built: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
         f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB")
-    from anyquant.runtime.attention import use_decode_attention
+    from anyquant.runtime.attention import set_implementation, use_decode_attention
 
     def with_attention(key, model, compiled, prof=None):
         """the same model with anyquant's decode attention (runtime.attention), then back"""
@@ -761,7 +755,7 @@ def e2e(compile_mode="default", variants=None, layers=LAYERS, compare=None, prof
         try:
             measure(key, model, compiled, prof)
         finally:
-            model.config._attn_implementation = prev
+            set_implementation(model, prev)
 
     measure("bf16", model, False)
     with_attention("bf16_attn", model, False)
@@ -802,30 +796,23 @@ def e2e(compile_mode="default", variants=None, layers=LAYERS, compare=None, prof
     if lm_head_cfg is not None and "int4_fused_with_lm_head_compiled_attn" in variants:
         # the lm_head with the configuration tuned in this run (tune_lm_head), for comparison
         key = (model.lm_head.out_features, model.lm_head.in_features)
-        saved_cfg = kernels._CUDA_MMA_CFG.get(key)
-        kernels._CUDA_MMA_CFG[key] = tuple(lm_head_cfg)
         variants = tuple(variants) + ("int4_fused_with_lm_head_compiled_attn_lm_head_tuned",)
-        with_attention("int4_fused_with_lm_head_compiled_attn_lm_head_tuned", model, True)
+        with kernels.use_kernels(configs={"cuda_mma": {key: lm_head_cfg}}):
+            with_attention("int4_fused_with_lm_head_compiled_attn_lm_head_tuned", model, True)
         res["lm_head_tuned_cfg"] = list(lm_head_cfg)
-        if saved_cfg is None:
-            kernels._CUDA_MMA_CFG.pop(key)
-        else:
-            kernels._CUDA_MMA_CFG[key] = saved_cfg
     if compare:
         # the same fused model and weights with another kernel first at batch 1
-        saved = kernels._PREFERENCE[1]
-        set_batch1_first(compare)
-        res[f"chosen_kernels_batch1_{compare}"] = {
-            n: kernels.choose_kernel(m, torch.empty(1, m.in_features, device="cuda", dtype=torch.bfloat16))
-            for n, m in (("qkv_proj", layer0.self_attn.qkv_proj), ("o_proj", layer0.self_attn.o_proj),
-                         ("gate_up_proj", layer0.mlp.gate_up_proj), ("down_proj", layer0.mlp.down_proj),
-                         ("lm_head", model.lm_head))
-        }
-        for key in ("int4_fused_with_lm_head", "int4_fused_with_lm_head_compiled"):
-            if key in variants:
-                variants = tuple(variants) + (f"{key}_{compare}",)
-                measure(f"{key}_{compare}", model, key.endswith("compiled"))
-        kernels._PREFERENCE[1] = saved
+        with kernels.use_kernels(batch1_first=compare):
+            res[f"chosen_kernels_batch1_{compare}"] = {
+                n: kernels.choose_kernel(m, torch.empty(1, m.in_features, device="cuda", dtype=torch.bfloat16))
+                for n, m in (("qkv_proj", layer0.self_attn.qkv_proj), ("o_proj", layer0.self_attn.o_proj),
+                             ("gate_up_proj", layer0.mlp.gate_up_proj), ("down_proj", layer0.mlp.down_proj),
+                             ("lm_head", model.lm_head))
+            }
+            for key in ("int4_fused_with_lm_head", "int4_fused_with_lm_head_compiled"):
+                if key in variants:
+                    variants = tuple(variants) + (f"{key}_{compare}",)
+                    measure(f"{key}_{compare}", model, key.endswith("compiled"))
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -864,7 +851,7 @@ def e2e_repeat(rounds=5, variants=tuple(REPEAT_VARIANTS), profile=None, layers=L
     captured), then `rounds` rounds each time every variant's 128-token decode in turn. Reports
     per-variant tok/s of each round (median, min, max) and the ratio of each variant to bf16 within
     each round (median, min, max)."""
-    from anyquant.runtime.attention import use_decode_attention
+    from anyquant.runtime.attention import set_implementation, use_decode_attention
     from anyquant.runtime.fuse import fuse_projections
 
     res = {"rounds": rounds, "layers": layers, "variants": {k: REPEAT_VARIANTS[k] for k in variants},
@@ -889,22 +876,20 @@ def e2e_repeat(rounds=5, variants=tuple(REPEAT_VARIANTS), profile=None, layers=L
         model = models[int4]
         prev = use_decode_attention(model) if attn else None
         t0 = time.time()
-        order = kernels._PREFERENCE[1]
-        if key.endswith("_mma"):    # kernels are chosen when the step's graph is captured
-            set_batch1_first("cuda_mma")
         try:
-            # options: a different backend, so dynamo compiles anew rather than reusing the step's code
-            runs[key] = DecodeRun(model, compile_mode="default" if compiled else None, whole_step=whole,
-                                  share_counter=shared,
-                                  inductor_options={"combo_kernels": True} if "_combo" in key else None)
+            # kernels are chosen when the step's graph is captured
+            with kernels.use_kernels(batch1_first="cuda_mma" if key.endswith("_mma") else None):
+                # options: a different backend, so dynamo compiles anew rather than reusing the step's code
+                runs[key] = DecodeRun(model, compile_mode="default" if compiled else None, whole_step=whole,
+                                      share_counter=shared,
+                                      inductor_options={"combo_kernels": True} if "_combo" in key else None)
             res[key] = {"mode": runs[key].mode, "compile_and_warmup_s": runs[key].compile_s,
                         "shared_counter": runs[key].shared_counter}
         except Exception as exc:  # recorded, never silently dropped
             res[key] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
         finally:
-            kernels._PREFERENCE[1] = order
             if attn:
-                model.config._attn_implementation = prev
+                set_implementation(model, prev)
         log(f"  prepared {key}: {res[key]} ({time.time() - t0:.0f}s)")
     seqs = {}
     for r in range(rounds):
@@ -1008,7 +993,7 @@ def main(argv=None):
                          "keep the best for this layout")
     ap.add_argument("--stream-carveout", type=int, default=None,
                     help="cuda_stream's L1 / shared-memory split in percent of the most shared memory (-1: the "
-                         "driver's choice per launch); default: cuda_int4.STREAM_CARVEOUT")
+                         "driver's choice per launch); default: kernels.DEFAULT_SETTINGS.stream_carveout")
     ap.add_argument("--stream-cfgs", default=None,
                     help="--stream-sequence: the configurations to time instead of STREAM_SEQUENCE_CFGS, "
                          "as 'S,W,CTAs[,PDL];...' (PDL 1 by default)")
@@ -1040,10 +1025,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("speed_gpu.py needs a CUDA device")
-    set_batch1_first(args.batch1_first)
-    from anyquant.runtime import cuda_int4
+    with RUN_SETTINGS:
+        run(args)
+
+
+def run(args):
+    if args.batch1_first:
+        keep_settings(batch1_first=args.batch1_first)
     if args.stream_carveout is not None:
-        cuda_int4.STREAM_CARVEOUT = args.stream_carveout
+        keep_settings(stream_carveout=args.stream_carveout)
     global TUNE_OBJECTIVE
     TUNE_OBJECTIVE = args.tune_objective
     props = torch.cuda.get_device_properties(0)
@@ -1053,7 +1043,7 @@ def main(argv=None):
         "cuda": torch.version.cuda, "triton": version("triton"), "transformers": version("transformers"),
         "bitsandbytes": version("bitsandbytes"), "gemlite": version("gemlite"),
         "shapes": SHAPES, "shapes_fused": SHAPES_FUSED, "layers": LAYERS, "group_size": GROUP,
-        "cuda_stream_carveout": cuda_int4.STREAM_CARVEOUT,
+        "cuda_stream_carveout": kernels.current_settings().stream_carveout,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1096,7 +1086,7 @@ def main(argv=None):
             save()
         for layer in layers:          # free the separate layout's kernel caches and nf4 copies
             for e in layer.values():
-                e["int4"]._kernel_cache.clear()
+                e["int4"].clear_kernel_cache()
                 e.pop("nf4", None)
         layers = fuse_layers(layers)
         gc.collect()
@@ -1128,11 +1118,12 @@ def main(argv=None):
         del layers
         gc.collect()
         torch.cuda.empty_cache()
-    result["cuda_mma_cfg"] = {f"{n}x{k}": list(v) for (n, k), v in sorted(kernels._CUDA_MMA_CFG.items())}
-    result["cuda_stream_cfg"] = {f"{n}x{k}": list(v) for (n, k), v in sorted(kernels._CUDA_STREAM_CFG.items())}
-    result["batch1_order"] = list(kernels._PREFERENCE[1])
-    result["cuda_gemv_tables"] = {"cfg": {f"{n}x{k}": list(v) for (n, k), v in sorted(kernels._CUDA_GEMV_CFG.items())},
-                                  "preferred_over_torch_int4": sorted(f"{n}x{k}" for n, k in kernels._CUDA_GEMV_PREFERRED)}
+    settings = kernels.current_settings()
+    result["cuda_mma_cfg"] = {f"{n}x{k}": list(v) for (n, k), v in sorted(settings.configs["cuda_mma"].items())}
+    result["cuda_stream_cfg"] = {f"{n}x{k}": list(v) for (n, k), v in sorted(settings.configs["cuda_stream"].items())}
+    result["batch1_order"] = list(settings.preference[1])
+    result["cuda_gemv_tables"] = {"cfg": {f"{n}x{k}": list(v) for (n, k), v in sorted(settings.configs["cuda_gemv"].items())},
+                                  "preferred_over_torch_int4": sorted(f"{n}x{k}" for n, k in settings.cuda_gemv_preferred)}
     log(f"cuda_gemv tables: {result['cuda_gemv_tables']}")
     if args.attention_bench:
         result["attention_bench"] = attention_bench()

@@ -1,8 +1,8 @@
 """Where a sequence of cuda_stream GEMVs loses time at kernel boundaries (H100 diagnostics).
 
-Builds the CUDA extension a second time with ANYQUANT_STREAM_TRACE, so that thread 0 of every
-CTA records the GPU's global timer (ns) at: entry, release by the kernel before
-(griddepcontrol.wait), x staged, every stage consumed, rows written. Replays the kernel-level
+Builds the CUDA extension a second time with ANYQUANT_STREAM_TRACE (anyquant.runtime.stream_trace),
+so that thread 0 of every CTA records the GPU's global timer (ns) at: entry, release by the kernel
+before (griddepcontrol.wait), x staged, every stage consumed, rows written. Replays the kernel-level
 sequence of speed_gpu.py (32 layers, one CUDA graph) for each configuration given and prints,
 per shape (median over the 32 layers):
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -34,28 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 import speed_gpu  # noqa: E402
 
 from anyquant.runtime import cuda_int4, kernels  # noqa: E402
-
-_TRACE_CPP = """
-void anyquant_stream_trace_reset();
-void anyquant_stream_trace_read(void* host, size_t bytes);
-torch::Tensor trace_read(int64_t n) {
-  auto t = torch::empty({n}, torch::dtype(torch::kInt64));
-  anyquant_stream_trace_read(t.data_ptr(), (size_t)n * 8);
-  return t;
-}
-void trace_reset() { anyquant_stream_trace_reset(); }
-"""
-SLOTS, CTAS, FIELDS = 256, 512, 8  # as in cuda_int4_stream.cu
+from anyquant.runtime import stream_trace as trace  # noqa: E402
 
 
-def build_traced():
-    major, minor = torch.cuda.get_device_capability()
-    return cuda_int4._build(f"{major}{minor}", _TRACE_CPP, ("trace_read", "trace_reset"), ("ANYQUANT_STREAM_TRACE",))
-
-
-def trace_sequence(mod, layers, shapes, table, replays=20):
-    """Replays the sequence in one graph; returns (median ms, per-launch records of the last replay)."""
-    kernels._CUDA_STREAM_CFG.update(table)
+def trace_sequence(ext, layers, shapes, table, replays=20):
+    """Replays the sequence in one graph through the traced build `ext`; returns (median ms,
+    per-launch records of the last replay)."""
     x = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (speed_gpu.HIDDEN, speed_gpu.INTER)}
 
     def run():
@@ -63,41 +46,12 @@ def trace_sequence(mod, layers, shapes, table, replays=20):
             for name, _, k in shapes:
                 kernels.int4_linear_forward(layer[name]["int4"], x[k], kernel="cuda_stream")
 
-    launches = len(layers) * len(shapes)
-    assert launches <= SLOTS, "more launches than trace slots"
-    # slots are numbered from the reset at capture; the buffer keeps the last replay's records
-    ms = speed_gpu.graph_time_ms(run, replays, before_capture=mod.trace_reset)
-    raw = mod.trace_read(SLOTS * CTAS * FIELDS).view(SLOTS, CTAS, FIELDS)[:launches]
+    launches = [(name, n, k, table[(n, k)]) for _ in layers for name, n, k in shapes]
+    with kernels.use_kernels(configs={"cuda_stream": table}, cuda_extension=ext):
+        # slots are numbered from the reset at capture; the buffer keeps the last replay's records
+        ms = speed_gpu.graph_time_ms(run, replays, before_capture=lambda: trace.reset(ext))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    recs = []
-    for i in range(launches):
-        name, n, k = shapes[i % len(shapes)]
-        cfg = table[(n, k)]
-        grid = min(sms * max(cfg[2], 1), -(-n // 16))
-        r = raw[i, :grid].double()
-        sm_max = int(torch.bincount(raw[i, :grid, 7]).max().item())
-        recs.append({"shape": name, "n": n, "k": k, "grid": grid, "sm_max": sm_max,
-                     "entry": r[:, 0], "release": r[:, 1], "staged": r[:, 2], "consumed": r[:, 3], "written": r[:, 4]})
-    return ms, recs
-
-
-def summarize(recs, shapes):
-    per = {name: {"start": [], "release": [], "stage_x": [], "body": [], "tail": [], "kernel": [], "sm_max": []}
-           for name, _, _ in shapes}
-    for prev, cur in zip(recs, recs[1:]):
-        prev_end = prev["written"].max().item()
-        s = per[cur["shape"]]
-        s["start"].append((cur["entry"].min().item() - prev_end) / 1e3)
-        s["release"].append((cur["release"].min().item() - prev_end) / 1e3)
-        s["stage_x"].append((cur["staged"] - cur["release"]).max().item() / 1e3)
-        s["body"].append((cur["consumed"] - cur["staged"]).max().item() / 1e3)
-        s["tail"].append((cur["written"] - cur["consumed"]).max().item() / 1e3)
-        s["kernel"].append((cur["written"].max().item() - prev_end) / 1e3)
-        s["sm_max"].append(cur["sm_max"])
-    out = {name: {key: round(statistics.median(v), 3) for key, v in d.items() if v} for name, d in per.items()}
-    for name, d in per.items():  # the most CTAs of one launch on one multiprocessor, any layer
-        out[name]["sm_max"] = max(d["sm_max"]) if d["sm_max"] else 0
-    return out
+    return ms, trace.records(ext, launches, sms)
 
 
 def main(argv=None):
@@ -108,11 +62,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or not cuda_int4.stream_supported(torch.device("cuda")):
         sys.exit("stream_trace.py needs an sm_90 GPU")
-    mod = build_traced()
-    cuda_int4.module_for = lambda device: mod  # every cuda_stream launch goes through the traced build
-    cfgs = [speed_gpu._with_pdl(tuple(int(v) for v in c.split(","))) for c in args.cfgs.split(";")]
+    ext = trace.build(torch.device("cuda"))
+    cfgs = [speed_gpu.with_pdl(tuple(int(v) for v in c.split(","))) for c in args.cfgs.split(";")]
     layers = speed_gpu.build_layers(False)
-    result = {"device": torch.cuda.get_device_name(0), "carveout": cuda_int4.STREAM_CARVEOUT, "rows": []}
+    result = {"device": torch.cuda.get_device_name(0), "carveout": kernels.current_settings().stream_carveout, "rows": []}
     layouts = ["separate", "fused"] if args.layout == "both" else [args.layout]
     for layout in layouts:
         if layout == "fused":
@@ -120,8 +73,8 @@ def main(argv=None):
         shapes = speed_gpu.SHAPES if layout == "separate" else speed_gpu.SHAPES_FUSED
         keys = sorted({(n, k) for _, n, k in shapes})
         for cfg in cfgs:
-            ms, recs = trace_sequence(mod, layers, shapes, {key: cfg for key in keys})
-            summary = summarize(recs, shapes)
+            ms, recs = trace_sequence(ext, layers, shapes, {key: cfg for key in keys})
+            summary = trace.summarize(recs, [name for name, _, _ in shapes])
             result["rows"].append({"layout": layout, "cfg": list(cfg), "ms": round(ms, 4), "per_shape_us": summary})
             print(f"{layout} {list(cfg)}: {ms:.3f} ms (traced build)")
             print(f"  {'shape':14s} {'start':>7s} {'release':>8s} {'stage_x':>8s} {'body':>7s} {'tail':>6s} {'kernel':>7s}"

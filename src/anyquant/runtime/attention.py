@@ -3,10 +3,10 @@
     from anyquant.runtime.attention import use_decode_attention
     use_decode_attention(model)      # model.config._attn_implementation = "anyquant_decode"
 
-Why: in a compiled Llama-3-8B-shaped int4 decode step (H100, 2026-11-24 profile), attention
-took about 15.5 us of each layer's ~100 us: torch's SDPA (cuDNN) kernel 7.8 us plus 4 kernels
-that inductor generates around it (repeat_kv copies of the whole cache for the grouped heads, the
-mask), as much as the o_proj and qkv matmuls together. This module registers an attention
+Why: in a compiled int4 decode step, attention through torch's SDPA costs about as much as the
+o_proj and qkv matmuls together: the SDPA kernel plus the kernels inductor generates around it
+(repeat_kv copies of the whole cache for the grouped heads, the mask); docs/runtime.md has the
+profile. This module registers an attention
 function with transformers' AttentionInterface that, for one query token (batch 1, bf16,
 head_dim 128, 1/2/4/8 query heads per key head, a boolean mask over the cache), runs one CUDA
 kernel per layer (runtime/cuda_attention.cu: split over the cache in CTAs of 32 positions, the
@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from anyquant.runtime import cuda_int4
+
 NAME = "anyquant_decode"
 MAX_LEN = 8192          # cache positions (the kernel splits them over at most 256 CTAs of 32 per key head)
 HEAD_DIM = 128
@@ -42,8 +44,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     transformers' attention functions return)."""
     hq, d = q.shape[1], q.shape[-1]
     if q.is_cuda:
-        from anyquant.runtime import cuda_int4
-
         out = cuda_int4.module_for(q.device).decode_attention(
             q.reshape(hq, d).contiguous(), k[0], v[0], mask.reshape(-1).contiguous().view(torch.uint8),
             _counters(q.device), float(scale))
@@ -103,16 +103,16 @@ def _counters(device: torch.device) -> torch.Tensor:
     return _COUNTERS[idx]
 
 
-# CUDA device indices where the extension was built, filled by `use_decode_attention` outside
+# CUDA device indices where the extension was built, filled by `build_for` outside
 # any compiled region (decode_ok only reads it, so torch.compile traces no build or cache logic).
 _BUILT: set[int] = set()
 
 
-def _build_for(device: torch.device) -> bool:
+def build_for(device: torch.device) -> bool:
+    """Build the extension for `device` and mark it ready for the decode kernel (outside any
+    compiled region); False where it cannot run there (CPU, no CUDA, no nvcc, failed build)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    from anyquant.runtime import cuda_int4
-
     if cuda_int4.available(device):
         _BUILT.add(device.index if device.index is not None else torch.cuda.current_device())
         _counters(device)
@@ -142,11 +142,17 @@ def register() -> None:
 
 def use_decode_attention(model) -> str:
     """Run `model`'s attention through `attention_forward`; returns the previous implementation
-    name (give it back to `model.config._attn_implementation` to undo). Builds the CUDA
+    name (give it to `set_implementation` to undo). Builds the CUDA
     extension now where the model sits on a CUDA device (else every call goes to sdpa)."""
     register()
     dev = next(model.parameters()).device
-    _build_for(dev)
+    build_for(dev)
+    return set_implementation(model, NAME)
+
+
+def set_implementation(model, name: str) -> str:
+    """Set `model`'s attention implementation name (transformers' config._attn_implementation),
+    e.g. back to what `use_decode_attention` returned; returns the previous name."""
     prev = model.config._attn_implementation
-    model.config._attn_implementation = NAME
+    model.config._attn_implementation = name
     return prev

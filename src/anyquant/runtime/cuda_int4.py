@@ -172,9 +172,8 @@ MMA_MAX_K = 64 * 1024  # x staged as bf16: 2 K bytes + K / 16 per CTA
 
 
 def nvcc_path() -> str | None:
-    from torch.utils import cpp_extension
+    from torch.utils.cpp_extension import CUDA_HOME as home
 
-    home = cpp_extension.CUDA_HOME
     cand = os.path.join(home, "bin", "nvcc") if home else None
     if cand and os.path.exists(cand):
         return cand
@@ -182,9 +181,11 @@ def nvcc_path() -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _build(arch: str, extra_cpp: str = "", extra_functions: tuple[str, ...] = (), defines: tuple[str, ...] = ()):
-    """The extension for one architecture. extra_cpp / extra_functions / defines build a variant
-    under its own name (benchmarks/stream_trace.py: the kernels with timestamps)."""
+def build_extension(arch: str, extra_cpp: str = "", extra_functions: tuple[str, ...] = (),
+                    defines: tuple[str, ...] = ()):
+    """The extension for one architecture ("90" for sm_90), built once per process. extra_cpp /
+    extra_functions / defines build a variant under its own name (runtime.stream_trace: the
+    kernels with timestamps); launch through a variant with KernelSettings.cuda_extension."""
     from torch.utils.cpp_extension import load_inline
 
     cu = _SRC.read_text() + "\n" + _SRC_STREAM.read_text() + "\n" + _SRC_ATTN.read_text()
@@ -205,7 +206,7 @@ def _build(arch: str, extra_cpp: str = "", extra_functions: tuple[str, ...] = ()
 def module_for(device: torch.device):
     """The built extension for this device's architecture (builds it on first call)."""
     major, minor = torch.cuda.get_device_capability(device)
-    return _build(f"{major}{minor}")
+    return build_extension(f"{major}{minor}")
 
 
 def available(device: torch.device) -> bool:
@@ -253,28 +254,29 @@ def repack(module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gemv(x2: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], group_size: int,
-         cfg: tuple[int, int, int, int, int]) -> torch.Tensor:
-    """y [1, N] = x2 [1, K] @ W^T; cfg = (R, U, warps per block, CTAs per SM, pdl)."""
+         cfg: tuple[int, int, int, int, int], extension=None) -> torch.Tensor:
+    """y [1, N] = x2 [1, K] @ W^T; cfg = (R, U, warps per block, CTAs per SM, pdl). extension:
+    the build to launch from (default: `module_for` the input's device)."""
     w, meta = packed
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.contiguous().clone()
     r, u, warps, cps, pdl = cfg
     if pdl and torch.cuda.get_device_capability(x2.device) < (9, 0):
         pdl = 0
-    return module_for(x2.device).gemv(x2, w, meta, group_size, r, u, warps, cps, pdl)
+    return (extension or module_for(x2.device)).gemv(x2, w, meta, group_size, r, u, warps, cps, pdl)
 
 
 def gemv_mma(x2: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], group_size: int,
-             cfg: tuple[int, int, int, int, int, int]) -> torch.Tensor:
+             cfg: tuple[int, int, int, int, int, int], extension=None) -> torch.Tensor:
     """y [1, N] = x2 [1, K] @ W^T on the tensor cores; cfg = (pipe, depth, RT, S, CTAs per SM,
-    pdl). Same packed buffers as `gemv` (`repack`)."""
+    pdl). Same packed buffers as `gemv` (`repack`); extension as for `gemv`."""
     w, meta = packed
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.contiguous().clone()
     pipe, depth, rt, s, cps, pdl = cfg
     if pdl and torch.cuda.get_device_capability(x2.device) < (9, 0):
         pdl = 0
-    return module_for(x2.device).gemv_mma(x2, w, meta, group_size, pipe, depth, rt, s, cps, pdl)
+    return (extension or module_for(x2.device)).gemv_mma(x2, w, meta, group_size, pipe, depth, rt, s, cps, pdl)
 
 
 # cuda_stream (cuda_int4_stream.cu): the same math as cuda_mma over a tile-contiguous copy of the
@@ -284,8 +286,9 @@ def gemv_mma(x2: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], group_
 STREAM_STAGES = (2, 3, 4, 5, 6, 8)  # compiled S
 # The L1 / shared-memory split every cuda_stream launch asks for, in percent of the most shared
 # memory (-1: the driver picks per launch from its shared memory; see the launcher for why one
-# split for all). Benchmarks set it to compare, before the first launch: the launcher sets the
-# attribute once per compiled variant and device and keeps it.
+# split for all). The launcher sets the attribute once per compiled variant and device and keeps
+# it, so another split (kernels.use_kernels(stream_carveout=...)) takes effect only before the
+# first launch.
 STREAM_CARVEOUT = 100
 UNIT_WORDS = 272  # int32 per unit: 16 rows x 128 columns of nibbles (256) + 16 metadata words
 
@@ -357,9 +360,13 @@ def stream_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def gemv_stream(x2: torch.Tensor, units: torch.Tensor, n: int, cfg: tuple[int, int, int, int]) -> torch.Tensor:
-    """y [1, n] = x2 [1, K] @ W^T from `repack_units`; cfg = (S stages, W warps, CTAs per SM, pdl)."""
+def gemv_stream(x2: torch.Tensor, units: torch.Tensor, n: int, cfg: tuple[int, int, int, int],
+                carveout: int | None = None, extension=None) -> torch.Tensor:
+    """y [1, n] = x2 [1, K] @ W^T from `repack_units`; cfg = (S stages, W warps, CTAs per SM, pdl).
+    carveout: the L1 / shared-memory split (default STREAM_CARVEOUT; applied at a variant's first
+    launch on a device, then kept); extension as for `gemv`."""
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.contiguous().clone()
     stages, warps, cps, pdl = cfg
-    return module_for(x2.device).gemv_stream(x2, units, n, stages, warps, cps, pdl, STREAM_CARVEOUT)
+    carveout = STREAM_CARVEOUT if carveout is None else carveout
+    return (extension or module_for(x2.device)).gemv_stream(x2, units, n, stages, warps, cps, pdl, carveout)

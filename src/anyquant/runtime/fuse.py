@@ -64,7 +64,9 @@ class FusedSlice(nn.Module):
         return f"{self.parent_name}[..., {self.start}:{self.end}]"
 
 
-def _fuse_int4(mods: list[Int4Linear]) -> Int4Linear:
+def fuse_int4(mods: list[Int4Linear]) -> Int4Linear:
+    """One Int4Linear computing the concatenation of `mods`' outputs (same in_features, group
+    size, symmetry, scale dtype, bias presence and device: see `fuse_projections`)."""
     first = mods[0]
     dtype = first.bias.dtype if first.bias is not None else (
         torch.bfloat16 if first.weight_scale.dtype == torch.bfloat16 else torch.float16)
@@ -148,7 +150,7 @@ def fuse_projections(model: nn.Module, groups=DEFAULT_GROUPS) -> list[str]:
             mods = [getattr(parent, n, None) for n in names]
             if any(m is None for m in mods) or hasattr(parent, fused_name) or not _fusable(mods):
                 continue
-            fused = _fuse_int4(mods) if type(mods[0]) is Int4Linear else _fuse_linear(mods)
+            fused = fuse_int4(mods) if type(mods[0]) is Int4Linear else _fuse_linear(mods)
             slot = _Slot()
             sizes = [m.out_features for m in mods]
             start = 0

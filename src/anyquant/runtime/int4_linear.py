@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from anyquant import primitives as P
-from anyquant.runtime import ops
+from anyquant.runtime import kernels, ops
 
 
 class Int4Linear(nn.Module):
@@ -54,15 +54,15 @@ class Int4Linear(nn.Module):
             "weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device)
         )
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        # Repacked layouts for GPU kernels, built once on first use per device (see runtime.kernels).
-        self._kernel_cache: dict = {}
+        # Repacked layouts for GPU kernels, built once on first use per device (kernels.layout).
+        self.kernel_cache: dict = {}
         # Names this module to torch.ops.anyquant.int4_linear (the forward under torch.compile).
         self._op_handle = ops.register(self)
 
     def __setstate__(self, state):
         super().__setstate__(state)
         # a copy (copy.deepcopy, pickle) is a different module: its own handle, its own caches
-        self._kernel_cache = {}
+        self.kernel_cache = {}
         self._op_handle = ops.register(self)
 
     @classmethod
@@ -95,6 +95,10 @@ class Int4Linear(nn.Module):
             m.bias.data.copy_(bias.detach().to(dtype))
         return m
 
+    def clear_kernel_cache(self) -> None:
+        """Drop the GPU kernels' repacked layouts (rebuilt at the next forward that needs one)."""
+        self.kernel_cache.clear()
+
     def codes(self) -> torch.Tensor:
         return P.unpack_int4(self.weight_packed, self.in_features, dim=1)
 
@@ -109,8 +113,6 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return torch.ops.anyquant.int4_linear(x, self._op_handle, self.out_features)
-        from anyquant.runtime import kernels
-
         return kernels.int4_linear_forward(self, x)
 
     def extra_repr(self) -> str:

@@ -21,129 +21,239 @@ On a CUDA device (compute capability 8.0 or newer) one of these runs:
   torch_int4   torch's built-in tinygemm kernel (torch.ops.aten._weight_int4pack_mm)
   gemlite      gemlite's A16W4 Triton kernels (PyPI `gemlite`), where it is installed
 
-Which one runs is decided per batch size from the order in `_PREFERENCE`, which comes from
-measurement on an H100 (benchmarks/speed_gpu.py, benchmarks/results/speed_gpu.json); the first
-kernel that is available and supports the input wins. Each kernel's layout is built from the
-module's saved buffers once per (kernel, device, dtype) and kept in `module._kernel_cache`,
-so memory stays at about 4 bits per weight plus that one copy. GPU-only imports (triton,
-gemlite) and the CUDA build happen inside functions, never when this module is imported.
+Which one runs, and with which launch configuration, is read from the active `KernelSettings`
+(`current_settings()`): per batch-size bucket an order of preference, and the first kernel in
+it that is available and supports the input wins. `DEFAULT_SETTINGS` holds the order and the
+per-shape launch configurations that measured fastest on an H100; the measurements are in
+docs/runtime.md ("Kernel choice") and benchmarks/results/speed_gpu.json, and
+benchmarks/speed_gpu.py re-measures them. To run with other choices, for a block of code:
+
+    with kernels.use_kernels(batch1_first="cuda_mma", configs={"cuda_mma": {(4096, 4096): cfg}}):
+        ...
+
+The override is held in a context variable (per thread and task), set on entry and restored on
+exit; nothing else in this module changes at run time. Kernels are chosen when a forward runs:
+a CUDA graph or compiled step captured inside the block keeps the kernels chosen at capture.
+
+Each kernel's layout is built from the module's saved buffers once per (kernel, device, dtype)
+and kept on the module (`layout`), so memory stays at about 4 bits per weight plus that one
+copy. The optional GPU packages (triton through runtime/triton_int4.py, gemlite) and the CUDA
+build are loaded inside functions, on a CUDA device only, never when this module is imported.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import importlib.util
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
 
+from anyquant.runtime import cuda_int4
+
 KERNELS = ("reference", "cuda_stream", "cuda_mma", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "torch_int4", "gemlite")
 
-# Measured order of preference on sm_90 (H100), per batch-size bucket; see the module doc.
-# Batch 1: cuda_stream first on sm_90 (2026-11-24, H100: fused Linears about 1.53 ms vs 2.09 for
-# cuda_mma; end to end, fused + whole step compiled, see docs/runtime.md),
-# then cuda_mma (317.4 tok/s with it vs 304.6 with torch_int4 first in the same process).
-# Buckets: 1, 2..16, 17+. Every GPU kernel also needs compute capability >= 8.0.
-# H100, 2026-11-24, us per matmul (32 layers' matrices of one shape in one CUDA graph):
-#   batch 1   (N, K) =        (1024, 4096) (4096, 4096) (6144, 4096) (14336, 4096) (28672, 4096) (4096, 14336)
-#             torch_int4          5.3          7.1          9.8          17.8          32.8          18.2
-#             triton_gemv         5.0          9.3         12.6          25.1          46.2          26.5
-#             triton_gemv2        6.6         10.3         14.1          28.1          52.0          30.9
-#             gemlite             5.3          9.2         11.6          22.1          40.6          22.1
-#             (gemlite's batch-1 path also has 1e-2 to 4e-2 relative error). (6144, 4096) and
-#             (28672, 4096) are the fused q/k/v and gate/up of anyquant.runtime.fuse.
-#   batch 16  triton_gemm         9.2         13.8         16.4          30.8          53.3          33.1
-#             gemlite             6.2         13.7         16.6          37.9          65.9          37.6
-#             torch_int4          7.9         21.3         34.8          66.6         129.9          67.9
-#             bf16 (cuBLAS)       8.3         16.5         21.3          42.5          83.0          45.2
-_PREFERENCE = {
-    1: ("cuda_stream", "cuda_mma", "torch_int4", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "gemlite"),
-    16: ("triton_gemm", "gemlite", "torch_int4"),
-    None: ("triton_gemm", "gemlite", "torch_int4"),
-}
-# Where gemlite measured faster at batch 2..16: small out_features (k_proj / v_proj).
-_SMALL_N_PREFERENCE_16 = ("gemlite", "triton_gemm", "torch_int4")
-_SMALL_N = 2048
+Shape = tuple[int, int]  # (out_features, in_features)
 
-# Triton launch configurations per (N, K), measured on an H100 (benchmarks/speed_gpu.py --tune).
-# gemv: (BLOCK_N, BLOCK_K, num_warps, num_stages); gemm: (BLOCK_M, BLOCK_N, SPLIT_K, warps, stages).
-# "il" is the interleaved layout (in_features a multiple of 8 * group_size: every Llama shape);
-# the plain kernels read the saved layout directly and serve the other shapes.
-# gemv_il: (BLOCK_N, num_warps, PREFETCH); gemv: (BLOCK_N, BLOCK_K, num_warps, num_stages);
-# gemm / gemm_il: (BLOCK_M, BLOCK_N, SPLIT_K, num_warps, num_stages).
-_GEMV_IL_CFG: dict[tuple[int, int], tuple[int, int, int]] = {
-    (1024, 4096): (1, 1, 1), (4096, 4096): (2, 1, 1), (4096, 14336): (2, 1, 1), (14336, 4096): (2, 1, 1),
+# Launch-configuration tables, by name, and what a configuration tuple holds:
+CONFIG_TABLES = {
+    # (rows per warp R, chunks per step U, warps per block, CTAs per multiprocessor, programmatic
+    # dependent launch); the (R, U) pairs compiled are cuda_int4.VARIANTS
+    "cuda_gemv": "(R, U, warps, CTAs per SM, pdl)",
+    # pipe 0 holds the next `depth` blocks' loads in registers, pipe 1 copies `depth` steps ahead
+    # with cp.async; RT row tiles of 16 rows per CTA, S warps along K per CTA, CTAs per
+    # multiprocessor (0: one CTA per tile)
+    "cuda_mma": "(pipe, depth, RT, S, CTAs per SM, pdl)",
+    # S stages, W consumer warps per CTA (= units per stage), CTAs per multiprocessor
+    "cuda_stream": "(S, W, CTAs per SM, pdl)",
+    # "_il": the interleaved layout (in_features a multiple of 8 * group_size: every Llama
+    # shape); the plain Triton kernels read the saved layout directly and serve the other shapes
+    "triton_gemv_il": "(BLOCK_N, num_warps, PREFETCH)",
+    "triton_gemv_il2": "(BLOCK_N, num_warps, R words per thread and group)",
+    "triton_gemv": "(BLOCK_N, BLOCK_K, num_warps, num_stages)",
+    "triton_gemm_il": "(BLOCK_M, BLOCK_N, SPLIT_K, num_warps, num_stages)",
+    "triton_gemm": "(BLOCK_M, BLOCK_N, SPLIT_K, num_warps, num_stages)",
 }
-_GEMV_IL_DEFAULT = (2, 1, 1)
-# gemv_il2: (BLOCK_N, num_warps, R words per thread and group). Best of the --tune sweep on an
-# H100 (2026-11-24), us per matmul: (4096, 4096) 9.57, (6144, 4096) 13.41, (4096, 14336) 29.30,
-# (28672, 4096) 51.10 -- still slower than triton_gemv and torch_int4 (the table above was
-# measured with the default (2, 1, 4)).
-_GEMV_IL2_CFG: dict[tuple[int, int], tuple[int, int, int]] = {
-    (4096, 4096): (1, 1, 4), (6144, 4096): (1, 1, 4), (4096, 14336): (1, 1, 4), (28672, 4096): (8, 2, 8),
-}
-_GEMV_IL2_DEFAULT = (2, 1, 4)
-# cuda_gemv: (rows per warp R, chunks per step U, warps per block, CTAs per multiprocessor,
-# programmatic dependent launch); the (R, U) pairs compiled are cuda_int4.VARIANTS.
-# Best of `speed_gpu.py --tune cuda` on an H100 (2026-11-24), us per matmul (32 or 64 matrices of
-# the shape in one CUDA graph), cuda_gemv vs torch_int4 timed the same way:
-#   (1024, 4096) 2.76 vs 5.23; (4096, 4096) 6.20 vs 6.90; (6144, 4096) 8.86 vs 9.88;
-#   (14336, 4096) 18.00 vs 18.08; (28672, 4096) 32.26 vs 32.79; (4096, 14336) 19.77 vs 18.50.
-_CUDA_GEMV_CFG: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
-    (1024, 4096): (1, 4, 8, 4, 1), (4096, 4096): (2, 4, 8, 2, 1), (4096, 14336): (1, 2, 8, 0, 1),
-    (6144, 4096): (2, 4, 8, 0, 1), (14336, 4096): (2, 4, 4, 0, 1), (28672, 4096): (2, 4, 4, 0, 1),
-}
-_CUDA_GEMV_DEFAULT = (1, 4, 8, 2, 1)
-# Shapes (out_features, in_features) where cuda_gemv is tried before torch_int4 at batch 1.
-# Empty: at kernel level cuda_gemv was faster on every shape but down_proj (the graph of the
-# Linears alone: fused 2.111 ms with it on those shapes vs 2.182 torch_int4), yet end to end the
-# fused compiled int4 decode ran 288.9 tok/s with it against 303.1 with torch_int4 alone (H100,
-# 2026-11-24), so dispatch keeps torch_int4 first. The measured set was
-#   {(1024, 4096), (4096, 4096), (6144, 4096), (14336, 4096), (28672, 4096)}.
-_CUDA_GEMV_PREFERRED: set[tuple[int, int]] = set()
-# cuda_mma: (pipe, depth, RT row tiles of 16 rows per CTA, S warps along K per CTA, CTAs per
-# multiprocessor (0: one CTA per tile), programmatic dependent launch); pipe 0 holds the next
-# depth (U) blocks' loads in registers, pipe 1 copies depth (P) steps ahead with cp.async.
-# Tuned on an H100 (2026-11-24, `speed_gpu.py --tune mma --tune-objective after_elementwise`): the
-# best of the 12 fastest back-to-back configurations re-timed with each matmul after an
-# elementwise kernel that rewrites x (as in the model, where programmatic dependent launch cannot
-# overlap a GEMV with the kernel before it). us per matmul, after elementwise / back to back:
-#   (1024, 4096) 4.20 / 2.83; (4096, 4096) 7.32 / 5.72; (6144, 4096) 8.53 / 8.6;
-#   (14336, 4096) 17.07 / 15.3; (28672, 4096) 29.58 / 27.80; (4096, 14336) 16.64 / 15.53.
-# (The best back to back: 2.81, 5.69, 8.07, 15.20, 27.59, 15.47.) The cp.async pipeline (pipe 1)
-# won only on down_proj; on gate_up it was 8% slower than the register pipeline (29.97 vs 27.59).
-_CUDA_MMA_CFG: dict[tuple[int, int], tuple[int, int, int, int, int, int]] = {
-    (1024, 4096): (0, 4, 1, 16, 2, 1), (4096, 4096): (0, 1, 1, 16, 2, 1), (6144, 4096): (0, 1, 1, 8, 0, 1),
-    (14336, 4096): (0, 1, 2, 4, 0, 1), (28672, 4096): (0, 4, 1, 8, 0, 1), (4096, 14336): (1, 3, 1, 16, 2, 1),
-}
-_CUDA_MMA_DEFAULT = (0, 1, 1, 16, 2, 1)
-# cuda_stream: (S stages, W consumer warps per CTA = units per stage, CTAs per multiprocessor,
-# programmatic dependent launch).
-_CUDA_STREAM_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {}
-# Measured on an H100 (2026-11-24, `speed_gpu.py --stream-sequence`, each layout's whole sequence in
-# one graph): one configuration for every shape, since consecutive GEMVs overlap only where their
-# CTAs fit on a multiprocessor together and the per-shape bests (each shape back to back) lose in
-# the mixed sequence. The kernel is held to 56 registers, so two CTAs of W = 16 fit on one
-# multiprocessor: at 2 CTAs per multiprocessor one launch is one wave and a CTA of the next GEMV
-# starts streaming as soon as one of this GEMV's leaves. (3, 16, 2) measured fused 1.528 / 1.542 ms
-# and separate 1.793 / 1.809 ms in two processes; (5, 16, 1) was as fast fused (1.526 / 1.529) but
-# 2.14 separate (benchmarks/results/speed_gpu.json "stream_sequence").
-_CUDA_STREAM_DEFAULT = (3, 16, 2, 1)
-_GEMV_CFG: dict[tuple[int, int], tuple[int, int, int, int]] = {
-    (1024, 4096): (2, 1024, 4, 3), (4096, 4096): (8, 1024, 4, 3),
-    (4096, 14336): (8, 1024, 4, 3), (14336, 4096): (16, 1024, 4, 1),
-}
-_GEMV_DEFAULT = (8, 1024, 4, 3)
-_GEMM_IL_CFG: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
-    (1024, 4096): (16, 32, 4, 4, 2), (4096, 4096): (16, 32, 2, 4, 2),
-    (4096, 14336): (16, 32, 2, 4, 2), (14336, 4096): (16, 64, 1, 4, 2),
-}
-_GEMM_IL_DEFAULT = (16, 32, 2, 4, 2)
-_GEMM_CFG: dict[tuple[int, int], tuple[int, int, int, int, int]] = {
-    (1024, 4096): (16, 32, 8, 4, 3), (4096, 4096): (16, 64, 4, 4, 4),
-    (4096, 14336): (16, 64, 4, 4, 4), (14336, 4096): (16, 64, 4, 4, 4),
-}
-_GEMM_DEFAULT = (16, 64, 4, 4, 4)
+
+
+def _frozen_table(table) -> Mapping:
+    return MappingProxyType({tuple(shape): tuple(cfg) for shape, cfg in dict(table).items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSettings:
+    """Kernel choice and launch configurations (immutable; derive changed copies with
+    `replace`, activate one with `use_kernels`).
+
+    preference: per batch-size bucket (1, 16 for 2..16, None for 17+) the kernels to try, in order.
+    small_n_preference_16 / small_n: the order used instead in bucket 16 for out_features <= small_n.
+    cuda_gemv_preferred: shapes where cuda_gemv is tried first at batch 1.
+    configs / default_configs: per table of CONFIG_TABLES, the launch configuration per shape and
+      the one for shapes not listed.
+    stream_carveout: cuda_stream's L1 / shared-memory split, in percent of the most shared memory
+      (-1: the driver picks per launch). The launcher applies it once per compiled variant and
+      device, at the first launch, and keeps it: set it before any cuda_stream launch.
+    cuda_extension: the built CUDA extension the cuda_gemv / cuda_mma / cuda_stream launches go
+      through; None for the plain build of the device (cuda_int4.module_for). Diagnostics pass a
+      variant built with cuda_int4.build_extension (the traced build of runtime.stream_trace).
+    """
+
+    preference: Mapping
+    small_n_preference_16: tuple[str, ...]
+    small_n: int
+    cuda_gemv_preferred: frozenset
+    configs: Mapping
+    default_configs: Mapping
+    stream_carveout: int = cuda_int4.STREAM_CARVEOUT
+    cuda_extension: object = None
+
+    def __post_init__(self):
+        for order in (*self.preference.values(), self.small_n_preference_16):
+            _check_kernels(order)
+        for name in (*self.configs, *self.default_configs):
+            _check_table(name)
+        set_ = object.__setattr__
+        set_(self, "preference", MappingProxyType({b: tuple(o) for b, o in self.preference.items()}))
+        set_(self, "small_n_preference_16", tuple(self.small_n_preference_16))
+        set_(self, "cuda_gemv_preferred", frozenset(tuple(s) for s in self.cuda_gemv_preferred))
+        set_(self, "configs", MappingProxyType({n: _frozen_table(self.configs.get(n, {})) for n in CONFIG_TABLES}))
+        set_(self, "default_configs", MappingProxyType({n: tuple(c) for n, c in self.default_configs.items()}))
+        missing = set(CONFIG_TABLES) - set(self.default_configs)
+        if missing:
+            raise ValueError(f"anyquant.runtime.kernels.KernelSettings: default_configs lacks {sorted(missing)}; "
+                             f"give a configuration for each of {', '.join(CONFIG_TABLES)}")
+
+    def config(self, table: str, shape: Shape) -> tuple[int, ...]:
+        """The launch configuration of `table` (a name in CONFIG_TABLES) for `shape`."""
+        _check_table(table)
+        return self.configs[table].get(tuple(shape), self.default_configs[table])
+
+    def replace(self, *, batch1_first: str | None = None, configs: Mapping | None = None, **changes) -> KernelSettings:
+        """A copy with `changes` (fields), `kernel` moved to the front of the batch-1 order
+        (`batch1_first`), and the per-shape entries of `configs` ({table: {shape: cfg}}) merged
+        into the tables (entries not named keep their value)."""
+        new = dataclasses.replace(self, **changes) if changes else self
+        if batch1_first is not None:
+            _check_kernels((batch1_first,))
+            order = new.preference[1]
+            pref = dict(new.preference)
+            pref[1] = (batch1_first,) + tuple(k for k in order if k != batch1_first)
+            new = dataclasses.replace(new, preference=pref)
+        if configs:
+            for name in configs:
+                _check_table(name)
+            merged = {n: {**new.configs[n], **{tuple(s): tuple(c) for s, c in configs.get(n, {}).items()}}
+                      for n in CONFIG_TABLES}
+            new = dataclasses.replace(new, configs=merged)
+        return new
+
+
+def _check_kernels(names) -> None:
+    unknown = [n for n in names if n not in KERNELS]
+    if unknown:
+        raise ValueError(f"anyquant.runtime.kernels: unknown kernel(s) {unknown}; known: {', '.join(KERNELS)}")
+
+
+def _check_table(name) -> None:
+    if name not in CONFIG_TABLES:
+        raise ValueError(f"anyquant.runtime.kernels: unknown configuration table {name!r}; "
+                         f"known: {', '.join(CONFIG_TABLES)}")
+
+
+# The order and configurations measured fastest on an H100 (sm_90); docs/runtime.md, "Kernel
+# choice", has the measurements and why each entry is what it is. Every GPU kernel also needs
+# compute capability >= 8.0; a kernel that cannot run the input is skipped.
+DEFAULT_SETTINGS = KernelSettings(
+    preference={
+        # cuda_stream (sm_90 only) overlaps consecutive GEMVs; cuda_mma was faster end to end than
+        # torch_int4; the Triton GEMVs and gemlite measured slower than both at every shape
+        1: ("cuda_stream", "cuda_mma", "torch_int4", "cuda_gemv", "triton_gemv", "triton_gemv2", "triton_gemm", "gemlite"),
+        16: ("triton_gemm", "gemlite", "torch_int4"),
+        None: ("triton_gemm", "gemlite", "torch_int4"),
+    },
+    # where gemlite measured faster at batch 2..16: small out_features (k_proj / v_proj)
+    small_n_preference_16=("gemlite", "triton_gemm", "torch_int4"),
+    small_n=2048,
+    # empty: cuda_gemv beat torch_int4 per kernel on most shapes but lost end to end
+    cuda_gemv_preferred=frozenset(),
+    configs={
+        "cuda_gemv": {
+            (1024, 4096): (1, 4, 8, 4, 1), (4096, 4096): (2, 4, 8, 2, 1), (4096, 14336): (1, 2, 8, 0, 1),
+            (6144, 4096): (2, 4, 8, 0, 1), (14336, 4096): (2, 4, 4, 0, 1), (28672, 4096): (2, 4, 4, 0, 1),
+        },
+        # tuned for the time after an elementwise kernel that rewrites x, as in the model, where
+        # programmatic dependent launch cannot overlap a GEMV with the kernel before it
+        "cuda_mma": {
+            (1024, 4096): (0, 4, 1, 16, 2, 1), (4096, 4096): (0, 1, 1, 16, 2, 1), (6144, 4096): (0, 1, 1, 8, 0, 1),
+            (14336, 4096): (0, 1, 2, 4, 0, 1), (28672, 4096): (0, 4, 1, 8, 0, 1), (4096, 14336): (1, 3, 1, 16, 2, 1),
+        },
+        # no per-shape entries: consecutive GEMVs overlap only where their CTAs fit on a
+        # multiprocessor together, so one configuration for the whole sequence beats per-shape
+        # bests (the kernel is held to 56 registers, so two CTAs of W = 16 share a multiprocessor)
+        "cuda_stream": {},
+        "triton_gemv_il": {
+            (1024, 4096): (1, 1, 1), (4096, 4096): (2, 1, 1), (4096, 14336): (2, 1, 1), (14336, 4096): (2, 1, 1),
+        },
+        "triton_gemv_il2": {
+            (4096, 4096): (1, 1, 4), (6144, 4096): (1, 1, 4), (4096, 14336): (1, 1, 4), (28672, 4096): (8, 2, 8),
+        },
+        "triton_gemv": {
+            (1024, 4096): (2, 1024, 4, 3), (4096, 4096): (8, 1024, 4, 3),
+            (4096, 14336): (8, 1024, 4, 3), (14336, 4096): (16, 1024, 4, 1),
+        },
+        "triton_gemm_il": {
+            (1024, 4096): (16, 32, 4, 4, 2), (4096, 4096): (16, 32, 2, 4, 2),
+            (4096, 14336): (16, 32, 2, 4, 2), (14336, 4096): (16, 64, 1, 4, 2),
+        },
+        "triton_gemm": {
+            (1024, 4096): (16, 32, 8, 4, 3), (4096, 4096): (16, 64, 4, 4, 4),
+            (4096, 14336): (16, 64, 4, 4, 4), (14336, 4096): (16, 64, 4, 4, 4),
+        },
+    },
+    default_configs={
+        "cuda_gemv": (1, 4, 8, 2, 1),
+        "cuda_mma": (0, 1, 1, 16, 2, 1),
+        "cuda_stream": (3, 16, 2, 1),
+        "triton_gemv_il": (2, 1, 1),
+        "triton_gemv_il2": (2, 1, 4),
+        "triton_gemv": (8, 1024, 4, 3),
+        "triton_gemm_il": (16, 32, 2, 4, 2),
+        "triton_gemm": (16, 64, 4, 4, 4),
+    },
+)
+
+_ACTIVE: contextvars.ContextVar[KernelSettings] = contextvars.ContextVar("anyquant_kernel_settings",
+                                                                          default=DEFAULT_SETTINGS)
+
+
+def current_settings() -> KernelSettings:
+    """The settings dispatch reads now: DEFAULT_SETTINGS unless a `use_kernels` block is active."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def use_kernels(settings: KernelSettings | None = None, *, batch1_first: str | None = None,
+                configs: Mapping | None = None, **changes) -> Iterator[KernelSettings]:
+    """Dispatch with other kernel settings inside the block; the previous ones come back on exit.
+
+    settings: the base (default: the current settings); batch1_first, configs and the field
+    `changes` (e.g. stream_carveout=-1, cuda_gemv_preferred=...) are applied to it as by
+    `KernelSettings.replace`. Yields the settings in force.
+
+        with use_kernels(batch1_first="cuda_mma"):
+            y = model(x)
+    """
+    new = (settings or current_settings()).replace(batch1_first=batch1_first, configs=configs, **changes)
+    token = _ACTIVE.set(new)
+    try:
+        yield new
+    finally:
+        _ACTIVE.reset(token)
 
 
 def reference_forward(module, x: torch.Tensor) -> torch.Tensor:
@@ -172,10 +282,6 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _stream_cfg(n: int, k: int) -> tuple[int, int, int, int]:
-    return _CUDA_STREAM_CFG.get((n, k), _CUDA_STREAM_DEFAULT)
-
-
 def _bucket(batch: int):
     return 1 if batch == 1 else (16 if batch <= 16 else None)
 
@@ -189,19 +295,14 @@ def supports(name: str, module, x: torch.Tensor) -> bool:
     k, n, g = module.in_features, module.out_features, module.group_size
     batch = x.numel() // x.shape[-1]
     if name == "cuda_stream":
-        from anyquant.runtime import cuda_int4
-
         return (batch == 1 and x.dtype == torch.bfloat16 and _capability(x.device.index or 0) >= (9, 0)
-                and cuda_int4.stream_shape_ok(n, k, g, _stream_cfg(n, k), _sm_count(x.device.index or 0))
+                and cuda_int4.stream_shape_ok(n, k, g, current_settings().config("cuda_stream", (n, k)),
+                                              _sm_count(x.device.index or 0))
                 and cuda_int4.available(x.device))
     if name == "cuda_mma":
-        from anyquant.runtime import cuda_int4
-
         return (batch == 1 and x.dtype == torch.bfloat16 and cuda_int4.mma_shape_ok(k, g)
                 and _capability(x.device.index or 0) >= (8, 0) and cuda_int4.available(x.device))
     if name == "cuda_gemv":
-        from anyquant.runtime import cuda_int4
-
         return (batch == 1 and x.dtype == torch.bfloat16 and cuda_int4.shape_ok(k, g)
                 and cuda_int4.available(x.device))
     if name == "triton_gemv":
@@ -220,12 +321,13 @@ def supports(name: str, module, x: torch.Tensor) -> bool:
 def choose_kernel(module, x: torch.Tensor) -> str:
     if x.device.type != "cuda":
         return "reference"
+    settings = current_settings()
     batch = x.numel() // x.shape[-1]
-    order = _PREFERENCE[_bucket(batch)]
-    if batch == 1 and (module.out_features, module.in_features) in _CUDA_GEMV_PREFERRED:
+    order = settings.preference[_bucket(batch)]
+    if batch == 1 and (module.out_features, module.in_features) in settings.cuda_gemv_preferred:
         order = ("cuda_gemv",) + tuple(k for k in order if k != "cuda_gemv")
-    if _bucket(batch) == 16 and module.out_features <= _SMALL_N:
-        order = _SMALL_N_PREFERENCE_16
+    if _bucket(batch) == 16 and module.out_features <= settings.small_n:
+        order = settings.small_n_preference_16
     for name in order:
         if supports(name, module, x):
             return name
@@ -234,8 +336,34 @@ def choose_kernel(module, x: torch.Tensor) -> str:
 
 # ---- repacking (once per module, kernel, device and dtype) ----------------------------------
 
+# Kernels that read the same layout share one cached copy (the key's first element).
+_LAYOUT_KEY = {"cuda_gemv": "cuda_gemv", "cuda_mma": "cuda_gemv", "cuda_stream": "cuda_stream",
+               "triton_gemv": "triton", "triton_gemv2": "triton", "triton_gemm": "triton",
+               "torch_int4": "torch_int4", "gemlite": "gemlite"}
+
+
+def layout(module, kernel: str, device, dtype: torch.dtype = torch.bfloat16):
+    """The weights in the layout `kernel` reads, built from the module's saved buffers on first
+    use and cached on the module (per kernel family, device and, for torch_int4 / gemlite, the
+    activation dtype). Benchmarks time the raw kernels on it; dispatch builds it on demand."""
+    if kernel not in _LAYOUT_KEY:
+        raise ValueError(f"anyquant.runtime.kernels.layout: no layout for kernel {kernel!r}; "
+                         f"one of {', '.join(_LAYOUT_KEY)}")
+    device = torch.device(device)
+    family = _LAYOUT_KEY[kernel]
+    if family == "cuda_gemv":
+        return _cached(module, ("cuda_gemv", str(device)), lambda: cuda_int4.repack(module, device))
+    if family == "cuda_stream":
+        return _cached(module, ("cuda_stream", str(device)), lambda: cuda_int4.repack_units(module, device))
+    if family == "triton":
+        return _cached(module, ("triton", str(device)), lambda: _pack_triton(module, device))
+    if family == "torch_int4":
+        return _cached(module, ("torch_int4", str(device), dtype), lambda: _pack_torch_int4(module, device, dtype))
+    return _cached(module, ("gemlite", str(device), dtype), lambda: _pack_gemlite(module, device, dtype))
+
+
 def _cached(module, key, build):
-    cache = module._kernel_cache
+    cache = module.kernel_cache
     if key not in cache:
         cache[key] = build()
     return cache[key]
@@ -290,71 +418,60 @@ def _pack_gemlite(module, device, dtype):
 
 # ---- forward per kernel ----------------------------------------------------------------------
 
-def _run_cuda_gemv(module, x2):
-    from anyquant.runtime import cuda_int4
-
-    packed = _cached(module, ("cuda_gemv", str(x2.device)), lambda: cuda_int4.repack(module, x2.device))
-    cfg = _CUDA_GEMV_CFG.get((module.out_features, module.in_features), _CUDA_GEMV_DEFAULT)
-    return cuda_int4.gemv(x2, packed, module.group_size, cfg)
+def _shape(module) -> Shape:
+    return (module.out_features, module.in_features)
 
 
-def _run_cuda_mma(module, x2):
-    from anyquant.runtime import cuda_int4
-
-    packed = _cached(module, ("cuda_gemv", str(x2.device)), lambda: cuda_int4.repack(module, x2.device))
-    cfg = _CUDA_MMA_CFG.get((module.out_features, module.in_features), _CUDA_MMA_DEFAULT)
-    return cuda_int4.gemv_mma(x2, packed, module.group_size, cfg)
+def _run_cuda_gemv(module, x2, settings):
+    packed = layout(module, "cuda_gemv", x2.device)
+    return cuda_int4.gemv(x2, packed, module.group_size, settings.config("cuda_gemv", _shape(module)),
+                          extension=settings.cuda_extension)
 
 
-def _run_cuda_stream(module, x2):
-    from anyquant.runtime import cuda_int4
+def _run_cuda_mma(module, x2, settings):
+    packed = layout(module, "cuda_mma", x2.device)
+    return cuda_int4.gemv_mma(x2, packed, module.group_size, settings.config("cuda_mma", _shape(module)),
+                              extension=settings.cuda_extension)
 
-    units = _cached(module, ("cuda_stream", str(x2.device)), lambda: cuda_int4.repack_units(module, x2.device))
-    return cuda_int4.gemv_stream(x2, units, module.out_features, _stream_cfg(module.out_features, module.in_features))
+
+def _run_cuda_stream(module, x2, settings):
+    units = layout(module, "cuda_stream", x2.device)
+    return cuda_int4.gemv_stream(x2, units, module.out_features, settings.config("cuda_stream", _shape(module)),
+                                 carveout=settings.stream_carveout, extension=settings.cuda_extension)
 
 
-def _run_triton_gemv(module, x2):
+def _run_triton_gemv(module, x2, settings):
     from anyquant.runtime import triton_int4
 
-    packed = _cached(module, ("triton", str(x2.device)), lambda: _pack_triton(module, x2.device))
-    shape = (module.out_features, module.in_features)
+    packed = layout(module, "triton_gemv", x2.device)
     if _interleaved(module):
-        return triton_int4.gemv_il(x2, packed, module.group_size, _GEMV_IL_CFG.get(shape, _GEMV_IL_DEFAULT))
-    return triton_int4.gemv(x2, packed, module.group_size, _GEMV_CFG.get(shape, _GEMV_DEFAULT))
+        return triton_int4.gemv_il(x2, packed, module.group_size, settings.config("triton_gemv_il", _shape(module)))
+    return triton_int4.gemv(x2, packed, module.group_size, settings.config("triton_gemv", _shape(module)))
 
 
-def _run_triton_gemv2(module, x2):
+def _run_triton_gemv2(module, x2, settings):
     from anyquant.runtime import triton_int4
 
-    packed = _cached(module, ("triton", str(x2.device)), lambda: _pack_triton(module, x2.device))
-    shape = (module.out_features, module.in_features)
-    return triton_int4.gemv_il2(x2, packed, module.group_size, _GEMV_IL2_CFG.get(shape, _GEMV_IL2_DEFAULT))
+    packed = layout(module, "triton_gemv2", x2.device)
+    return triton_int4.gemv_il2(x2, packed, module.group_size, settings.config("triton_gemv_il2", _shape(module)))
 
 
-def _run_triton_gemm(module, x2):
+def _run_triton_gemm(module, x2, settings):
     from anyquant.runtime import triton_int4
 
-    packed = _cached(module, ("triton", str(x2.device)), lambda: _pack_triton(module, x2.device))
-    shape = (module.out_features, module.in_features)
+    packed = layout(module, "triton_gemm", x2.device)
     if _interleaved(module):
-        return triton_int4.gemm_il(x2, packed, module.group_size, _GEMM_IL_CFG.get(shape, _GEMM_IL_DEFAULT))
-    return triton_int4.gemm(x2, packed, module.group_size, _GEMM_CFG.get(shape, _GEMM_DEFAULT))
+        return triton_int4.gemm_il(x2, packed, module.group_size, settings.config("triton_gemm_il", _shape(module)))
+    return triton_int4.gemm(x2, packed, module.group_size, settings.config("triton_gemm", _shape(module)))
 
 
-def _run_torch_int4(module, x2):
-    w_packed, sz = _cached(
-        module, ("torch_int4", str(x2.device), x2.dtype),
-        lambda: _pack_torch_int4(module, x2.device, x2.dtype),
-    )
+def _run_torch_int4(module, x2, settings):
+    w_packed, sz = layout(module, "torch_int4", x2.device, x2.dtype)
     return torch.ops.aten._weight_int4pack_mm(x2.contiguous(), w_packed, module.group_size, sz)
 
 
-def _run_gemlite(module, x2):
-    layer = _cached(
-        module, ("gemlite", str(x2.device), x2.dtype),
-        lambda: _pack_gemlite(module, x2.device, x2.dtype),
-    )
-    return layer(x2)
+def _run_gemlite(module, x2, settings):
+    return layout(module, "gemlite", x2.device, x2.dtype)(x2)
 
 
 _RUN = {
@@ -388,7 +505,7 @@ def int4_linear_forward(module, x: torch.Tensor, kernel: str | None = None) -> t
             f"use kernel=None to let anyquant choose"
         )
     x2 = x.reshape(-1, x.shape[-1])
-    y = _RUN[name](module, x2)
+    y = _RUN[name](module, x2, current_settings())
     if module.bias is not None:
         y = y + module.bias.to(device=y.device, dtype=y.dtype)
     return y.reshape(*x.shape[:-1], module.out_features)

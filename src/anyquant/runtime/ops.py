@@ -16,6 +16,8 @@ import weakref
 
 import torch
 
+from anyquant.runtime import kernels
+
 _REGISTRY: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValueDictionary()
 _COUNTER = itertools.count(1)
 
@@ -36,8 +38,6 @@ def lookup(handle: int) -> torch.nn.Module:
 
 @torch.library.custom_op("anyquant::int4_linear", mutates_args=())
 def int4_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
-    from anyquant.runtime import kernels
-
     return kernels.int4_linear_forward(lookup(handle), x)
 
 
