@@ -92,3 +92,28 @@ def test_declared_overrides_load_dtype(models):
     assert choose_policy(m, "auto", bf16_gpu, probe=False).compute_dtype == torch.float32  # config says float32 now
     p = choose_policy(m, "auto", bf16_gpu, probe=False, declared="bfloat16")
     assert p.compute_dtype == torch.bfloat16 and p.declared == "bfloat16"
+
+
+def test_keep_in_fp32_one_parser_two_uses():
+    """model/modelmap reads `_keep_in_fp32_modules(_strict)` once: the plan keeps every declared
+    module in float (any dtype); the policy's float32 regions follow transformers (the plain list
+    under float16 only, the strict one under float16 and bfloat16), relative to the declaring module."""
+    from torch import nn
+
+    from anyquant.model.modelmap import build_model_map, declared_fp32_modules
+
+    class Block(nn.Module):
+        _keep_in_fp32_modules = ["wo"]
+        _keep_in_fp32_modules_strict = ["gate"]
+
+        def __init__(self):
+            super().__init__()
+            self.wo, self.gate, self.wi = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    root = nn.Module()
+    root.block = Block()
+    assert build_model_map(root).keep_fp32 == ["block.wo", "block.gate"]
+    assert set(declared_fp32_modules(root, torch.float16)) == {"block.wo", "block.gate"}
+    assert declared_fp32_modules(root, torch.bfloat16) == {
+        "block.gate": "declared by the model (_keep_in_fp32_modules_strict: 'gate')"}
+    assert declared_fp32_modules(root, torch.float32) == declared_fp32_modules(root, torch.bfloat16)
