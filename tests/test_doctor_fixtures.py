@@ -31,7 +31,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from anyquant.diagnosis import _avx512bf16_cpu, diagnose
+from anyquant.diagnosis import avx512bf16_cpu, diagnose
 from anyquant.methods.bnb import keep_compute_dtype
 from anyquant.model.tree import probe_logits
 from anyquant.numerics.capabilities import ENV, detect_capabilities, simulated_device
@@ -41,7 +41,7 @@ from tests.fixtures import build_fixture
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 
 CPU = detect_capabilities("cpu") if not os.environ.get(ENV) else None
-AVX512 = _avx512bf16_cpu()  # bitsandbytes' Linear4bit repacking path (crashes on narrow layers)
+AVX512 = avx512bf16_cpu()  # bitsandbytes' Linear4bit repacking path (crashes on narrow layers)
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +205,7 @@ def glm_num(tmp_path_factory):
     px = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     # float32 reference: plain transformers cannot run it in any dtype but bfloat16, so put the
     # cast anyquant uses at the conv's boundary
-    from anyquant.numerics.policy import fix_boundaries
+    from anyquant.numerics.casts import fix_boundaries
 
     m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=True).eval()
     inputs = {"input_ids": ids, "pixel_values": px}

@@ -17,7 +17,8 @@ from anyquant.numerics.capabilities import (
     simulate,
     simulated_device,
 )
-from anyquant.numerics.policy import check_consistency, choose_policy
+from anyquant.numerics.casts import check_consistency
+from anyquant.numerics.policy import choose_policy
 from tests.fixtures_numerics import make_overflow_llama
 
 NO_BF16 = simulated_device(bf16=False)
@@ -277,7 +278,7 @@ def _exp_inputs():
 
 
 def test_float16_run_catches_overflow_inside_a_module():
-    from anyquant.numerics.policy import probe_ranges
+    from anyquant.numerics.ranges import probe_ranges
 
     m, inputs = ExpModel(), _exp_inputs()
     ranges = probe_ranges(m, inputs)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,15 @@ import torch
 from torch import nn
 
 from anyquant.errors import AnyquantError
+from anyquant.model.load import inspect_files, load_model, resolve_source
+from anyquant.model.modelmap import HEAD, LINEAR, PROJECTOR, VISION, build_model_map
 from anyquant.numerics.capabilities import DeviceCapabilities, detect_capabilities
+from anyquant.numerics.casts import DtypeBoundaryError, check_consistency, fix_boundaries
 from anyquant.numerics.dtype import DTYPES, dtype_name
-from anyquant.numerics.policy import (
-    FP16_MARGIN,
-    FP16_MAX,
-    overflow_regions,
-    probe_ranges,
-)
+from anyquant.numerics.inputs import probe_inputs
+from anyquant.numerics.policy import choose_policy
+from anyquant.numerics.probe import probe_weight_reads
+from anyquant.numerics.ranges import FP16_MARGIN, FP16_MAX, ModuleRange, overflow_regions, probe_ranges
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,7 @@ def _minimal(names: list[str]) -> list[str]:
     return sorted(n for n in s if not any(n.startswith(o + ".") for o in s if o != n))
 
 
-def _avx512bf16_cpu() -> bool:
+def avx512bf16_cpu() -> bool:
     """Whether bitsandbytes' Linear4bit takes its AVX512-BF16 repacking path on this CPU."""
     try:
         from bitsandbytes.functional import has_avx512bf16
@@ -130,11 +132,34 @@ AVX512_FIX = ("after loading, turn the path off: `for m in model.modules(): m.su
               "or use the anyquant command below")
 
 
-def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, trust_remote_code: bool = False,
-             capabilities: DeviceCapabilities | None = None, margin: float = FP16_MARGIN) -> dict[str, Any]:
-    from anyquant.model.load import inspect_files, load_model, resolve_source
+@dataclass
+class _Request:
+    """The user's config, read once: what transformers would be asked to do."""
 
-    path = resolve_source(source)
+    user: dict[str, Any]  # BitsAndBytesConfig fields (from_pretrained's dtype taken out)
+    user_dtype: str | None  # from_pretrained's dtype in the user's JSON
+    bnb: Any  # the validated BitsAndBytesConfig
+    four_bit: bool
+    compute: str  # the dtype bitsandbytes computes in
+    method: str
+    declared: str | None  # the checkpoint's config.json dtype
+    model_dtype: str  # the dtype the user would load with
+
+
+@dataclass
+class _Probe:
+    """One float32 forward's facts, shared by every check."""
+
+    model: nn.Module
+    inputs: dict[str, Any]
+    ranges: dict[str, ModuleRange]
+    regions: dict[str, str]  # float16 overflow regions
+    values: list[dict]  # activations over the float16 range
+    absmax: float
+    linears: list[str]
+
+
+def _read_request(bnb_config: dict[str, Any] | None, config: dict[str, Any]) -> _Request:
     user = dict(bnb_config or {"load_in_4bit": True})
     user_dtype = None
     for k in FROM_PRETRAINED_KEYS:
@@ -142,37 +167,32 @@ def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, tr
             user_dtype = _dtype_str(user.pop(k))
     bnb = _validate(user)
     four_bit = bool(bnb.load_in_4bit)
-    caps = capabilities or detect_capabilities("cuda" if torch.cuda.is_available() else "cpu")
-    findings: list[dict[str, str]] = []
-    notes: list[str] = []
-    info = inspect_files(path)
-    declared_raw = _dtype_str(info.config.get("dtype") or info.config.get("torch_dtype"))
-    declared = declared_raw or "float32"
-    model_dtype = user_dtype or declared
-    compute = _dtype_str(bnb.bnb_4bit_compute_dtype) if four_bit else "float16"  # LLM.int8 computes in fp16
-    method = ("nf4" if bnb.bnb_4bit_quant_type == "nf4" else "fp4") if four_bit else "int8"
-
-    # F5: already quantized; nothing else matters
-    if info.quantization_config or info.quantized_tensors:
-        qm = (info.quantization_config or {}).get("quant_method", "unknown")
-        first = info.quantized_tensors[0] if info.quantized_tensors else "(quantization_config in config.json)"
-        findings.append(_finding("F5", first.split(" ")[0].rsplit(".", 1)[0] if info.quantized_tensors else "",
-                                 f"checkpoint is already quantized ({qm}; first tensor {first}): loading it with "
-                                 "another BitsAndBytesConfig re-quantizes integer data or fails"))
-        return _result(path, caps, findings, user, user_dtype, None, method, trust_remote_code, notes,
-                       extra={"already_quantized": True, "unresolved": list(findings)})
-
-    model, _, _ = load_model(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
-    from anyquant.numerics.inputs import probe_inputs
-
-    inputs = probe_inputs(model)
-    # F1, measured: one forward in the dtype the user would load with (CPU computes all three)
-    from anyquant.numerics.policy import (
-        DtypeBoundaryError,
-        check_consistency,
-        fix_boundaries,
+    declared = _dtype_str(config.get("dtype") or config.get("torch_dtype"))
+    return _Request(
+        user, user_dtype, bnb, four_bit,
+        compute=_dtype_str(bnb.bnb_4bit_compute_dtype) if four_bit else "float16",  # LLM.int8 computes in fp16
+        method=("nf4" if bnb.bnb_4bit_quant_type == "nf4" else "fp4") if four_bit else "int8",
+        declared=declared, model_dtype=user_dtype or declared or "float32",
     )
 
+
+def check_already_quantized(info: Any) -> dict[str, str] | None:
+    """F5: the checkpoint is quantized already; nothing else matters."""
+    if not (info.quantization_config or info.quantized_tensors):
+        return None
+    qm = (info.quantization_config or {}).get("quant_method", "unknown")
+    first = info.quantized_tensors[0] if info.quantized_tensors else "(quantization_config in config.json)"
+    return _finding("F5", first.split(" ")[0].rsplit(".", 1)[0] if info.quantized_tensors else "",
+                    f"checkpoint is already quantized ({qm}; first tensor {first}): loading it with "
+                    "another BitsAndBytesConfig re-quantizes integer data or fails")
+
+
+def check_dtype_boundaries(model: nn.Module, inputs: dict[str, Any], model_dtype: str
+                           ) -> tuple[list[dict[str, str]], set[str]]:
+    """F1, measured: one forward in the dtype the user would load with (the CPU computes all
+    three), then casts where dtypes disagree in float32 (remote code casting), so that the probe
+    runs. Returns (findings, modules where the user's dtype fails)."""
+    findings: list[dict[str, str]] = []
     f1_modules: set[str] = set()
     if model_dtype in DTYPES and model_dtype != "float32":
         dt = DTYPES[model_dtype]
@@ -187,57 +207,86 @@ def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, tr
             f1_modules.add(e.module)
             findings.append(_finding("F1", e.module or "<model>", f"with dtype={model_dtype} the forward fails: {e}"))
         model.float()
-    casts = fix_boundaries(model, inputs)  # so that the probe runs in float32 (remote code casting)
-    for name, what in casts.items():
+    for name, what in fix_boundaries(model, inputs).items():
         if name not in f1_modules:
             findings.append(_finding("F1", name, f"dtypes disagree at this module's boundary in float32: {what}"))
+    return findings, f1_modules
+
+
+def _probe(model: nn.Module, inputs: dict[str, Any], margin: float) -> _Probe:
     ranges = probe_ranges(model, inputs, float16=True)  # float32 ranges, and each module re-run in float16
-    limit = FP16_MAX * margin
-    regions, values = overflow_regions(ranges, limit)
+    regions, values = overflow_regions(ranges, FP16_MAX * margin)
     absmax = max((r.out_absmax or 0.0 for r in ranges.values()), default=0.0)
     linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-    linear_set = set(linears)
+    return _Probe(model, inputs, ranges, regions, values, absmax, linears)
 
-    # F3: float16 somewhere on the path of an overflowing activation
-    fp16_path = compute == "float16" or model_dtype == "float16"
-    if values and fp16_path:
-        for region, why in regions.items():
-            inside = [v for v in values if not region or v["module"] == region or v["module"].startswith(region + ".")]
-            listing = ", ".join(f"{v['module']} {v['where']} {v['absmax']:.4g}" for v in inside[:4])
-            which = "bnb_4bit_compute_dtype=float16" if compute == "float16" and four_bit else (
-                "LLM.int8 (computes in float16)" if not four_bit else f"dtype={model_dtype}")
-            findings.append(_finding("F3", region or "<model>",
-                                     f"{which}: activations exceed the float16 range ({FP16_MAX:.0f}) here: "
-                                     f"{listing}; outputs become inf/NaN"))
 
-    # F1: a dtype the device does not compute natively; remote code that casts to a fixed dtype
-    for what, dt in (("bnb_4bit_compute_dtype" if four_bit else "LLM.int8 compute", compute), ("dtype", model_dtype)):
+def check_overflow(req: _Request, probe: _Probe) -> list[dict[str, str]]:
+    """F3: float16 somewhere on the path of an overflowing activation."""
+    if not probe.values or not (req.compute == "float16" or req.model_dtype == "float16"):
+        return []
+    findings = []
+    for region in probe.regions:
+        inside = [v for v in probe.values
+                  if not region or v["module"] == region or v["module"].startswith(region + ".")]
+        listing = ", ".join(f"{v['module']} {v['where']} {v['absmax']:.4g}" for v in inside[:4])
+        which = "bnb_4bit_compute_dtype=float16" if req.compute == "float16" and req.four_bit else (
+            "LLM.int8 (computes in float16)" if not req.four_bit else f"dtype={req.model_dtype}")
+        findings.append(_finding("F3", region or "<model>",
+                                 f"{which}: activations exceed the float16 range ({FP16_MAX:.0f}) here: "
+                                 f"{listing}; outputs become inf/NaN"))
+    return findings
+
+
+def check_device_dtypes(req: _Request, caps: DeviceCapabilities, remote_casts: list[dict[str, str]]
+                        ) -> list[dict[str, str]]:
+    """F1: a dtype the device does not compute natively; remote code that casts to a fixed dtype."""
+    findings = []
+    for what, dt in (("bnb_4bit_compute_dtype" if req.four_bit else "LLM.int8 compute", req.compute),
+                     ("dtype", req.model_dtype)):
         if dt in DTYPES and not caps.supports(DTYPES[dt]):
             findings.append(_finding("F1", "<model>", f"{what}={dt}: {caps.name} ({caps.device_type}) has no native {dt}"))
-    remote_casts = _remote_code_casts(path)
     for c in remote_casts:
-        if c["dtype"] != model_dtype or c["dtype"] != compute:
+        if c["dtype"] != req.model_dtype or c["dtype"] != req.compute:
             findings.append(_finding("F1", c["class"],
                                      f"remote code casts to {c['dtype']} at {c['where']} ({c['line']!r}) while the "
-                                     f"model runs in {model_dtype} with {compute} compute: its neighbours' dtypes "
-                                     "will disagree; use one dtype for dtype and compute dtype"))
+                                     f"model runs in {req.model_dtype} with {req.compute} compute: its neighbours' "
+                                     "dtypes will disagree; use one dtype for dtype and compute dtype"))
+    return findings
 
-    # F2: weights read outside their module's forward break when that Linear is quantized
-    f2_keep: list[str] = []
-    try:
-        from anyquant.numerics.probe import probe_weight_reads
-    except ImportError:
-        notes.append("F2 not checked: anyquant.numerics.probe is not available")
-    else:
-        facts = probe_weight_reads(model, inputs)
-        for name, readers in sorted(facts.outside_reads.items()):
-            if name in linear_set and should_convert(name, bnb.llm_int8_skip_modules):
-                f2_keep.append(name)
-                findings.append(_finding("F2", name, f"weight read outside its own forward by "
-                                         f"{facts.reader_text(name)}: quantizing it breaks that reader"))
 
-    # F4: skip patterns that transformers does not match
-    skips = list(bnb.llm_int8_skip_modules or [])
+def check_outside_reads(req: _Request, probe: _Probe) -> tuple[list[dict[str, str]], list[str]]:
+    """F2: weights read outside their module's forward break when that Linear is quantized.
+    Returns (findings, Linears to keep)."""
+    findings, keep = [], []
+    facts = probe_weight_reads(probe.model, probe.inputs)
+    linear_set = set(probe.linears)
+    for name, readers in sorted(facts.outside_reads.items()):
+        if name in linear_set and should_convert(name, req.bnb.llm_int8_skip_modules):
+            keep.append(name)
+            findings.append(_finding("F2", name, f"weight read outside its own forward by "
+                                     f"{facts.reader_text(name)}: quantizing it breaks that reader"))
+    return findings, keep
+
+
+@dataclass
+class _Skips:
+    findings: list[dict[str, str]]
+    notes: list[str]
+    matched: list[str]  # modules the user's entries (or their near misses) mean to keep
+    head_keep: list[str]
+    defaults: list[str]  # transformers' default skips
+    defaults_lin: list[str]  # the defaults that hold a Linear
+    effective: list[str]  # the skips transformers applies with the user's config
+
+
+def check_skips(req: _Request, probe: _Probe) -> _Skips:
+    """F4: skip patterns that transformers does not match, and an output head its defaults miss."""
+    model, linears = probe.model, probe.linears
+    linear_set = set(linears)
+    findings: list[dict[str, str]] = []
+    notes: list[str] = []
+    skips = list(req.bnb.llm_int8_skip_modules or [])
     matched: list[str] = []
     for p in skips:
         hit = [n for n in linears if not should_convert(n, [p])]
@@ -262,10 +311,8 @@ def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, tr
     if skips and dropped:
         notes.append(f"a custom llm_int8_skip_modules replaces transformers' default skips, so {', '.join(dropped)} "
                      "would be quantized; added back below")
-    # F4: an output head that transformers' defaults (tied weights, last parameter, get_output_embeddings)
+    # an output head that transformers' defaults (tied weights, last parameter, get_output_embeddings)
     # do not find in a custom architecture (ChatGLM's `transformer.output_layer`) is quantized
-    from anyquant.model.modelmap import HEAD, LINEAR, PROJECTOR, VISION, build_model_map
-
     mm = build_model_map(model)
     effective = skips if skips else defaults
     head_keep: list[str] = []
@@ -283,75 +330,126 @@ def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, tr
         notes.append(f"{len(float_roots)} vision tower / projector Linears ({', '.join(float_roots[:3])}"
                      f"{' ...' if len(float_roots) > 3 else ''}) would be quantized; anyquant keeps them in float by "
                      "default; add them to llm_int8_skip_modules to do the same")
+    return _Skips(findings, notes, matched, head_keep, defaults, defaults_lin, effective)
 
-    # corrected config: the policy's `auto` (numerics/policy.py choose_policy), declared dtype included
-    if caps.prefer_float32:
-        good = "float32"
-        why = f"{caps.name}: no native low-precision compute; float32"
-    elif declared_raw == "float32":
-        good, why = "float32", "float32: the model declares float32 (config.json dtype)"
-    elif declared_raw == "float16" and caps.fp16 and not values:
-        good, why = "float16", f"float16: the model declares it and activations peak at {absmax:.4g}, within range"
-    elif caps.bf16:
-        good, why = "bfloat16", "bfloat16 (float32's range: no float16 overflow)"
-    elif caps.fp16 and not values:
-        good, why = "float16", f"float16 (activations peak at {absmax:.4g}, within range)"
-    else:
-        good = "float32"
-        why = "float32 (no bfloat16 on this device and float16 overflows)" if values else "float32"
+
+def recommended_dtype(model: nn.Module, caps: DeviceCapabilities, declared: str | None, probe: _Probe,
+                      margin: float) -> tuple[str, str]:
+    """The dtype anyquant's own policy (choose_policy, `auto`) picks for the checkpoint's declared
+    dtype, from this probe. The model is loaded in float32 here, so the declared dtype is passed
+    explicitly. float32 regions inside a float16 model cannot be written in a BitsAndBytesConfig:
+    where float16 would need them, the policy decides without regions. Returns (dtype, reason)."""
+    policy = choose_policy(model, "auto", caps, probe.inputs, margin=margin, declared=declared,
+                           ranges=probe.ranges, allow_regions=False)
+    return dtype_name(policy.compute_dtype), policy.reason
+
+
+def corrected_config(req: _Request, caps: DeviceCapabilities, probe: _Probe, skips: _Skips, f2_keep: list[str],
+                     remote_casts: list[dict[str, str]], good: str, why: str
+                     ) -> tuple[dict[str, Any], str, str, bool, list[str]]:
+    """The BitsAndBytesConfig (and from_pretrained dtype) that avoids what the checks found.
+    Returns (config, dtype, reason, whether remote code's cast is unfixable here, notes)."""
+    notes: list[str] = []
     forced = sorted({c["dtype"] for c in remote_casts})
     cast_unfixable = False
     if len(forced) == 1 and forced[0] != good:
         where_ = ", ".join(c["where"] for c in remote_casts[:3])
-        if caps.supports(DTYPES[forced[0]]) and not (forced[0] == "float16" and values):
+        if caps.supports(DTYPES[forced[0]]) and not (forced[0] == "float16" and probe.values):
             good, why = forced[0], f"{forced[0]}: the model's code casts to it ({where_}); one dtype everywhere"
         else:
             cast_unfixable = True
             notes.append(f"the model's code casts to {forced[0]} ({where_}), which this device cannot use safely: "
                          f"in transformers no dtype avoids the mismatch; patch that line to cast to the module's "
                          f"weight dtype, or use anyquant (it puts a cast at that boundary)")
-    keep = list(matched) + f2_keep + head_keep
-    if skips or keep:
-        keep += defaults_lin
-    if not four_bit and values and good != "float32":
+    keep = list(skips.matched) + f2_keep + skips.head_keep
+    if req.bnb.llm_int8_skip_modules or keep:
+        keep += skips.defaults_lin
+    if not req.four_bit and probe.values and good != "float32":
         # LLM.int8 casts inputs to float16 whatever the dtype: keep Linears fed with overflowing values
-        over_in = [v["module"] for v in values if v["where"] == "input" and v["module"] in linear_set]
+        linear_set = set(probe.linears)
+        over_in = [v["module"] for v in probe.values if v["where"] == "input" and v["module"] in linear_set]
         keep += over_in
         if over_in:
             notes.append(f"LLM.int8 computes in float16: {', '.join(over_in)} kept unquantized (inputs over range)")
-    fixed = dict(user)
-    if four_bit:
+    fixed = dict(req.user)
+    if req.four_bit:
         fixed["bnb_4bit_compute_dtype"] = good
     if keep:
         fixed["llm_int8_skip_modules"] = _minimal(keep)
     _validate(fixed)
+    return fixed, good, why, cast_unfixable, notes
 
-    # What no BitsAndBytesConfig fixes: the corrected config alone still fails there.
+
+def unresolved_findings(req: _Request, caps: DeviceCapabilities, probe: _Probe, skips: _Skips,
+                        findings: list[dict[str, str]], f1_modules: set[str], remote_casts: list[dict[str, str]],
+                        fixed: dict[str, Any], good: str, cast_unfixable: bool
+                        ) -> tuple[list[dict[str, str]], list[dict[str, str]], list[str]]:
+    """What no BitsAndBytesConfig fixes: the corrected config alone still fails there.
+    Returns (unresolved, new findings, notes)."""
     unresolved: list[dict[str, str]] = []
+    new: list[dict[str, str]] = []
+    notes: list[str] = []
     if cast_unfixable:  # no dtype avoids the remote code's own cast on this device
-        unresolved += [f for f in findings if f["class"] == "F1" and (f["module"] in f1_modules or f["module"] in
-                                                                          {c["class"] for c in remote_casts})]
+        cast_classes = {c["class"] for c in remote_casts}
+        unresolved += [f for f in findings if f["class"] == "F1" and (f["module"] in f1_modules or
+                                                                      f["module"] in cast_classes)]
     # bitsandbytes' AVX512-BF16 CPU path: Linear4bit repacks its weight at the first eval-mode, no-grad
     # forward, computes in bfloat16 from then on, and asserts shapes that narrow layers fail
-    if four_bit and caps.device_type == "cpu" and _avx512bf16_cpu():
-        fixed_skips = fixed.get("llm_int8_skip_modules") or defaults
-        for n in linears:
-            m = model.get_submodule(n)
-            if should_convert(n, effective) and should_convert(n, fixed_skips) and _repack_fails(m):
+    if req.four_bit and caps.device_type == "cpu" and avx512bf16_cpu():
+        fixed_skips = fixed.get("llm_int8_skip_modules") or skips.defaults
+        for n in probe.linears:
+            m = probe.model.get_submodule(n)
+            if should_convert(n, skips.effective) and should_convert(n, fixed_skips) and _repack_fails(m):
                 err = ("AssertionError: N must be divisible by block_n" if m.out_features % AVX512_BLOCK_N else
                        f"RuntimeError: shape '[{m.out_features}, {m.in_features // BNB_4BIT_BLOCKSIZE}]' is invalid")
                 f = _finding("F1", n, f"on this CPU (AVX512-BF16) bitsandbytes repacks Linear4bit weights at the first "
                              f"eval-mode, no-grad forward; this layer ({m.in_features}->{m.out_features}) fails there "
                              f"({err}; the path needs out_features % {AVX512_BLOCK_N} == 0 and in_features % "
                              f"{BNB_4BIT_BLOCKSIZE} == 0); {AVX512_FIX}")
-                findings.append(f)
+                new.append(f)
                 unresolved.append(f)
         if good != "bfloat16":
             notes.append("on this CPU (AVX512-BF16) bitsandbytes computes Linear4bit in bfloat16 in eval-mode, no-grad "
                          f"forwards, whatever bnb_4bit_compute_dtype says; to keep {good}: {AVX512_FIX}")
-    return _result(path, caps, findings, fixed, good, why, method, trust_remote_code, notes,
-                   extra={"unresolved": unresolved, "activation_absmax": absmax, "float16_overflow": values[:10],
-                          "float32_regions": regions, "user_config": {**user, **({"dtype": user_dtype} if user_dtype else {})}})
+    return unresolved, new, notes
+
+
+def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, trust_remote_code: bool = False,
+             capabilities: DeviceCapabilities | None = None, margin: float = FP16_MARGIN) -> dict[str, Any]:
+    path = resolve_source(source)
+    info = inspect_files(path)
+    req = _read_request(bnb_config, info.config)
+    caps = capabilities or detect_capabilities("cuda" if torch.cuda.is_available() else "cpu")
+
+    f5 = check_already_quantized(info)
+    if f5 is not None:
+        return _result(path, caps, [f5], req.user, req.user_dtype, None, req.method, trust_remote_code, [],
+                       extra={"already_quantized": True, "unresolved": [f5]})
+
+    model, _, _ = load_model(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    inputs = probe_inputs(model)
+    findings, f1_modules = check_dtype_boundaries(model, inputs, req.model_dtype)
+    probe = _probe(model, inputs, margin)
+    findings += check_overflow(req, probe)
+    remote_casts = _remote_code_casts(path)
+    findings += check_device_dtypes(req, caps, remote_casts)
+    f2, f2_keep = check_outside_reads(req, probe)
+    findings += f2
+    skips = check_skips(req, probe)
+    findings += skips.findings
+    notes = list(skips.notes)
+
+    good, why = recommended_dtype(model, caps, req.declared, probe, margin)
+    fixed, good, why, cast_unfixable, more = corrected_config(req, caps, probe, skips, f2_keep, remote_casts, good, why)
+    notes += more
+    unresolved, new, more = unresolved_findings(req, caps, probe, skips, findings, f1_modules, remote_casts, fixed,
+                                                good, cast_unfixable)
+    findings += new
+    notes += more
+    return _result(path, caps, findings, fixed, good, why, req.method, trust_remote_code, notes,
+                   extra={"unresolved": unresolved, "activation_absmax": probe.absmax,
+                          "float16_overflow": probe.values[:10], "float32_regions": probe.regions,
+                          "user_config": {**req.user, **({"dtype": req.user_dtype} if req.user_dtype else {})}})
 
 
 def _result(path, caps, findings, fixed, dtype, why, method, trust_remote_code, notes, extra) -> dict[str, Any]:

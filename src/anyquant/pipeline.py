@@ -27,7 +27,7 @@ from anyquant.model.load import SourceInfo, check_finite
 from anyquant.model.modelmap import VISION, ModelMap, as_linear, build_model_map
 from anyquant.model.tree import probe_logits, set_submodule
 from anyquant.numerics.dtype import dtype_name
-from anyquant.numerics.policy import check_consistency
+from anyquant.numerics.casts import check_consistency
 from anyquant.planning import Plan
 from anyquant.planning.prepare import prepare
 from anyquant.progress import progress_bar

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from anyquant.calib.text import evaluation_text, token_windows
 from anyquant.errors import AnyquantError
+from anyquant.progress import progress_bar
 
 # Rows of the [positions, vocab] logit matrix upcast to float32 at a time. With vocab 49152,
 # 1024 rows are 200 MB per float32 copy; a few copies live at once (model, baseline, softmax).
@@ -88,7 +89,7 @@ def compare(
         m.eval()
     acc = _Accumulator()
     try:
-        with _progress_bar(progress, windows.shape[0]) as advance:
+        with progress_bar("evaluating", windows.shape[0], progress, unit="windows", remaining=True) as advance:
             for start in range(0, windows.shape[0], batch_size):
                 batch = windows[start : start + batch_size]
                 logits = _logits(model, batch)
@@ -140,42 +141,6 @@ def _accumulate(
             acc.kl += terms.sum(dim=-1).double().sum().item()
             acc.agree += int((logq.argmax(dim=-1) == logp.argmax(dim=-1)).sum().item())
         acc.tokens += int(tgt.numel())
-
-
-class _progress_bar:
-    """Yields an ``advance(n)`` callable; a rich bar when enabled, a no-op otherwise."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled = enabled
-        self.total = total
-        self._progress = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("evaluating"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("windows"),
-            TimeRemainingColumn(),
-            transient=True,
-        )
-        self._progress.__enter__()
-        task = self._progress.add_task("evaluating", total=self.total)
-        return lambda n: self._progress.advance(task, n)
-
-    def __exit__(self, *exc) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
 
 
 def perplexity(

@@ -308,15 +308,55 @@ def _component(name: str, module: nn.Module, kind: str, comps: _Components, tied
     return LANGUAGE
 
 
-def _keep_fp32_patterns(model: nn.Module) -> list[str]:
-    out: list[str] = []
-    for name, mod in model.named_modules():
-        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
-            for p in sorted(getattr(mod, attr, None) or []):
-                full = f"{name}.{p}" if name else p
-                if full not in out:
-                    out.append(full)
+KEEP_FP32 = "_keep_in_fp32_modules"  # transformers applies it under float16 only
+KEEP_FP32_STRICT = "_keep_in_fp32_modules_strict"  # under float16 and bfloat16
+
+
+def keep_fp32_attrs(dtype: torch.dtype) -> tuple[str, ...]:
+    """The declarations transformers honours when a model is loaded in `dtype` (strict first)."""
+    return (KEEP_FP32_STRICT, KEEP_FP32) if dtype == torch.float16 else (KEEP_FP32_STRICT,)
+
+
+def keep_fp32_declarations(model: nn.Module, attrs: tuple[str, ...] = (KEEP_FP32, KEEP_FP32_STRICT)
+                           ) -> list[tuple[str, str, str]]:
+    """The one reader of `_keep_in_fp32_modules(_strict)`: (declaring module, pattern, attribute)
+    for every module that declares them, in `attrs` order. A submodule's declarations (a VLM's
+    language model) are relative to that submodule, hence the declaring module's name."""
+    out: list[tuple[str, str, str]] = []
+    for prefix, mod in model.named_modules():
+        for attr in attrs:
+            for pat in sorted(getattr(mod, attr, None) or []):
+                if (prefix, pat, attr) not in out:
+                    out.append((prefix, pat, attr))
     return out
+
+
+def _keep_fp32_patterns(model: nn.Module) -> list[str]:
+    """Declared patterns as full dotted names, whatever the dtype: the plan keeps these in float."""
+    out: list[str] = []
+    for prefix, pat, _ in keep_fp32_declarations(model):
+        full = f"{prefix}.{pat}" if prefix else pat
+        if full not in out:
+            out.append(full)
+    return out
+
+
+def declared_fp32_modules(model: nn.Module, dtype: torch.dtype) -> dict[str, str]:
+    """The outermost modules the model's code declares float32 when computing in `dtype`, with
+    transformers' semantics (see keep_fp32_attrs): {module: reason}. A pattern matches whole
+    name components below its declaring module."""
+    decls = keep_fp32_declarations(model, keep_fp32_attrs(dtype))
+    found: dict[str, str] = {}
+    for name, _ in model.named_modules():
+        parts = name.split(".")
+        if not name or any(".".join(parts[:i]) in found for i in range(len(parts))):
+            continue
+        for prefix, pat, attr in decls:
+            rel = name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else (name if not prefix else None)
+            if rel is not None and f".{pat}." in f".{rel}.":
+                found[name] = f"declared by the model ({attr}: {pat!r})"
+                break
+    return found
 
 
 def own_parameters(module: nn.Module):

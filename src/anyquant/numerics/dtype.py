@@ -1,12 +1,12 @@
-"""Dtype names and the probe-free compute dtype choice (`anyquant plan`).
+"""Dtype names, and walking the floating tensors of nested arguments and outputs.
 
-The full policy (probe, float16 overflow, float32 regions, consistency) is numerics/policy.py."""
+The compute dtype itself is decided in one place only: numerics/policy.py `choose_policy`."""
 
 from __future__ import annotations
 
-import torch
+from typing import Any, Iterator
 
-from anyquant.errors import AnyquantError
+import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -15,19 +15,28 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def choose_compute_dtype(requested: str | None, device: torch.device | str = "cpu") -> torch.dtype:
-    """`auto`: float32 on CPU (bfloat16 matmuls are slow without AMX, and float32 is the
-    quality reference there); bfloat16 on GPUs that support it; else float16."""
-    requested = requested or "auto"
-    if requested != "auto":
-        if requested not in DTYPES:
-            raise AnyquantError(f"--dtype {requested}: expected one of auto, {', '.join(DTYPES)}")
-        return DTYPES[requested]
-    from anyquant.numerics.capabilities import detect_capabilities
+def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):  # includes transformers ModelOutput
+        for v in obj.values():
+            yield from iter_tensors(v)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from iter_tensors(v)
 
-    caps = detect_capabilities(device)
-    if caps.prefer_float32:
-        return torch.float32
-    if caps.bf16:
-        return torch.bfloat16
-    return torch.float16 if caps.fp16 else torch.float32
+
+def cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors in `obj` (nested tuples, lists, namedtuples, dicts) cast to `dtype`.
+    Dicts are updated in place: a ModelOutput must keep its type."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(cast_floats(v, dtype) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(cast_floats(v, dtype) for v in obj)
+    if isinstance(obj, dict):
+        for k in list(obj.keys()):
+            obj[k] = cast_floats(obj[k], dtype)
+        return obj
+    return obj

@@ -13,6 +13,7 @@ No names decide this: only tensor identity and the running-module stack.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
+
+from anyquant.errors import AnyquantError
+from anyquant.model.modelmap import cfg_get, sub_config
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +136,11 @@ class VisionInputSpec:
 def vision_input_spec(model: nn.Module) -> VisionInputSpec | None:
     """The VisionInputSpec of a model whose config has a vision sub-config and whose forward
     takes `pixel_values`; None otherwise. Shared by the probe and the image calibration data."""
-    import inspect as _inspect
-
-    from anyquant.model.modelmap import cfg_get, sub_config
-
     vcfg = sub_config(getattr(model, "config", None), ("vision", "visual"))
     if vcfg is None:
         return None
     try:
-        params = _inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return None
     if "pixel_values" not in params:
@@ -170,8 +170,6 @@ def run_probe(model: nn.Module, inputs: dict[str, Any]) -> tuple[ProbeFacts, dic
     """probe_weight_reads with one documented fallback: if the forward with images fails (many
     VLMs need image placeholder tokens the synthetic ids lack), probe text-only and say so.
     Returns (facts, the inputs that ran, notes)."""
-    from anyquant.errors import AnyquantError
-
     try:
         return probe_weight_reads(model, inputs), inputs, []
     except Exception as e:  # noqa: BLE001 — any failure of user/remote code; reported, not hidden
