@@ -3,8 +3,11 @@ and method options checked against the method's config before anything heavy is 
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
 import logging
+import warnings
 from typing import Callable, Optional
 
 import typer
@@ -32,8 +35,6 @@ def fails_cleanly(fn: Callable) -> Callable:
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="anyquant: %(levelname)s: %(message)s")
-    import warnings
-
     import transformers
 
     # bitsandbytes' int8 CPU path says this on every matmul; it is expected (LLM.int8 computes
@@ -56,8 +57,6 @@ SourceArg = typer.Argument(..., help="local model directory (transformers format
 def method_options(method: str, group_size: Optional[int], **given) -> dict:
     """The method's config fields set on the command line; a flag the method does not take is
     refused by name, with the methods that take it."""
-    import dataclasses
-
     from anyquant.config import config_class, known_methods
 
     given = {"group_size": group_size, **given}
@@ -72,8 +71,6 @@ def method_options(method: str, group_size: Optional[int], **given) -> dict:
 
 def check_dtype(dtype: str) -> None:
     """--dtype checked before anything heavy is imported; the closest valid value is named."""
-    import difflib
-
     valid = ("auto", "bfloat16", "float16", "float32")
     if dtype not in valid:
         close = difflib.get_close_matches(dtype, valid, n=1, cutoff=0.3)
