@@ -68,9 +68,10 @@ def save(result: QuantizeResult, out_dir: str | Path, *, force: bool = False) ->
     return _save(result, out_dir, force=force)
 
 
-def load(directory: str | Path, *, trust_remote_code: bool = False) -> nn.Module:
-    """A saved anyquant output as a model callable like the source model."""
-    return load_quantized(directory, trust_remote_code=trust_remote_code)
+def load(directory: str | Path, *, trust_remote_code: bool = False, verify: bool = True) -> nn.Module:
+    """A saved anyquant output as a model callable like the source model. Every file is first
+    checked against the sha256 its anyquant.json recorded (verify=False skips that)."""
+    return load_quantized(directory, trust_remote_code=trust_remote_code, verify=verify)
 
 
 def evaluate(model: nn.Module, baseline: nn.Module | None = None, text: str | None = None, *, tokenizer=None,

@@ -40,6 +40,7 @@ from anyquant.calib.blocks import (
     with_hidden,
 )
 from anyquant.calib.checkpoint import (
+    DamagedCheckpoint,
     checkpoint_key,
     load_block,
     model_fingerprint,
@@ -163,7 +164,14 @@ def run(
             # it is about to be resumed from a checkpoint: later blocks then get the same targets
             # as in an uninterrupted run.
             float_outs = block_outputs(block, float_batches) if float_batches is not None else None
-            entry = load_block(ckdir, i, block, linears, config, compute_dtype) if ckdir else None
+            entry = None
+            if ckdir is not None:
+                try:
+                    entry = load_block(ckdir, i, block, linears, config, compute_dtype)
+                except DamagedCheckpoint as e:
+                    msg = f"{bname}: checkpoint in {ckdir} was damaged ({e}); block recomputed"
+                    log.warning("%s", msg)
+                    notes.append(msg)
             if entry is not None:
                 resumed += 1
                 entry["resumed"] = True

@@ -23,12 +23,14 @@ def eval_cmd(target: str = typer.Argument(..., help="model directory to evaluate
              text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text file (default: held-out Wikipedia text)"),
              max_tokens: int = typer.Option(16384, "--max-tokens"),
              json_out: bool = typer.Option(False, "--json"),
-             trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
+             trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+             no_verify: bool = typer.Option(False, "--no-verify", help="skip checking the output's files against the sha256 its anyquant.json recorded")):
     """Perplexity, KL divergence and top-1 agreement against the baseline; bits per weight; size; memory."""
     setup_logging(False)
     from anyquant.eval.saved import run_eval
 
-    data = run_eval(target, baseline, text, max_tokens, trust_remote_code, progress=not json_out)
+    data = run_eval(target, baseline, text, max_tokens, trust_remote_code, progress=not json_out,
+                    verify=not no_verify)
     if json_out:
         typer.echo(json.dumps(data, indent=2))
         return

@@ -22,6 +22,8 @@ from anyquant.formats.manifest import (
     MANIFEST,
     build_manifest,
     read_manifest,
+    seal_manifest,
+    verify_output,
     write_manifest,
 )
 from anyquant.formats.registry import format_for
@@ -70,7 +72,7 @@ def save(result, out_dir: str | Path, *, force: bool = False, extra_metrics: dic
         manifest = build_manifest(result, handler.format)
         if extra_metrics:
             manifest["metrics"].update(extra_metrics)
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, seal_manifest(tmp, manifest))  # last: hashes every other file
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
@@ -154,9 +156,10 @@ def _copy_remote_code(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def load_quantized(directory: str | Path, *, trust_remote_code: bool = False) -> nn.Module:
+def load_quantized(directory: str | Path, *, trust_remote_code: bool = False, verify: bool = True) -> nn.Module:
     """Load an anyquant output. bitsandbytes outputs go through transformers as they are;
-    int4 outputs are rebuilt with anyquant's Int4Linear (any device, no compressed-tensors needed)."""
+    int4 outputs are rebuilt with anyquant's Int4Linear (any device, no compressed-tensors needed).
+    `verify` (default) first checks every file against the sha256 anyquant.json recorded."""
 
     directory = Path(directory).expanduser()
     if not directory.is_dir():
@@ -164,17 +167,20 @@ def load_quantized(directory: str | Path, *, trust_remote_code: bool = False) ->
     manifest = read_manifest(directory)
     if manifest is None:
         raise AnyquantError(f"{directory}: no {MANIFEST}: not an anyquant output (load it with transformers)")
+    if verify:
+        verify_output(directory, manifest)
     return format_for(manifest.get("format", "compressed-tensors")).load(directory, manifest, trust_remote_code)
 
 
-def load_source(source: str | Path, **kwargs: Any):
+def load_source(source: str | Path, *, verify: bool = True, **kwargs: Any):
     """model.load.load_model for any source, an anyquant output included (built by
-    load_quantized; with requantize=True it is then dequantized). Returns (model, tokenizer, SourceInfo)."""
+    load_quantized, verified unless verify=False; with requantize=True it is then dequantized).
+    Returns (model, tokenizer, SourceInfo)."""
     path = resolve_source(source)
     loader = None
     if (path / MANIFEST).is_file():
         trc = kwargs.get("trust_remote_code", False)
 
         def loader(p: Path) -> nn.Module:
-            return load_quantized(p, trust_remote_code=trc)
+            return load_quantized(p, trust_remote_code=trc, verify=verify)
     return load_model(path, loader=loader, **kwargs)

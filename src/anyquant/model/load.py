@@ -7,9 +7,9 @@ loads a uint8 checkpoint into float Linear layers as values 0..255), then on the
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from anyquant.errors import AlreadyQuantizedError, AnyquantError
 from anyquant.model.default import default_model_dir
 from anyquant.model.dequant import dequantize_modules
+from anyquant.model.integrity import index_files, source_fingerprint, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -58,53 +59,124 @@ def resolve_source(source: str | Path) -> Path:
 
 
 def _weight_files(path: Path) -> list[Path]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files and not list(path.glob("*.bin")) and not list(path.glob("*.pt")):
+    files = weight_files(path)
+    if not files:
         raise AnyquantError(f"{path}: holds config.json but no weights (*.safetensors or *.bin)")
     return files
 
 
 def fingerprint(path: Path) -> str:
-    """sha256 over config.json and, for each weight file, its name, size and first and last MiB.
-
-    Hashing every byte of a multi-GB checkpoint would cost more than quantizing it; size plus
-    head and tail catch every realistic change (re-save, re-shard, other dtype)."""
-    h = hashlib.sha256()
-    h.update((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > (2 << 20):
-                fh.seek(-(1 << 20), 2)
-                h.update(fh.read(1 << 20))
-    return "sha256:" + h.hexdigest()
+    """sha256 over config.json and the full content of every weight file (model.integrity:
+    each file's hash is cached by path, size and mtime_ns, so an unchanged source is read once)."""
+    return source_fingerprint(path)
 
 
 def inspect_files(path: Path) -> SourceInfo:
-    """Read config and safetensors headers: corrupt files and quantized tensors, no weights loaded."""
+    """Read config, safetensors headers and pickled state dicts (weights_only): corrupt or
+    unsafe files, missing shards and quantized tensors, before transformers sees any of them."""
     try:
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise AnyquantError(f"{path / 'config.json'}: not valid JSON ({e}); re-save the model") from e
+    if not isinstance(config, dict):
+        raise AnyquantError(f"{path / 'config.json'}: holds a {type(config).__name__}, not a JSON object; re-save the model")
     info = SourceInfo(path=path, config=config)
     qc = config.get("quantization_config") or _sub_config_value(config, "quantization_config")
     if qc:
         info.quantization_config = qc
-    for f in _weight_files(path):
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():
-                    dtype = st.get_slice(name).get_dtype()
-                    if name.endswith(QUANTIZED_SUFFIXES) or (
-                        name.endswith(".weight") and dtype not in FLOAT_DTYPES
-                    ):
-                        info.quantized_tensors.append(f"{name} ({dtype}, in {f.name})")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise AnyquantError(f"{f}: corrupt or unreadable safetensors file ({e}); re-download or re-save it") from e
+    files = _weight_files(path)
+    _check_shards(path, files)
+    for f in files:
+        tensors = _safetensors_dtypes(f) if f.suffix == ".safetensors" else _pickle_dtypes(f)
+        for name, dtype, is_float in tensors:
+            if name.endswith(QUANTIZED_SUFFIXES) or (name.endswith(".weight") and not is_float):
+                info.quantized_tensors.append(f"{name} ({dtype}, in {f.name})")
     info.fingerprint = fingerprint(path)
     return info
+
+
+def _check_shards(path: Path, files: list[Path]) -> None:
+    """Every shard a sharded checkpoint's index names is there (transformers would fail late, or
+    with a traceback)."""
+    names = {f.name for f in files}
+    for index in index_files(path):
+        kind = ".safetensors" if ".safetensors" in index.name else ".bin"
+        if not any(f.suffix == kind for f in files):
+            continue  # an index of the format transformers does not read here
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+        except (ValueError, OSError, AttributeError) as e:
+            raise AnyquantError(f"{index}: not a valid shard index ({e}); re-save the model") from e
+        if not isinstance(weight_map, dict):
+            raise AnyquantError(f"{index}: its weight_map is not a JSON object; re-save the model")
+        lacking = sorted({str(v) for v in weight_map.values()} - names)
+        if lacking:
+            raise AnyquantError(f"{path}: shard {lacking[0]} named in {index.name} is missing "
+                                f"({len(lacking)} of {len(set(weight_map.values()))} shards); re-download it")
+
+
+def _safetensors_dtypes(f: Path) -> list[tuple[str, str, bool]]:
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            out = []
+            for name in st.keys():
+                dtype = st.get_slice(name).get_dtype()
+                out.append((name, dtype, dtype in FLOAT_DTYPES))
+            return out
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AnyquantError(f"{f}: corrupt or unreadable safetensors file ({e}); re-download or re-save it") from e
+
+
+def _pickle_dtypes(f: Path) -> list[tuple[str, str, bool]]:
+    """A pickled state dict read with torch.load(weights_only=True): tensors and plain
+    containers only, so a file that would run code when unpickled is refused, never run."""
+    try:
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(f, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        raise AnyquantError(
+            f"{f}: refused: not a plain tensor file ({_unpickle_reason(e)}); unpickling it could run "
+            "code, so it is never loaded: re-save it as safetensors where you trust its origin") from e
+    except Exception as e:  # noqa: BLE001 — torch.load's errors for a damaged file have no common type
+        raise AnyquantError(f"{f}: corrupt or unreadable PyTorch file ({type(e).__name__}: "
+                            f"{_first_line(str(e))}); re-download or re-save it") from e
+    out: list[tuple[str, str, bool]] = []
+    _walk_tensors(state, "", out)
+    del state
+    return out
+
+
+def _walk_tensors(obj: Any, prefix: str, out: list[tuple[str, str, bool]]) -> None:
+    if isinstance(obj, torch.Tensor):
+        out.append((prefix, _DTYPE_NAMES.get(obj.dtype, str(obj.dtype)), obj.is_floating_point()))
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _walk_tensors(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _walk_tensors(v, f"{prefix}.{i}" if prefix else str(i), out)
+
+
+_DTYPE_NAMES = {torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+                torch.bool: "BOOL", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.float64: "F64"}
+
+
+def _unpickle_reason(e: Exception) -> str:
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        return _first_line(text.split(marker, 1)[1]).split(" Please use")[0].strip()
+    return "torch.load(weights_only=True) failed"
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else "")[:200]
 
 
 def _sub_config_value(config: dict, key: str) -> Any:
@@ -206,20 +278,56 @@ def _from_pretrained(path, info, trust_remote_code, dtype, requantize, loader=No
     else:
         last_error: Exception | None = None
         model = None
+        loading: dict[str, Any] = {}
         for auto in model_classes(info.config.get("architectures")):
             try:
-                model = auto.from_pretrained(path, **kwargs)
+                model, loading = auto.from_pretrained(path, output_loading_info=True, **kwargs)
                 break
             except ValueError as e:  # this auto class does not know the config type
                 last_error = e
+            except RuntimeError as e:
+                if "mismatched_sizes" not in str(e):
+                    raise
+                raise AnyquantError(f"{path}: a checkpoint tensor's shape does not match config.json "
+                                    f"(transformers: {_first_line(str(e))}); re-save the model or fix its "
+                                    "config.json") from e
         if model is None:
             raise AnyquantError(f"{path}: transformers cannot load this model ({last_error})")
+        check_loading_info(path, loading)
     model.eval()
     _own_weights(model)
     if requantize and qc:
         model = dequantize_modules(model)
         log.warning("%s was already quantized (%s); dequantized before quantizing again", path, qc.get("quant_method"))
     return model
+
+
+def check_loading_info(path: Path, loading: dict[str, Any]) -> None:
+    """A source is read completely or refused: transformers fills a tensor the checkpoint lacks
+    with random values (its load report is a log line) and drops tensors it has no place for.
+    Its report leaves out what it rightly recomputes or re-ties (non-persistent buffers such as
+    rotary inv_freq, tied output embeddings) and the keys the model class declares ignorable."""
+    missing = sorted(loading.get("missing_keys") or ())
+    unexpected = sorted(loading.get("unexpected_keys") or ())
+    mismatched = sorted(str(k[0]) if isinstance(k, (tuple, list)) else str(k)
+                        for k in loading.get("mismatched_keys") or ())
+    if missing:
+        raise AnyquantError(
+            f"{path}: the checkpoint lacks {len(missing)} tensor(s) the model needs ({_names(missing)}); "
+            "transformers would fill them with random values: re-download or re-save the model")
+    if mismatched:
+        raise AnyquantError(f"{path}: checkpoint tensor(s) {_names(mismatched)} do not have the shape the "
+                            "model's config.json gives; re-save the model or fix its config.json")
+    if unexpected:
+        raise AnyquantError(
+            f"{path}: the checkpoint holds {len(unexpected)} tensor(s) the model has no place for "
+            f"({_names(unexpected)}); transformers would drop them: check that config.json "
+            "(architectures, model_type) belongs to these weights")
+
+
+def _names(keys: list[str], n: int = 3) -> str:
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
 
 
 @torch.no_grad()
