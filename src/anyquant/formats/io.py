@@ -160,7 +160,7 @@ def clean_leftovers(out: Path) -> list[str]:
             finally:
                 os.close(fd)
     for n in notes:
-        log.warning("%s", n)
+        log.info("%s", n)
     return notes
 
 
