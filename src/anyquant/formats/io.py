@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from anyquant.errors import AnyquantError, Terminated
@@ -285,6 +286,9 @@ def save(result, out_dir: str | Path, *, force: bool = False, extra_metrics: dic
         raise AnyquantError(
             f"writing {out} failed: {e.strerror or e} ({getattr(e, 'filename', None) or out}); nothing was "
             "written there: free space or fix permissions and run again") from None
+    except SafetensorError as e:  # safetensors reports its write errors (ENOSPC, EFBIG) as its own type
+        raise AnyquantError(f"writing {out} failed: {' '.join(str(e).split())}; nothing was written there: "
+                            "free space or fix permissions and run again") from None
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
