@@ -10,3 +10,8 @@ class AnyquantError(Exception):
 
 class AlreadyQuantizedError(AnyquantError):
     """The source holds already-quantized tensors (failure class F5)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, systemd, docker) while a save runs: unwinds like Ctrl-C, so the save's
+    temporary directory is removed; the CLI exits 143."""

@@ -20,6 +20,7 @@ from anyquant.calib.runner import calibration_ids
 from anyquant.calib.text import calibration_text
 from anyquant.config import CalibratedInt4Config
 from anyquant.errors import AnyquantError
+from anyquant.model.files import read_text_file
 
 
 def calibration_data(model: nn.Module, config: CalibratedInt4Config, calib: str | Path | torch.Tensor | list | None,
@@ -45,6 +46,12 @@ def calibration_data(model: nn.Module, config: CalibratedInt4Config, calib: str 
         notes.append(f"{config.method}: {vc.describe()}")
         notes.extend(f"{config.method}: {n}" for n in vc.notes)
     else:
+        if tokenizer is None and model_dir is not None:
+            raise AnyquantError(
+                f"{model_dir}: the model directory has no tokenizer files (tokenizer.json, tokenizer_config.json "
+                f"or tokenizer.model), and {config.method} tokenizes calibration text with them: copy the source "
+                "model's tokenizer files into it"
+            )
         if tokenizer is None:
             raise AnyquantError(
                 f"{config.method} needs calibration tokens: pass calib=<LongTensor [n, seq]> for an in-memory "
@@ -54,10 +61,7 @@ def calibration_data(model: nn.Module, config: CalibratedInt4Config, calib: str 
 
             text = calibration_text()
         else:
-            p = Path(calib).expanduser()
-            if not p.is_file():
-                raise AnyquantError(f"--calib {calib}: no such file (a UTF-8 text file is expected)")
-            text = p.read_text(encoding="utf-8", errors="replace")
+            text = read_text_file(calib, "--calib", "calibration text")
         ids = calibration_ids(tokenizer, text, config.n_samples, config.seq_len)
         if vlm:
             notes.append(f"{config.method}: vision-language model calibrated text-only on --calib {calib} "

@@ -233,7 +233,7 @@ def token_windows(
 
     ids = _encode_prefix(tokenizer, text, max_tokens)
     if not ids:
-        raise AnyquantError("token_windows: the text produced no tokens; pass non-empty evaluation text")
+        raise AnyquantError("token_windows: the text produced no tokens (calibration text for --calib, evaluation text for --text); give a file with words in it")
     ids = ids[:max_tokens]
     n_rows = len(ids) // per_row
     if n_rows == 0:

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import typer
 
-from anyquant.errors import AnyquantError
+from anyquant.errors import AnyquantError, Terminated
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize Hugging Face models to 8 and 4 bits, safely, and measure what it cost.")
@@ -24,8 +24,13 @@ def fails_cleanly(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except AnyquantError as e:
-            typer.echo(f"anyquant: error: {e}", err=True)
+            # one line, whatever the message quotes (transformers' reports span several)
+            typer.echo("anyquant: error: " + " ".join(str(e).split()), err=True)
             raise typer.Exit(2)
+        except Terminated:
+            typer.echo("anyquant: terminated (SIGTERM); the output was not written, its temporary folder removed",
+                       err=True)
+            raise typer.Exit(143)
         except KeyboardInterrupt:
             typer.echo("anyquant: interrupted; nothing was written", err=True)
             raise typer.Exit(130)
@@ -76,3 +81,30 @@ def check_dtype(dtype: str) -> None:
         close = difflib.get_close_matches(dtype, valid, n=1, cutoff=0.3)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise AnyquantError(f"--dtype {dtype}: expected one of {', '.join(valid)}{hint}")
+
+
+def check_model_dir(source: str, trust_remote_code: bool, *, shapes: bool = True):
+    """A model directory's files checked before it is loaded (config fields, shard index,
+    weight file types and headers, remote code, an anyquant output's manifest); returns
+    (path, config)."""
+    from anyquant.model.files import check_source, read_json_file
+    from anyquant.model.load import resolve_source
+
+    path = resolve_source(source)
+    manifest = path / "anyquant.json"
+    if manifest.exists():
+        data = read_json_file(manifest, "manifest")
+        if not isinstance(data, dict) or not data.get("method"):
+            raise AnyquantError(f"manifest {manifest}: empty or not an anyquant manifest (no method); the output is "
+                                "damaged: quantize again into a new directory")
+        shapes = False
+    return path, check_source(path, trust_remote_code, shapes=shapes)
+
+
+def check_patterns(keep, only) -> None:
+    from anyquant.model.files import check_pattern
+
+    for p in keep:
+        check_pattern(p, "--keep")
+    for p in only:
+        check_pattern(p, "--only")

@@ -10,6 +10,7 @@ import typer
 
 from anyquant.cli.common import (
     app,
+    check_model_dir,
     console,
     fails_cleanly,
     setup_logging,
@@ -26,6 +27,13 @@ def eval_cmd(target: str = typer.Argument(..., help="model directory to evaluate
              trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
              no_verify: bool = typer.Option(False, "--no-verify", help="skip checking the output's files against the sha256 its anyquant.json recorded")):
     """Perplexity, KL divergence and top-1 agreement against the baseline; bits per weight; size; memory."""
+    check_model_dir(target, trust_remote_code)  # before loading: damaged outputs, remote code, file types
+    if baseline is not None and baseline != "default" and Path(baseline).exists():
+        check_model_dir(baseline, trust_remote_code)
+    if text is not None:
+        from anyquant.model.files import read_text_file
+
+        read_text_file(text, "--text", "evaluation text")
     setup_logging(False)
     from anyquant.eval.saved import run_eval
 

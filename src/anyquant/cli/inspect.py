@@ -10,6 +10,7 @@ import typer
 from anyquant.cli.common import (
     SourceArg,
     app,
+    check_model_dir,
     console,
     fails_cleanly,
     setup_logging,
@@ -21,6 +22,7 @@ from anyquant.cli.common import (
 def inspect(source: str = SourceArg, json_out: bool = typer.Option(False, "--json"),
             trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
     """Components, module kinds, parameters and dtypes, tied and already-quantized tensors, size per method."""
+    check_model_dir(source, trust_remote_code)
     setup_logging(False)
     from anyquant.api import inspect as inspect_api
 

@@ -12,6 +12,8 @@ from anyquant.cli.common import (
     SourceArg,
     app,
     check_dtype,
+    check_model_dir,
+    check_patterns,
     console,
     fails_cleanly,
     method_options,
@@ -35,10 +37,16 @@ def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", 
     """What quantize would do: repeated blocks grouped, exceptions one per line (--all: every module)."""
     method_opts = method_options(method, group_size)  # before anything heavy: a misspelt method fails fast
     check_dtype(dtype)
+    check_patterns(keep, only)
+    check_model_dir(source, trust_remote_code)
     setup_logging(False)
     from anyquant.api import plan as make_plan
     from anyquant.formats.io import load_source
     from anyquant.planning.summary import collapse_notes, summarize
+    from anyquant.planning.plan import load_overrides
+
+    if plan_file is not None:
+        load_overrides(plan_file)
 
     model, _, _ = load_source(source, trust_remote_code=trust_remote_code, requantize=requantize)
     p = make_plan(model, method, dtype=dtype, plan_file=plan_file, overrides=[(k, "keep") for k in keep],

@@ -11,10 +11,13 @@ from anyquant.cli.common import (
     SourceArg,
     app,
     check_dtype,
+    check_model_dir,
+    check_patterns,
     fails_cleanly,
     method_options,
     setup_logging,
 )
+from anyquant.errors import AnyquantError
 
 
 @app.command()
@@ -42,15 +45,31 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
     opts = method_options(method, group_size, n_samples=n_samples, seq_len=seq_len, act_order=act_order,
                           awq_scales=awq_scales, tune_steps=tune_steps, tune_target=tune_target)
     check_dtype(dtype)
+    check_patterns(keep, only)
     setup_logging(verbose)
     from anyquant.api import quantize as run
     from anyquant.api import save
-    from anyquant.formats.io import check_output_dir
-    from anyquant.model.load import resolve_source
+    from anyquant.config import make_config
+    from anyquant.formats.io import check_output_dir, clean_leftovers
+    from anyquant.model.files import estimate_output_bytes, max_positions, read_text_file
+    from anyquant.planning.plan import load_overrides
     from anyquant.planning.summary import collapse_notes
 
-    src = resolve_source(source)
-    check_output_dir(out, src, force)  # fail before the slow part
+    # preflight: everything that can be refused is refused before the slow part
+    src, config = check_model_dir(source, trust_remote_code)
+    bits = make_config(method, **opts).bits or 16
+    if seq_len is not None:
+        positions = max_positions(config)
+        if positions is not None and seq_len > positions:
+            raise AnyquantError(f"--seq-len {seq_len}: the model ({src}) has max_position_embeddings {positions}; "
+                                f"pass --seq-len {positions} or less")
+    if plan_file is not None:
+        load_overrides(plan_file)
+    if calib is not None:
+        read_text_file(calib, "--calib", "calibration text")
+    for n in clean_leftovers(out):
+        typer.echo(f"note: {n}", err=False)
+    check_output_dir(out, src, force, estimated_bytes=estimate_output_bytes(src, bits))
     ov = [(k, "keep") for k in keep]
     result = run(src, method, dtype=dtype, plan=plan_file, overrides=ov, only=only, include_vision=include_vision,
                  trust_remote_code=trust_remote_code, requantize=requantize, calib=calib, **opts)

@@ -6,17 +6,23 @@ so a crash or Ctrl-C never leaves a half-written output where a user expects a m
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from anyquant.errors import AnyquantError
+from anyquant.errors import AnyquantError, Terminated
 from anyquant.formats.hf import checkpoint_key_renamer
 from anyquant.formats.manifest import (
     MANIFEST,
@@ -35,8 +41,17 @@ from anyquant.numerics.dtype import DTYPES
 log = logging.getLogger(__name__)
 
 
-def check_output_dir(out: Path, source: Path | None, force: bool) -> None:
-    out = out.expanduser().resolve()
+def is_anyquant_output(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def check_output_dir(out: Path, source: Path | None, force: bool, *, estimated_bytes: int | None = None) -> Path:
+    """Refuse, before any long work, an output location that save() would refuse or fail on:
+    inside or around the source, the working directory, a file, a directory that is neither an
+    anyquant output nor empty (never replaced, --force or not), one that is not writable, or a
+    filesystem without room for `estimated_bytes`. Returns the resolved path."""
+    given = out
+    out = Path(out).expanduser().resolve()
     if source is not None:
         src = Path(source).expanduser().resolve()
         if out == src or src in out.parents:
@@ -46,44 +61,266 @@ def check_output_dir(out: Path, source: Path | None, force: bool) -> None:
             )
         if out in src.parents:
             raise AnyquantError(f"output directory {out} contains the source model {src}; choose another")
-    if out.exists() and not force:
-        raise AnyquantError(f"output directory {out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise AnyquantError(f"output path {out} is a file; choose a directory")
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise AnyquantError(
+            f"--out {given}: is the working directory{'' if out == cwd else ' or contains it'} ({out}); the output "
+            "is written as a whole new directory, so name one, e.g. --out ./quantized"
+        )
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise AnyquantError(f"--out {given}: is a file, not a directory; give a directory path "
+                                "(a new one, or an earlier anyquant output to replace with --force)")
+        empty = not any(out.iterdir())
+        if not is_anyquant_output(out) and not empty:
+            raise AnyquantError(
+                f"--out {given}: exists and is not an anyquant output (no {MANIFEST}) and not empty; anyquant "
+                "replaces only its own outputs, even with --force: choose another directory"
+            )
+        if not force:
+            what = "an empty directory" if empty else "an earlier anyquant output"
+            raise AnyquantError(f"--out {given}: already exists ({what}); pass --force to replace it")
+    _check_writable(out, estimated_bytes)
+    return out
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.parent
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def _check_writable(out: Path, estimated_bytes: int | None) -> None:
+    base = _existing_ancestor(out)
+    if not base.is_dir():
+        raise AnyquantError(f"--out {out}: {base} is a file, so no directory can be made under it; choose another path")
+    try:  # a real write: access(W_OK) says yes to root on a read-only mount's directory permissions
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise AnyquantError(f"--out {out}: cannot write in {base} ({e.strerror}); choose a writable location "
+                            "(nothing was quantized)") from None
+    if estimated_bytes:
+        free = shutil.disk_usage(base).free
+        need = int(estimated_bytes * 1.05) + (1 << 20)
+        if free < need:
+            raise AnyquantError(
+                f"--out {out}: the filesystem of {base} has {free / 2**20:.1f} MiB free, the output needs about "
+                f"{need / 2**20:.1f} MiB; free space or choose another location (nothing was quantized)"
+            )
+
+
+def leftovers(out: Path) -> list[Path]:
+    """Temporary siblings of `out` (`.OUT.tmp-*`, `.OUT.old-*`) that earlier runs left: killed
+    during save, or between the renames of a --force replacement."""
+    out = Path(out).expanduser().resolve()
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.iterdir()
+                  if p.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")) and p.is_dir())
+
+
+def _try_lock(path: Path) -> int | None:
+    """An exclusive flock on a directory, or None where another live process holds it (its
+    save is still running). The kernel drops a killed process's locks."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def clean_leftovers(out: Path) -> list[str]:
+    """Remove what killed runs left next to `out`; an output that was moved aside by a --force
+    replacement and never replaced is moved back first. Folders of a save still running in
+    another process (locked) are left alone. Returns one note per action."""
+    out = Path(out).expanduser().resolve()
+    notes: list[str] = []
+    found = leftovers(out)
+    if not found:
+        return notes
+    with _dir_lock(out.parent):
+        for p in found:
+            fd = _try_lock(p)
+            if fd is None:
+                continue
+            try:
+                if p.name.startswith(f".{out.name}.old-") and not out.exists() and is_anyquant_output(p):
+                    os.rename(p, out)
+                    _fsync_dir(out.parent)
+                    notes.append(f"restored {out} from {p.name} (a --force replacement was killed between its renames)")
+                    continue
+                shutil.rmtree(p, ignore_errors=True)
+                if not p.exists():
+                    notes.append(f"removed {p} (left by a killed run)")
+            finally:
+                os.close(fd)
+    for n in notes:
+        log.info("%s", n)
+    return notes
+
+
+@contextlib.contextmanager
+def _dir_lock(directory: Path):
+    """Serialise the renames of concurrent saves into the same parent directory."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGTERM / SIGINT held back while the renames run (delivered right after), so an output
+    is never left moved aside by this process's own handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = {signal.SIGTERM, signal.SIGINT}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _finish_files(root: Path) -> None:
+    """Modes that follow the umask (mkdtemp makes 0700; a server running as another user must
+    read the output), and every byte on disk before the directory is renamed into place."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        for f in filenames:
+            p = d / f
+            os.chmod(p, 0o666 & ~mask)
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.chmod(d, 0o777 & ~mask)
+        _fsync_dir(d)
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers: what its safetensors files will hold."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t is None or id(t) in seen or t.device.type == "meta":
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
 
 
 def save(result, out_dir: str | Path, *, force: bool = False, extra_metrics: dict[str, Any] | None = None) -> Path:
+    """Write the output into a temporary sibling, fsync it, then rename it into place. With
+    --force an earlier output is renamed aside first and deleted only once the new one is in
+    place: a kill at any point leaves one complete output (or the old one at `.OUT.old-*`,
+    which the next run on OUT restores) and temporary folders that the next run removes."""
     out = Path(out_dir).expanduser()
-    check_output_dir(out, result.source.path, force)
+    for n in clean_leftovers(out):
+        if n not in result.notes:
+            result.notes.append(n)
+    out = check_output_dir(out, result.source.path, force, estimated_bytes=state_bytes(result.model))
     out.parent.mkdir(parents=True, exist_ok=True)
     handler = handler_for(result.config.method)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp: Path | None = None
+    lock_fd: int | None = None
     try:
-        model = result.model
-        compute_dtype = DTYPES[result.plan.compute_dtype]
-        qc = format_for(handler.format).quantization_config(model, result.plan, compute_dtype)
-        _save_pretrained_with(model, tmp, qc)
-        if result.tokenizer is not None:
-            result.tokenizer.save_pretrained(tmp)
-        elif result.source.path is not None:
-            _copy_tokenizer_files(Path(result.source.path), tmp)
-        if result.source.path is not None:
-            _copy_remote_code(Path(result.source.path), tmp)
-        manifest = build_manifest(result, handler.format)
-        if extra_metrics:
-            manifest["metrics"].update(extra_metrics)
-        write_manifest(tmp, seal_manifest(tmp, manifest))  # last: hashes every other file
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        with _terminate_as_interrupt():
+            with _dir_lock(out.parent):  # created and locked at once: another run's clean-up leaves it alone
+                tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+                lock_fd = _try_lock(tmp)
+            model = result.model
+            compute_dtype = DTYPES[result.plan.compute_dtype]
+            qc = format_for(handler.format).quantization_config(model, result.plan, compute_dtype)
+            _save_pretrained_with(model, tmp, qc)
+            if result.tokenizer is not None:
+                result.tokenizer.save_pretrained(tmp)
+            elif result.source.path is not None:
+                _copy_tokenizer_files(Path(result.source.path), tmp)
+            if result.source.path is not None:
+                _copy_remote_code(Path(result.source.path), tmp)
+            manifest = build_manifest(result, handler.format)
+            if extra_metrics:
+                manifest["metrics"].update(extra_metrics)
+            write_manifest(tmp, seal_manifest(tmp, manifest))  # last: hashes every other file
+            _finish_files(tmp)
+            with _signals_deferred(), _dir_lock(out.parent):
+                _swap_into_place(tmp, out, force)
+    except OSError as e:
+        raise AnyquantError(
+            f"writing {out} failed: {e.strerror or e} ({getattr(e, 'filename', None) or out}); nothing was "
+            "written there: free space or fix permissions and run again") from None
+    except SafetensorError as e:  # safetensors reports its write errors (ENOSPC, EFBIG) as its own type
+        raise AnyquantError(f"writing {out} failed: {' '.join(str(e).split())}; nothing was written there: "
+                            "free space or fix permissions and run again") from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if lock_fd is not None:
+            os.close(lock_fd)
     return out
+
+
+def _swap_into_place(tmp: Path, out: Path, force: bool) -> None:
+    if not out.exists():
+        try:
+            os.rename(tmp, out)  # fails, rather than merging, if another run created OUT meanwhile
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+                raise
+            raise AnyquantError(f"--out {out}: appeared while this run was quantizing (another run?); "
+                                "nothing was replaced: pass --force to replace it") from None
+        _fsync_dir(out.parent)
+        return
+    if not force:
+        raise AnyquantError(f"--out {out}: appeared while this run was quantizing (another run?); "
+                            "nothing was replaced: pass --force to replace it")
+    if not is_anyquant_output(out) and any(out.iterdir()):
+        raise AnyquantError(f"--out {out}: is no longer an anyquant output or empty; not replaced")
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.rmdir(old)
+    os.rename(out, old)  # the old output stays whole, at a name the next run recognises
+    os.rename(tmp, out)
+    _fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_pretrained_with(model: nn.Module, directory: Path, quantization_config: dict[str, Any]) -> None:

@@ -94,6 +94,11 @@ def apply_overrides(plan: Plan, model_map: ModelMap, config: MethodConfig, overr
                 if not pattern.startswith("re:") and d.kind == LINEAR:
                     raise AnyquantError(f"plan override {pattern!r} asks to quantize {name}, which must stay "
                                         f"in float: {d.reason}")
+                if not pattern.startswith("re:"):  # an exact name: the user meant this module
+                    raise AnyquantError(
+                        f"plan override {pattern!r} asks to quantize {name}, a {d.kind} module: anyquant quantizes "
+                        "Linear layers only (embeddings and norms stay in float); remove the override or set it "
+                        "to 'keep'")
                 # Quantize-overrides are broad patterns; skipping norms/embeddings they match is expected.
                 continue
             ok, options, code, reason = handler_for(config.method).fit(model_map.modules[name], config)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from anyquant.errors import AnyquantError
+from anyquant.model.files import check_pattern, read_json_file
 
 QUANTIZE, KEEP = "quantize", "keep"
 PLAN_VERSION = 1
@@ -72,6 +72,7 @@ class Plan:
 
 def matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
+        check_pattern(pattern, "pattern")
         return re.search(pattern[3:], name) is not None
     return name == pattern
 
@@ -81,20 +82,25 @@ def load_overrides(path: str | Path) -> list[tuple[str, str]]:
     or a plan written by `anyquant plan --json` (then each decision is an exact-name override).
 
     Order matters: later entries win over earlier ones for the same module."""
-    path = Path(path)
-    if not path.exists():
-        raise AnyquantError(f"--plan {path}: no such file")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise AnyquantError(f"--plan {path}: not valid JSON ({e})") from e
-    if isinstance(data, dict) and "decisions" in data:
-        return [(d["name"], d["action"] if d["action"] == KEEP else (d.get("method") or QUANTIZE)) for d in data["decisions"]]
-    ov = data.get("overrides") if isinstance(data, dict) else data
-    if isinstance(ov, dict):
-        return list(ov.items())
-    if isinstance(ov, list) and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in ov):
-        return [(str(a), str(b)) for a, b in ov]
+    path = Path(path).expanduser()
+    data = read_json_file(path, "--plan")
+    out: list[tuple[str, str]] | None = None
+    if isinstance(data, dict) and isinstance(data.get("decisions"), list):
+        try:
+            out = [(str(d["name"]), d["action"] if d["action"] == KEEP else str(d.get("method") or QUANTIZE))
+                   for d in data["decisions"]]
+        except (KeyError, TypeError):
+            out = None
+    else:
+        ov = data.get("overrides") if isinstance(data, dict) else data
+        if isinstance(ov, dict):
+            out = [(str(a), str(b)) for a, b in ov.items()]
+        elif isinstance(ov, list) and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in ov):
+            out = [(str(a), str(b)) for a, b in ov]
+    if out is not None:
+        for pattern, _ in out:
+            check_pattern(pattern, f"--plan {path}: pattern")
+        return out
     raise AnyquantError(
         f"--plan {path}: expected {{\"overrides\": {{\"<name or re:pattern>\": \"keep\" | \"<method>\"}}}} "
         "or the output of `anyquant plan --json`"
