@@ -493,6 +493,23 @@ def prepare(module, x: torch.Tensor, kernel: str | None = None) -> str:
     return name
 
 
+def prepare_model(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, int]:
+    """For each Int4Linear of `model` that sits on a CUDA device: the batch-1 kernel chosen for
+    `dtype` activations, its layout built and its launch bound now (at load), not at the first
+    token. Builds the CUDA extension if it is not built yet. Returns {kernel: modules} (empty on
+    CPU, where the reference path runs) and keeps it as `model.anyquant_kernels`."""
+    counts: dict[str, int] = {}
+    with torch.no_grad():
+        for m in model.modules():
+            packed = getattr(m, "weight_packed", None)
+            if not isinstance(packed, torch.Tensor) or not hasattr(m, "kernel_cache") or not packed.is_cuda:
+                continue
+            name = prepare(m, torch.zeros(1, m.in_features, dtype=dtype, device=packed.device))
+            counts[name] = counts.get(name, 0) + 1
+    model.anyquant_kernels = counts
+    return counts
+
+
 def chosen_kernel(module, x: torch.Tensor) -> str:
     """The kernel dispatch runs (or would run) for this module on an input like `x`."""
     entry = module.kernel_cache.get(_dispatch_key(x))
