@@ -147,8 +147,11 @@ def load_int4_direct(directory: Path, config, plan: Plan, trust_remote_code: boo
         set_submodule(model, d.name, q)
     # Checkpoint key -> model name, through transformers' renamings; any converter (merging or
     # splitting tensors at load) sends the load through transformers instead.
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, rename_source_key
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:   # a transformers without load-time conversions: its loader does the mapping
+        return None
 
     conversions = get_model_conversion_mapping(model)
     renamings = [t for t in conversions if isinstance(t, WeightRenaming)]
