@@ -97,6 +97,9 @@ class FastDecoder:
         with torch.inference_mode():
             self.set_position(0)
             self.tok.zero_()
+            # one eager token first: the cache's layers allocate their tensors outside the compiled step
+            self.model(input_ids=self.tok, **self._kw(self.pos.clone()))
+            self.set_position(0)
             if self.device.type == "cuda":
                 s = torch.cuda.Stream(self.device)
                 s.wait_stream(torch.cuda.current_stream(self.device))
