@@ -72,11 +72,13 @@ def test_mixtral_int4_reload_applies_expert_fusion(tmp_path):
     r = anyquant.quantize(str(src), "int4", progress=False)
     mem = _logits(r.model, ids)
     out = anyquant.save(r, tmp_path / "int4")
-    loaded = anyquant.load(out)
+    loaded = anyquant.load(out)   # q/k/v fused (the default inference layout)
     assert torch.allclose(_logits(loaded, ids), mem, atol=1e-4, rtol=1e-4)
     from anyquant.runtime.int4_linear import Int4Linear
 
-    assert sum(isinstance(m, Int4Linear) for m in loaded.modules()) == len(r.plan.to_quantize())
+    saved_layout = anyquant.load(out, fuse=False)   # one Int4Linear per planned module
+    assert torch.allclose(_logits(saved_layout, ids), mem, atol=1e-4, rtol=1e-4)
+    assert sum(isinstance(m, Int4Linear) for m in saved_layout.modules()) == len(r.plan.to_quantize())
 
 
 def test_gpt_neox_int4_reload_applies_key_renaming(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from anyquant.config import MethodConfig, make_config
@@ -68,10 +69,22 @@ def save(result: QuantizeResult, out_dir: str | Path, *, force: bool = False) ->
     return _save(result, out_dir, force=force)
 
 
-def load(directory: str | Path, *, trust_remote_code: bool = False, verify: bool = True) -> nn.Module:
-    """A saved anyquant output as a model callable like the source model. Every file is first
+def load(directory: str | Path, *, device: str | None = None, device_map: str | dict | None = None,
+         fuse: bool = True, trust_remote_code: bool = False, verify: bool = True) -> nn.Module:
+    """A saved anyquant output as a model callable like the source model, ready for inference.
+
+    device: where the model goes (default: the first GPU where there is one, else the CPU);
+    device_map: "auto" (transformers' sense: the GPUs present, then the CPU) or
+    {module prefix: device}, instead of `device`. int4 outputs are built on the meta device and
+    read straight to their devices (the float weights never exist); bitsandbytes outputs go
+    through transformers with the same device_map. fuse: q/k/v and gate/up as one matrix each
+    where the architecture allows (int4; the inference layout, docs/runtime.md); fuse=False
+    keeps the saved module layout (e.g. to inspect or re-save the model). Every file is first
     checked against the sha256 its anyquant.json recorded (verify=False skips that)."""
-    return load_quantized(directory, trust_remote_code=trust_remote_code, verify=verify)
+    if device is None and device_map is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_quantized(directory, trust_remote_code=trust_remote_code, verify=verify, device=device,
+                          device_map=device_map, fuse=fuse)
 
 
 def evaluate(model: nn.Module, baseline: nn.Module | None = None, text: str | None = None, *, tokenizer=None,

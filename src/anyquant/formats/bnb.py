@@ -69,12 +69,21 @@ class BitsAndBytesFormat(Format):
         qc["llm_int8_skip_modules"] = float_linear_names(model, qc.get("llm_int8_skip_modules") or [])
         return qc
 
-    def load(self, directory: Path, manifest: dict[str, Any], trust_remote_code: bool) -> nn.Module:
+    def load(self, directory: Path, manifest: dict[str, Any], trust_remote_code: bool, *,
+             device=None, device_map=None, fuse: bool = False) -> nn.Module:
+        """transformers + bitsandbytes load it, with `device_map` (or {"": device}) passed on:
+        the quantized weights go to their device as they are read. `fuse` changes nothing here
+        (bitsandbytes' modules are not fused)."""
         from transformers import AutoConfig
 
+        kwargs: dict[str, Any] = {}
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        elif device is not None:
+            kwargs["device_map"] = {"": torch.device(device)}
         for auto in classes_for_config(AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)):
             try:
-                model = auto.from_pretrained(directory, trust_remote_code=trust_remote_code).eval()
+                model = auto.from_pretrained(directory, trust_remote_code=trust_remote_code, **kwargs).eval()
             except ValueError:
                 continue
             return pin_bnb_modules(model)

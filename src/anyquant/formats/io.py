@@ -393,10 +393,12 @@ def _copy_remote_code(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def load_quantized(directory: str | Path, *, trust_remote_code: bool = False, verify: bool = True) -> nn.Module:
+def load_quantized(directory: str | Path, *, trust_remote_code: bool = False, verify: bool = True, device=None,
+                   device_map=None, fuse: bool = False) -> nn.Module:
     """Load an anyquant output. bitsandbytes outputs go through transformers as they are;
     int4 outputs are rebuilt with anyquant's Int4Linear (any device, no compressed-tensors needed).
-    `verify` (default) first checks every file against the sha256 anyquant.json recorded."""
+    `verify` (default) first checks every file against the sha256 anyquant.json recorded.
+    device / device_map / fuse: see Format.load (default: the CPU, unfused)."""
 
     directory = Path(directory).expanduser()
     if not directory.is_dir():
@@ -406,7 +408,8 @@ def load_quantized(directory: str | Path, *, trust_remote_code: bool = False, ve
         raise AnyquantError(f"{directory}: no {MANIFEST}: not an anyquant output (load it with transformers)")
     if verify:
         verify_output(directory, manifest)
-    return format_for(manifest.get("format", "compressed-tensors")).load(directory, manifest, trust_remote_code)
+    return format_for(manifest.get("format", "compressed-tensors")).load(
+        directory, manifest, trust_remote_code, device=device, device_map=device_map, fuse=fuse)
 
 
 def load_source(source: str | Path, *, verify: bool = True, **kwargs: Any):

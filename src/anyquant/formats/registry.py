@@ -20,8 +20,11 @@ class Format:
         """The config.json `quantization_config` for `model` quantized by `plan`."""
         raise NotImplementedError(f"format {self.name}: quantization_config is not implemented")
 
-    def load(self, directory: Path, manifest: dict[str, Any], trust_remote_code: bool) -> nn.Module:
-        """The saved output at `directory` as a model."""
+    def load(self, directory: Path, manifest: dict[str, Any], trust_remote_code: bool, *,
+             device: str | torch.device | None = None, device_map: str | dict | None = None,
+             fuse: bool = False) -> nn.Module:
+        """The saved output at `directory` as a model, on `device` or spread by `device_map`
+        (transformers' sense); `fuse`: q/k/v and gate/up fused where the format's modules allow."""
         raise NotImplementedError(f"format {self.name}: load is not implemented")
 
 

@@ -489,13 +489,99 @@ _RUN = {
 def prepare(module, x: torch.Tensor, kernel: str | None = None) -> str:
     """Build (and cache) the layout the chosen kernel needs, ahead of graph capture."""
     name = kernel or choose_kernel(module, x)
-    int4_linear_forward(module, x, kernel=name)
+    int4_linear_forward(module, x, kernel=None if kernel is None else name)
     return name
 
 
+def prepare_model(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, int]:
+    """For each Int4Linear of `model` that sits on a CUDA device: the batch-1 kernel chosen for
+    `dtype` activations, its layout built and its launch bound now (at load), not at the first
+    token. Builds the CUDA extension if it is not built yet. Returns {kernel: modules} (empty on
+    CPU, where the reference path runs) and keeps it as `model.anyquant_kernels`."""
+    counts: dict[str, int] = {}
+    with torch.no_grad():
+        for m in model.modules():
+            packed = getattr(m, "weight_packed", None)
+            if not isinstance(packed, torch.Tensor) or not hasattr(m, "kernel_cache") or not packed.is_cuda:
+                continue
+            name = prepare(m, torch.zeros(1, m.in_features, dtype=dtype, device=packed.device))
+            counts[name] = counts.get(name, 0) + 1
+    model.anyquant_kernels = counts
+    return counts
+
+
+def chosen_kernel(module, x: torch.Tensor) -> str:
+    """The kernel dispatch runs (or would run) for this module on an input like `x`."""
+    entry = module.kernel_cache.get(_dispatch_key(x))
+    if entry is not None and entry[0] is _ACTIVE.get():
+        return entry[1]
+    return choose_kernel(module, x)
+
+
+def _dispatch_key(x: torch.Tensor) -> tuple:
+    """What the kernel choice depends on besides the settings: batch 1, 2..16 or 17+ (the
+    buckets; `supports` only tells batch 1 apart), device and dtype."""
+    batch = x.numel() // x.shape[-1]
+    return ("dispatch", 1 if batch == 1 else (2 if batch <= 16 else 17), x.device, x.dtype)
+
+
+def bind(module, name: str, device: torch.device, settings: KernelSettings):
+    """x2 [M, K] -> y [M, N] for kernel `name` on `device`, with its layout, launch
+    configuration and built extension looked up once (the per-call path of dispatch)."""
+    shape = _shape(module)
+    if name == "cuda_stream":
+        units = layout(module, "cuda_stream", device)
+        ext = settings.cuda_extension or cuda_int4.module_for(device)
+        stages, warps, cps, pdl = settings.config("cuda_stream", shape)
+        carveout = cuda_int4.STREAM_CARVEOUT if settings.stream_carveout is None else settings.stream_carveout
+        n = module.out_features
+
+        def run_stream(x2):
+            if not x2.is_contiguous() or x2.data_ptr() % 16:
+                x2 = x2.contiguous().clone()
+            return ext.gemv_stream(x2, units, n, stages, warps, cps, pdl, carveout)
+        return run_stream
+    if name == "cuda_mma":
+        w, meta = layout(module, "cuda_mma", device)
+        ext = settings.cuda_extension or cuda_int4.module_for(device)
+        pipe, depth, rt, s, cps, pdl = settings.config("cuda_mma", shape)
+        if pdl and _capability(device.index or 0) < (9, 0):
+            pdl = 0
+        g = module.group_size
+
+        def run_mma(x2):
+            if not x2.is_contiguous() or x2.data_ptr() % 16:
+                x2 = x2.contiguous().clone()
+            return ext.gemv_mma(x2, w, meta, g, pipe, depth, rt, s, cps, pdl)
+        return run_mma
+    run = _RUN[name]
+    return lambda x2: run(module, x2, settings)
+
+
 def int4_linear_forward(module, x: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
-    """y = x W^T + b for an Int4Linear; `kernel` forces one of KERNELS (tests, benchmarks)."""
-    name = kernel or choose_kernel(module, x)
+    """y = x W^T + b for an Int4Linear; `kernel` forces one of KERNELS (tests, benchmarks).
+
+    Without `kernel`, the choice for (batch bucket, device, dtype) under the active settings is
+    made once per module and kept in `module.kernel_cache` with the launch bound to its layout
+    (`bind`), so a call costs a dictionary lookup, not the checks of `choose_kernel`."""
+    if kernel is None:
+        if x.device.type != "cuda":
+            return reference_forward(module, x)
+        settings = _ACTIVE.get()
+        key = _dispatch_key(x)
+        entry = module.kernel_cache.get(key)
+        if entry is None or entry[0] is not settings:
+            name = choose_kernel(module, x)
+            entry = (settings, name, None if name == "reference" else bind(module, name, x.device, settings))
+            module.kernel_cache[key] = entry
+        run = entry[2]
+        if run is None:
+            return reference_forward(module, x)
+        y = run(x.reshape(-1, x.shape[-1]))
+        if module.bias is not None:
+            y = y + module.bias.to(device=y.device, dtype=y.dtype)
+        return y.reshape(*x.shape[:-1], module.out_features)
+    name = kernel
     if name == "reference":
         return reference_forward(module, x)
     if not supports(name, module, x):
