@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -34,7 +35,6 @@ def generate_cmd(model_dir: str = typer.Argument(..., help="an anyquant output d
         raise AnyquantError("give a prompt or --prompts FILE (one of them)")
     texts = [prompt] if prompt is not None else _read_prompts(prompts)
     setup_logging(False)
-    import time
 
     import torch
     from transformers import AutoTokenizer, TextStreamer
