@@ -1,7 +1,10 @@
 """Block checkpoints of a calibration run: each finished block's tensors and report entry,
 keyed by source fingerprint + config + plan + calibration data, so that a re-run after a kill
-loads the finished blocks and gives the same result. The JSON entry is the commit marker,
-written last."""
+loads the finished blocks and gives the same result. The source fingerprint hashes every byte
+of the weight files (model.integrity), so an edited source gives another key. The JSON entry is
+the commit marker, written last, with the sha256 of the block's tensors file: a truncated or
+changed block is recomputed (DamagedCheckpoint, noted), a folder that cannot be read or written
+is named in the error."""
 
 from __future__ import annotations
 
