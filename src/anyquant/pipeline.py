@@ -45,6 +45,11 @@ class QuantizeResult:
     tokenizer: Any = None
     model_map: ModelMap | None = None
     notes: list[str] = field(default_factory=list)
+    # what save() verifies a reloaded output against: the probe inputs and the in-memory
+    # model's float32 logits on them (formats/verify.py)
+    probe_inputs: dict[str, Any] | None = None
+    probe_logits: torch.Tensor | None = None
+    trust_remote_code: bool = False
 
 
 def quantize(
@@ -173,7 +178,12 @@ def quantize(
     if calibration is not None:
         report["calibration"] = calibration
     model.eval()
-    return QuantizeResult(model, the_plan, config, report, info, tokenizer, mmap, notes)
+    # the logits save() verifies against: the model as it now stands, in eval mode (bitsandbytes'
+    # LLM.int8 layers compute their first call differently, before their int8 state is set up)
+    final_logits = probe_logits(model, inputs).detach().cpu()
+    return QuantizeResult(model, the_plan, config, report, info, tokenizer, mmap, notes,
+                          probe_inputs=inputs, probe_logits=final_logits,
+                          trust_remote_code=trust_remote_code)
 
 
 def _is_vlm(model_map: ModelMap | None, plan: Plan) -> bool:

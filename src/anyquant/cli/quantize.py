@@ -40,6 +40,7 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
              tune_steps: Optional[int] = typer.Option(None, "--tune-steps", help="awq/gptq: block-output tuning steps per block after the method (0: off)"),
              tune_target: Optional[str] = typer.Option(None, "--tune-target", help="awq/gptq tuning toward: model (the float model's output of each block) or block (the float block's, on the same inputs)"),
              force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
+             verify_save: bool = typer.Option(True, "--verify-save/--no-verify-save", help="reload the written output (anyquant and stock transformers) and compare its probe logits with the in-memory model's before putting it in place"),
              verbose: bool = typer.Option(False, "--verbose", "-v")):
     """Quantize SOURCE with METHOD and write a loadable model directory to OUT."""
     opts = method_options(method, group_size, n_samples=n_samples, seq_len=seq_len, act_order=act_order,
@@ -73,7 +74,7 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
     ov = [(k, "keep") for k in keep]
     result = run(src, method, dtype=dtype, plan=plan_file, overrides=ov, only=only, include_vision=include_vision,
                  trust_remote_code=trust_remote_code, requantize=requantize, calib=calib, **opts)
-    path = save(result, out, force=force)
+    path = save(result, out, force=force, verify=verify_save)
     r = result.report
     typer.echo(
         f"{method}: quantized {r['modules_quantized']} modules, kept {r['modules_kept']}; "

@@ -70,4 +70,10 @@ def prepare(
         the_plan = build_plan(mmap, config, dtype_name(policy.compute_dtype), ov, facts,
                               include_vision=include_vision, only=only)
     the_plan.notes = notes + the_plan.notes
+    if policy.fp32_modules and policy.compute_dtype != torch.float32:
+        the_plan.notes.append(
+            f"float32 regions ({', '.join(policy.fp32_modules)}) inside a {dtype_name(policy.compute_dtype)} model: "
+            "anyquant.load restores them exactly; stock transformers' from_pretrained cannot (its "
+            "_keep_in_fp32_modules is a class attribute, not a config field, and adds no casts at the region's "
+            "boundary), so it would compute them in the 16-bit dtype: load the output with anyquant.load")
     return Prepared(mmap, policy, facts, inputs, the_plan, list(notes))
