@@ -64,9 +64,12 @@ def quantize(model: nn.Module | str | Path, method: str | MethodConfig = "nf4", 
     return _quantize(model, method, **options)
 
 
-def save(result: QuantizeResult, out_dir: str | Path, *, force: bool = False) -> Path:
-    """Write a quantized model directory atomically (all files, or nothing)."""
-    return _save(result, out_dir, force=force)
+def save(result: QuantizeResult, out_dir: str | Path, *, force: bool = False, verify: bool = True) -> Path:
+    """Write a quantized model directory atomically (all files, or nothing). `verify` (default):
+    the output is reloaded (anyquant.load, and transformers for the stock formats) and must give
+    the in-memory model's probe logits before it is put in place; a mismatch raises
+    AnyquantError and nothing is left behind."""
+    return _save(result, out_dir, force=force, verify=verify)
 
 
 def load(directory: str | Path, *, device: str | None = None, device_map: str | dict | None = None,

@@ -23,9 +23,9 @@ from anyquant.formats.io import load_source
 from anyquant.methods import handler_for
 from anyquant.model.default import cache_dir
 from anyquant.model.dequant import dequantize_linear, dequantize_modules
-from anyquant.model.load import SourceInfo, check_finite
-from anyquant.model.modelmap import VISION, ModelMap, as_linear, build_model_map
-from anyquant.model.tree import probe_logits, set_submodule
+from anyquant.model.load import SourceInfo, check_finite, load_tokenizer
+from anyquant.model.modelmap import VISION, ModelMap, as_linear, build_model_map, quantized_linear_types
+from anyquant.model.tree import fused_expert_tensors, probe_logits, set_submodule
 from anyquant.numerics.dtype import dtype_name
 from anyquant.numerics.casts import check_consistency
 from anyquant.planning import Plan
@@ -45,6 +45,11 @@ class QuantizeResult:
     tokenizer: Any = None
     model_map: ModelMap | None = None
     notes: list[str] = field(default_factory=list)
+    # what save() verifies a reloaded output against: the probe inputs and the in-memory
+    # model's float32 logits on them (formats/verify.py)
+    probe_inputs: dict[str, Any] | None = None
+    probe_logits: torch.Tensor | None = None
+    trust_remote_code: bool = False
 
 
 def quantize(
@@ -61,6 +66,7 @@ def quantize(
     checkpoint_dir: str | Path | None = "auto",
     include_vision: bool = False,
     only: list[str] | None = None,
+    tokenizer: Any = None,
     **options: Any,
 ) -> QuantizeResult:
     """Quantize a model (an nn.Module, quantized in place, or a model directory / "default").
@@ -69,12 +75,17 @@ def quantize(
     t0 = time.perf_counter()
     config = method if isinstance(method, MethodConfig) else make_config(method, **options)
     handler = handler_for(config.method)
+    given_tokenizer = tokenizer  # a tokenizer, or the directory of one (--tokenizer DIR): used over the source's
+    if isinstance(given_tokenizer, (str, Path)):
+        given_tokenizer = load_tokenizer(Path(given_tokenizer), trust_remote_code, required=True)
     tokenizer = None
     if isinstance(model, (str, Path)):
         model, tokenizer, info = load_source(model, trust_remote_code=trust_remote_code, requantize=requantize)
     else:
         info = SourceInfo(path=None, fingerprint=f"in-memory:{type(model).__name__}")
     notes: list[str] = []
+    if given_tokenizer is not None:
+        tokenizer = given_tokenizer
 
     mmap = build_model_map(model)
     if mmap.quantized_tensors:
@@ -147,6 +158,20 @@ def quantize(
             set_submodule(model, d.name, q)
             advance()
 
+    fused = fused_expert_tensors(model)
+    quantized_types = quantized_linear_types()
+    float_params = 0
+    float_bits = 0.0
+    seen: set[int] = set()
+    for mod in model.modules():
+        if isinstance(mod, quantized_types):
+            continue
+        for p in mod.parameters(recurse=False):
+            if id(p) in seen or not p.is_floating_point():
+                continue
+            seen.add(id(p))
+            float_params += p.numel()
+            float_bits += p.numel() * p.element_size() * 8
     q_logits = probe_logits(model, inputs)
     if not torch.isfinite(q_logits).all():
         raise AnyquantError(
@@ -164,6 +189,11 @@ def quantize(
         "params_quantized": qparams,
         "params_total": mmap.total_params,
         "bits_per_quantized_weight_estimate": bits / max(1, qparams),
+        # honest totals: every parameter not quantized counts at its own dtype's width, fused MoE
+        # experts (3-D tensors, left in float) included and listed
+        "params_quantized_share": qparams / max(1, mmap.total_params),
+        "bits_per_weight_overall": (bits + float_bits) / max(1, qparams + float_params),
+        "fused_experts_float": {"tensors": len(fused), "params": sum(fused.values())},
         "probe_logits_relative_error": P.relative_error(float_logits, q_logits),
         "per_layer_weight_error": per_layer,
         "quantize_seconds": time.perf_counter() - t0,
@@ -173,7 +203,12 @@ def quantize(
     if calibration is not None:
         report["calibration"] = calibration
     model.eval()
-    return QuantizeResult(model, the_plan, config, report, info, tokenizer, mmap, notes)
+    # the logits save() verifies against: the model as it now stands, in eval mode (bitsandbytes'
+    # LLM.int8 layers compute their first call differently, before their int8 state is set up)
+    final_logits = probe_logits(model, inputs).detach().cpu()
+    return QuantizeResult(model, the_plan, config, report, info, tokenizer, mmap, notes,
+                          probe_inputs=inputs, probe_logits=final_logits,
+                          trust_remote_code=trust_remote_code)
 
 
 def _is_vlm(model_map: ModelMap | None, plan: Plan) -> bool:

@@ -26,15 +26,29 @@ def find_blocks(model: nn.Module, prefer: list[str] | None = None) -> tuple[str,
     """The longest nn.ModuleList of identically typed modules: the decoder blocks. With
     `prefer` (module names: the plan's language-model linears), only lists holding at least one
     of them compete, so a VLM's vision encoder layers are never taken for the decoder; if no
-    list holds one, the longest list overall."""
+    list holds one, the longest list overall.
+
+    Hybrid stacks (Jamba's attention + Mamba layers, StripedHyena's attention + Hyena blocks)
+    hold children of different types: such a heterogeneous ModuleList is the decoder too when it
+    holds the planned linears (`prefer`) and no identically typed list does; each of its blocks
+    is calibrated on what the block before it returned."""
     cands: list[tuple[str, nn.ModuleList]] = []
+    mixed: list[tuple[str, nn.ModuleList]] = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(c) for c in mod}) == 1:
-            cands.append((name, mod))
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            (cands if len({type(c) for c in mod}) == 1 else mixed).append((name, mod))
+
+    def holding(lists):
+        return [(n, m) for n, m in lists if any(p.startswith(f"{n}." if n else "") for p in prefer)]
+
     if prefer:
-        holding = [(n, m) for n, m in cands
-                   if any(p.startswith(f"{n}." if n else "") for p in prefer)]
-        cands = holding or cands
+        # a list holding the planned linears; an identically typed one first, else a hybrid stack
+        # (never a list of one block's experts or heads: it must hold more of them than any other)
+        held = holding(cands)
+        held_mixed = holding(mixed)
+        if held_mixed and (not held or _count_in(held_mixed, prefer) > _count_in(held, prefer)):
+            held = held_mixed
+        cands = held or cands
     best: tuple[str, nn.ModuleList] | None = None
     for name, mod in cands:
         if best is None or len(mod) > len(best[1]):
@@ -45,6 +59,11 @@ def find_blocks(model: nn.Module, prefer: list[str] | None = None) -> tuple[str,
             "calibrated methods need decoder blocks (use int4 or hqq, which need none)"
         )
     return best
+
+
+def _count_in(lists: list[tuple[str, nn.ModuleList]], names: list[str]) -> int:
+    """How many of `names` the best of `lists` holds."""
+    return max(sum(1 for p in names if p.startswith(f"{n}." if n else "")) for n, _ in lists)
 
 
 def _detach(x: Any) -> Any:

@@ -48,14 +48,15 @@ def calibration_data(model: nn.Module, config: CalibratedInt4Config, calib: str 
     else:
         if tokenizer is None and model_dir is not None:
             raise AnyquantError(
-                f"{model_dir}: the model directory has no tokenizer files (tokenizer.json, tokenizer_config.json "
-                f"or tokenizer.model), and {config.method} tokenizes calibration text with them: copy the source "
-                "model's tokenizer files into it"
+                f"{model_dir}: no loadable tokenizer there (tokenizer.json, tokenizer_config.json, tokenizer.model, "
+                f"or a processor holding one; remote-code tokenizers need --trust-remote-code), and {config.method} "
+                "tokenizes calibration text with it: pass --tokenizer DIR (tokenizer=DIR in Python) naming the "
+                "model's tokenizer, or copy the source model's tokenizer files into it"
             )
         if tokenizer is None:
             raise AnyquantError(
                 f"{config.method} needs calibration tokens: pass calib=<LongTensor [n, seq]> for an in-memory "
-                "model, or quantize a model directory (its tokenizer is used)"
+                "model, tokenizer=<tokenizer or its directory>, or quantize a model directory (its tokenizer is used)"
             )
         if calib is None:
 

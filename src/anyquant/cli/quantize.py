@@ -33,6 +33,7 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
              trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
              requantize: bool = typer.Option(False, "--requantize", help="dequantize an already-quantized source first"),
              calib: Optional[Path] = typer.Option(None, "--calib", help="calibration text file for awq/gptq (default: the bundled news corpus)"),
+             tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="awq/gptq: the directory of the tokenizer for calibration text, where SOURCE has none it can load"),
              n_samples: Optional[int] = typer.Option(None, "--n-samples", help="awq/gptq: calibration sequences"),
              seq_len: Optional[int] = typer.Option(None, "--seq-len", help="awq/gptq: tokens per calibration sequence"),
              act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="gptq: columns in order of decreasing Hessian diagonal"),
@@ -40,6 +41,7 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
              tune_steps: Optional[int] = typer.Option(None, "--tune-steps", help="awq/gptq: block-output tuning steps per block after the method (0: off)"),
              tune_target: Optional[str] = typer.Option(None, "--tune-target", help="awq/gptq tuning toward: model (the float model's output of each block) or block (the float block's, on the same inputs)"),
              force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
+             verify_save: bool = typer.Option(True, "--verify-save/--no-verify-save", help="reload the written output (anyquant and stock transformers) and compare its probe logits with the in-memory model's before putting it in place"),
              verbose: bool = typer.Option(False, "--verbose", "-v")):
     """Quantize SOURCE with METHOD and write a loadable model directory to OUT."""
     opts = method_options(method, group_size, n_samples=n_samples, seq_len=seq_len, act_order=act_order,
@@ -72,11 +74,12 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
     check_output_dir(out, src, force, estimated_bytes=estimate_output_bytes(src, bits))
     ov = [(k, "keep") for k in keep]
     result = run(src, method, dtype=dtype, plan=plan_file, overrides=ov, only=only, include_vision=include_vision,
-                 trust_remote_code=trust_remote_code, requantize=requantize, calib=calib, **opts)
-    path = save(result, out, force=force)
+                 trust_remote_code=trust_remote_code, requantize=requantize, calib=calib, tokenizer=tokenizer, **opts)
+    path = save(result, out, force=force, verify=verify_save)
     r = result.report
     typer.echo(
-        f"{method}: quantized {r['modules_quantized']} modules, kept {r['modules_kept']}; "
+        f"{method}: quantized {r['modules_quantized']} modules ({r['params_quantized_share']:.0%} of the parameters), "
+        f"kept {r['modules_kept']}; "
         f"probe logits error {r['probe_logits_relative_error']:.4f}; wrote {path}"
     )
     for n in collapse_notes(result.notes + result.plan.notes):

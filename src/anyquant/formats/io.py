@@ -26,13 +26,17 @@ from anyquant.errors import AnyquantError, Terminated
 from anyquant.formats.hf import checkpoint_key_renamer
 from anyquant.formats.manifest import (
     MANIFEST,
+    SELF_HASH,
     build_manifest,
+    canonical_sha256,
     read_manifest,
     seal_manifest,
     verify_output,
     write_manifest,
 )
+from anyquant.formats.regions import restore_float32_regions
 from anyquant.formats.registry import format_for
+from anyquant.formats.verify import verify_saved
 from anyquant.methods import handler_for
 from anyquant.model.load import load_model, resolve_source
 from anyquant.model.modelmap import quantized_linear_types
@@ -248,11 +252,16 @@ def state_bytes(model: nn.Module) -> int:
     return total
 
 
-def save(result, out_dir: str | Path, *, force: bool = False, extra_metrics: dict[str, Any] | None = None) -> Path:
+def save(result, out_dir: str | Path, *, force: bool = False, extra_metrics: dict[str, Any] | None = None,
+         verify: bool = True) -> Path:
     """Write the output into a temporary sibling, fsync it, then rename it into place. With
     --force an earlier output is renamed aside first and deleted only once the new one is in
     place: a kill at any point leaves one complete output (or the old one at `.OUT.old-*`,
-    which the next run on OUT restores) and temporary folders that the next run removes."""
+    which the next run on OUT restores) and temporary folders that the next run removes.
+
+    `verify` (default): before the output is put in place, it is reloaded (anyquant.load and,
+    for the stock formats, transformers) and its probe logits compared with the in-memory
+    model's (formats/verify.py); a mismatch raises and nothing is left behind."""
     out = Path(out_dir).expanduser()
     for n in clean_leftovers(out):
         if n not in result.notes:
@@ -280,8 +289,14 @@ def save(result, out_dir: str | Path, *, force: bool = False, extra_metrics: dic
             manifest = build_manifest(result, handler.format)
             if extra_metrics:
                 manifest["metrics"].update(extra_metrics)
-            write_manifest(tmp, seal_manifest(tmp, manifest))  # last: hashes every other file
+            sealed = seal_manifest(tmp, manifest)
+            write_manifest(tmp, sealed)  # last: hashes every other file
             _finish_files(tmp)
+            if verify:  # what is put in place is what was verified
+                sealed["verification"] = verify_saved(tmp, result, load_quantized, handler.format)
+                sealed[SELF_HASH] = canonical_sha256(sealed)
+                write_manifest(tmp, sealed)
+                _finish_files(tmp)
             with _signals_deferred(), _dir_lock(out.parent):
                 _swap_into_place(tmp, out, force)
     except OSError as e:
@@ -408,8 +423,11 @@ def load_quantized(directory: str | Path, *, trust_remote_code: bool = False, ve
         raise AnyquantError(f"{directory}: no {MANIFEST}: not an anyquant output (load it with transformers)")
     if verify:
         verify_output(directory, manifest)
-    return format_for(manifest.get("format", "compressed-tensors")).load(
-        directory, manifest, trust_remote_code, device=device, device_map=device_map, fuse=fuse)
+    # float32 regions are restored by module name, so their model keeps the saved (unfused) layout
+    regions = bool(manifest.get("float32_regions"))
+    model = format_for(manifest.get("format", "compressed-tensors")).load(
+        directory, manifest, trust_remote_code, device=device, device_map=device_map, fuse=fuse and not regions)
+    return restore_float32_regions(model, directory, manifest)
 
 
 def load_source(source: str | Path, *, verify: bool = True, **kwargs: Any):

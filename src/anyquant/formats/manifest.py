@@ -43,6 +43,10 @@ def build_manifest(result, fmt: str) -> dict[str, Any]:
         "config": result.config.to_dict(),
         "compute_dtype": result.plan.compute_dtype,
         "plan": result.plan.to_dict(),
+        # modules kept in float32 (casts at their boundaries) inside a 16-bit model: anyquant.load
+        # restores them (formats/regions.py)
+        "float32_regions": ({} if result.plan.compute_dtype == "float32" else
+                            dict((result.report.get("dtype_policy") or {}).get("float32_modules") or {})),
         "metrics": {k: v for k, v in result.report.items() if k != "per_layer_weight_error"},
         "notes": result.notes,
     }

@@ -350,16 +350,42 @@ def _own_weights(model: torch.nn.Module) -> None:
 
 
 
-def load_tokenizer(path: Path, trust_remote_code: bool):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "processor_config.json", "preprocessor_config.json")
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool, *, required: bool = False):
+    """The directory's tokenizer: AutoTokenizer (remote code with trust_remote_code), else the
+    tokenizer of its AutoProcessor (VLMs whose tokenizer is only reachable through their
+    processor). None where the directory has none; `required=True` raises, saying why."""
     from transformers import AutoTokenizer
 
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    path = Path(path).expanduser()
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        if required:
+            raise AnyquantError(f"--tokenizer {path}: no tokenizer files there ({', '.join(TOKENIZER_FILES[:3])}); "
+                                "give the directory of the model's tokenizer")
         return None
+    errors = []
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        log.warning("%s: tokenizer present but not loadable (%s); continuing without one", path, e)
-        return None
+    except Exception as e:  # noqa: BLE001 — remote tokenizer code fails in many ways; the processor may still work
+        errors.append(f"AutoTokenizer: {type(e).__name__}: {str(e)[:200]}")
+    try:
+        from transformers import AutoProcessor
+
+        proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = getattr(proc, "tokenizer", None)
+        if tok is not None:
+            return tok
+        errors.append(f"AutoProcessor: {type(proc).__name__} has no tokenizer")
+    except Exception as e:  # noqa: BLE001 — as above
+        errors.append(f"AutoProcessor: {type(e).__name__}: {str(e)[:200]}")
+    hint = "" if trust_remote_code else " (remote-code tokenizers need --trust-remote-code)"
+    if required:
+        raise AnyquantError(f"--tokenizer {path}: not loadable{hint}: {'; '.join(errors)}")
+    log.warning("%s: tokenizer present but not loadable%s (%s); continuing without one", path, hint, "; ".join(errors))
+    return None
 
 
 def check_finite(model: torch.nn.Module) -> None:

@@ -36,3 +36,19 @@ def logits_of(output: Any) -> torch.Tensor:
 def probe_logits(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """The model's output on `inputs` as float32 logits."""
     return logits_of(model(**inputs)).float()
+
+
+def fused_expert_tensors(model: nn.Module) -> dict[str, int]:
+    """Floating parameters of 3 or more dimensions outside convolutions and embeddings, in a
+    module holding no Linear layer: MoE experts that transformers keeps fused as [experts, out,
+    in] tensors (Mixtral's and Qwen3-MoE's `mlp.experts.gate_up_proj` / `down_proj`, Jamba's),
+    not nn.Linear layers. Returns {parameter name: number of elements}."""
+    out: dict[str, int] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.modules.conv._ConvNd, nn.Embedding)):
+            continue
+        params = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.dim() >= 3 and p.is_floating_point()]
+        if params and not any(isinstance(c, nn.Linear) for c in mod.modules()):
+            for n, p in params:
+                out[f"{name}.{n}" if name else n] = p.numel()
+    return out

@@ -14,7 +14,7 @@ from torch import nn
 
 from anyquant.config import MethodConfig
 from anyquant.model.modelmap import ModelMap, build_model_map
-from anyquant.model.tree import device_of
+from anyquant.model.tree import device_of, fused_expert_tensors
 from anyquant.numerics.capabilities import DeviceCapabilities, detect_capabilities
 from anyquant.numerics.dtype import dtype_name
 from anyquant.numerics.inputs import probe_inputs
@@ -70,4 +70,19 @@ def prepare(
         the_plan = build_plan(mmap, config, dtype_name(policy.compute_dtype), ov, facts,
                               include_vision=include_vision, only=only)
     the_plan.notes = notes + the_plan.notes
+    fused = fused_expert_tensors(model)
+    if fused:
+        n = sum(fused.values())
+        total = sum(p.numel() for p in model.parameters()) or 1
+        the_plan.notes.append(
+            f"{len(fused)} fused MoE expert tensor(s) ({n:,} parameters, {n / total:.0%} of the model; first: "
+            f"{next(iter(fused))}) stay in float ({dtype_name(policy.compute_dtype)}): transformers keeps these "
+            "experts as 3-D parameters, not nn.Linear layers, and anyquant's methods quantize Linear layers only "
+            "(fused-expert quantization is not implemented yet); the report counts them as float")
+    if policy.fp32_modules and policy.compute_dtype != torch.float32:
+        the_plan.notes.append(
+            f"float32 regions ({', '.join(policy.fp32_modules)}) inside a {dtype_name(policy.compute_dtype)} model: "
+            "anyquant.load restores them exactly; stock transformers' from_pretrained cannot (its "
+            "_keep_in_fp32_modules is a class attribute, not a config field, and adds no casts at the region's "
+            "boundary), so it would compute them in the 16-bit dtype: load the output with anyquant.load")
     return Prepared(mmap, policy, facts, inputs, the_plan, list(notes))
