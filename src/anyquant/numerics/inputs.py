@@ -398,3 +398,25 @@ def probe_inputs(model: nn.Module, seq_len: int = 32, seed: int = 0) -> dict[str
     """Small deterministic inputs built from the config: token ids; for a VLM, an image+text
     sample whose forward runs (module docstring)."""
     return probe_inputs_and_notes(model, seq_len, seed)[0]
+
+
+def runnable_probe_inputs(model: nn.Module, seq_len: int = 32, seed: int = 0
+                          ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """probe_inputs whose forward runs as the model is (doctor: float32, stock transformers):
+    where the image forward fails, the text-only inputs and a note saying the image path (the
+    vision tower and projector) was not probed. Raises when even the text forward fails."""
+    inputs, notes = probe_inputs_and_notes(model, seq_len, seed)
+    if "pixel_values" not in inputs:
+        return inputs, notes
+    err = _runs(model, inputs)
+    if err is None:
+        return inputs, notes
+    text_only = {"input_ids": inputs["input_ids"]}
+    text_err = _runs(model, text_only)
+    if text_err is not None:
+        raise AnyquantError(f"probe forward of {type(model).__name__} failed with images ({err}) and text-only "
+                            f"({text_err}); doctor needs one forward of the model")
+    note = (f"the forward with images failed ({err}); probed text-only: the vision tower and projector were not "
+            "probed, so no finding there was reproduced")
+    log.warning(note)
+    return text_only, notes + [note]

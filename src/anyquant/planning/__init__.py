@@ -19,7 +19,8 @@ from anyquant.planning.rules import RULES, PlanContext
 __all__ = ["build_plan", "Plan", "Decision", "QUANTIZE", "KEEP", "PlanContext"]
 
 # Rules whose "keep" protects correctness: an override may not force these modules to quantize.
-SAFETY_CODES = {"already_quantized", "not_linear", "weight_read_outside_forward", "keep_in_fp32_modules"}
+SAFETY_CODES = {"already_quantized", "not_linear", "weight_read_outside_forward", "keep_in_fp32_modules",
+                "not_probed"}
 
 
 def build_plan(

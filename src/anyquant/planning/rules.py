@@ -70,6 +70,19 @@ def rule_weight_read_outside_forward(m, mm, cfg, dtype, ctx):
     return None
 
 
+def rule_not_probed(m, mm, cfg, dtype, ctx):
+    """A VLM whose forward with images failed: the vision tower and projector never ran in the
+    probe, so weights read outside forward and dtype boundaries there are unchecked: they stay
+    in float with that reason (a safety decision: overrides cannot quantize them)."""
+    facts = ctx.facts
+    failure = getattr(facts, "image_failure", "") if facts is not None else ""
+    if failure and m.kind == LINEAR and m.component in (VISION, PROJECTOR) and m.name not in facts.called:
+        return _keep(m, dtype, "not_probed",
+                     f"{m.component}: not probed (the probe forward with images failed: {failure[:160]}): "
+                     "weights read outside forward and dtype boundaries are unchecked here, so it stays in float")
+    return None
+
+
 def rule_head(m, mm, cfg, dtype, ctx):
     if m.component == HEAD:
         tied = f" (tied to {', '.join(m.tied_with)})" if m.tied_with else ""
@@ -102,5 +115,5 @@ def rule_shape(m, mm, cfg, dtype, ctx):
 
 RULES: list[Rule] = [
     rule_not_linear, rule_already_quantized, rule_keep_in_fp32, rule_weight_read_outside_forward,
-    rule_head, rule_tied, rule_vision, rule_shape,
+    rule_not_probed, rule_head, rule_tied, rule_vision, rule_shape,
 ]
