@@ -39,6 +39,11 @@ def build_plan(
     `facts` is the probe's ProbeFacts (anyquant.numerics.probe); without it, weights read
     outside their module's forward cannot be detected and the plan says so in its notes."""
     ctx = PlanContext(facts=facts, include_vision=include_vision, only=list(only or []))
+    absmax = getattr(facts, "input_absmax", None) or {}
+    lin = sorted(absmax[n] for n, m in model_map.modules.items() if m.kind == LINEAR and n in absmax)
+    if lin:
+        mid = len(lin) // 2
+        ctx.linear_input_median = lin[mid] if len(lin) % 2 else (lin[mid - 1] + lin[mid]) / 2
     decisions: list[Decision] = []
     for m in model_map.modules.values():
         for rule in RULES:
