@@ -32,13 +32,15 @@ def build_plan(
     *,
     include_vision: bool = False,
     only: list[str] | None = None,
+    float32_regions: list[str] | None = None,
 ) -> Plan:
     """Rules (first that decides wins) -> --only -> overrides (plan file, then --keep; later
     wins). Safety rules (SAFETY_CODES) are never overridden towards quantizing.
 
     `facts` is the probe's ProbeFacts (anyquant.numerics.probe); without it, weights read
     outside their module's forward cannot be detected and the plan says so in its notes."""
-    ctx = PlanContext(facts=facts, include_vision=include_vision, only=list(only or []))
+    ctx = PlanContext(facts=facts, include_vision=include_vision, only=list(only or []),
+                      float32_regions=list(float32_regions or []))
     absmax = getattr(facts, "input_absmax", None) or {}
     lin = sorted(absmax[n] for n, m in model_map.modules.items() if m.kind == LINEAR and n in absmax)
     if lin:

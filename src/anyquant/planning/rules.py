@@ -33,6 +33,9 @@ class PlanContext:
     only: list[str] = field(default_factory=list)
     # median of the Linear layers' input absmax in the probe forward (the outlier rule's scale)
     linear_input_median: float | None = None
+    # the dtype policy's float32 regions (float16 overflow contained there, F3): the outlier rule
+    # leaves their Linears to the policy, which quantizes them computing in float32
+    float32_regions: list[str] = field(default_factory=list)
 
 
 # Quality guard (rule_outlier_input): a Linear whose probe input absmax is over OUTLIER_RATIO x
@@ -120,6 +123,8 @@ def rule_vision(m, mm, cfg, dtype, ctx):
 def rule_outlier_input(m, mm, cfg, dtype, ctx):
     facts, med = ctx.facts, ctx.linear_input_median
     if facts is None or not med or m.kind != LINEAR:
+        return None
+    if any(r == "" or m.name == r or m.name.startswith(r + ".") for r in ctx.float32_regions):
         return None
     v = getattr(facts, "input_absmax", {}).get(m.name)
     if v is not None and v > OUTLIER_FLOOR and v > OUTLIER_RATIO * med:
