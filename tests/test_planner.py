@@ -149,7 +149,8 @@ def test_vlm_components_from_config_and_structure():
     assert comp["lm_head"] == "head"
     p = anyquant.plan(m, "int8")
     assert p.get("model.vision_tower.encoder.layers.0.self_attn.q_proj").action == "keep"
-    assert any("probed text-only" in n for n in p.notes)  # LLaVA needs image tokens in the ids
+    # issue 16: the probe builds LLaVA's image placeholder tokens from the config: images probed
+    assert not any("probed text-only" in n for n in p.notes)
     p = anyquant.plan(m, "int8", include_vision=True)
     assert p.get("model.vision_tower.encoder.layers.0.self_attn.q_proj").action == "quantize"
     assert p.get("model.vision_tower.embeddings.patch_embedding").action == "keep"  # never convs

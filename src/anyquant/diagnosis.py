@@ -10,6 +10,7 @@ safetensors headers without loading.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -26,7 +27,7 @@ from anyquant.model.modelmap import HEAD, LINEAR, PROJECTOR, VISION, build_model
 from anyquant.numerics.capabilities import DeviceCapabilities, detect_capabilities
 from anyquant.numerics.casts import DtypeBoundaryError, check_consistency, fix_boundaries
 from anyquant.numerics.dtype import DTYPES, dtype_name
-from anyquant.numerics.inputs import probe_inputs
+from anyquant.numerics.inputs import runnable_probe_inputs
 from anyquant.numerics.policy import choose_policy
 from anyquant.numerics.probe import probe_weight_reads
 from anyquant.numerics.ranges import FP16_MARGIN, FP16_MAX, ModuleRange, overflow_regions, probe_ranges
@@ -36,8 +37,17 @@ log = logging.getLogger(__name__)
 FROM_PRETRAINED_KEYS = ("dtype", "torch_dtype")  # accepted in the JSON next to the bnb fields
 
 
-def _finding(cls: str, module: str, message: str) -> dict[str, str]:
-    return {"class": cls, "module": module, "message": message}
+REPRODUCED = "reproduced"
+PREDICTED = "predicted, not reproduced"
+
+
+def _finding(cls: str, module: str, message: str, evidence: str = REPRODUCED) -> dict[str, str]:
+    """One finding. `evidence`: "reproduced" where doctor saw it happen in the stock transformers
+    model (a forward in the user's dtype, a module run in float16, a weight read traced in the
+    model's own forward, transformers' own skip matching, the checkpoint's headers); "predicted,
+    not reproduced" where it follows from a rule (device capabilities, lines of remote code,
+    bitsandbytes' CPU repacking constraints) without being run here."""
+    return {"class": cls, "module": module, "message": message, "evidence": evidence}
 
 
 def _dtype_str(v: Any) -> str | None:
@@ -245,13 +255,14 @@ def check_device_dtypes(req: _Request, caps: DeviceCapabilities, remote_casts: l
     for what, dt in (("bnb_4bit_compute_dtype" if req.four_bit else "LLM.int8 compute", req.compute),
                      ("dtype", req.model_dtype)):
         if dt in DTYPES and not caps.supports(DTYPES[dt]):
-            findings.append(_finding("F1", "<model>", f"{what}={dt}: {caps.name} ({caps.device_type}) has no native {dt}"))
+            findings.append(_finding("F1", "<model>", f"{what}={dt}: {caps.name} ({caps.device_type}) has no native {dt}",
+                                     PREDICTED))
     for c in remote_casts:
         if c["dtype"] != req.model_dtype or c["dtype"] != req.compute:
             findings.append(_finding("F1", c["class"],
                                      f"remote code casts to {c['dtype']} at {c['where']} ({c['line']!r}) while the "
                                      f"model runs in {req.model_dtype} with {req.compute} compute: its neighbours' "
-                                     "dtypes will disagree; use one dtype for dtype and compute dtype"))
+                                     "dtypes will disagree; use one dtype for dtype and compute dtype", PREDICTED))
     return findings
 
 
@@ -259,14 +270,44 @@ def check_outside_reads(req: _Request, probe: _Probe) -> tuple[list[dict[str, st
     """F2: weights read outside their module's forward break when that Linear is quantized.
     Returns (findings, Linears to keep)."""
     findings, keep = [], []
-    facts = probe_weight_reads(probe.model, probe.inputs)
+    # The read is traced as the quantized model runs: transformers marks the config of a model it
+    # loads with a quantization config (`config._is_quantized`), and some models take another
+    # path then (Jamba calls `dt_proj` instead of multiplying `dt_proj.weight`).
+    with quantized_load_marks(probe.model):
+        facts = probe_weight_reads(probe.model, probe.inputs)
     linear_set = set(probe.linears)
     for name, readers in sorted(facts.outside_reads.items()):
+        # bitsandbytes replaces only the weight (the bias stays a float Parameter): a read of
+        # the bias alone works on the quantized model and is no finding
+        if "weight" not in facts.read_params.get(name, ["weight"]):
+            continue
         if name in linear_set and should_convert(name, req.bnb.llm_int8_skip_modules):
             keep.append(name)
             findings.append(_finding("F2", name, f"weight read outside its own forward by "
                                      f"{facts.reader_text(name)}: quantizing it breaks that reader"))
     return findings, keep
+
+
+@contextlib.contextmanager
+def quantized_load_marks(model: nn.Module):
+    """`config._is_quantized = True` on every pretrained (sub)model's config while inside, as
+    transformers' quantizers set it on a quantized load; restored afterwards."""
+    configs = {id(c): c for m in model.modules()
+               for c in [getattr(m, "config", None)] if c is not None and hasattr(m, "config_class")}
+    before = {k: c.__dict__.get("_is_quantized", _MISSING) for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._is_quantized = True
+        yield
+    finally:
+        for k, c in configs.items():
+            if before[k] is _MISSING:
+                c.__dict__.pop("_is_quantized", None)
+            else:
+                c._is_quantized = before[k]
+
+
+_MISSING = object()
 
 
 @dataclass
@@ -405,7 +446,7 @@ def unresolved_findings(req: _Request, caps: DeviceCapabilities, probe: _Probe, 
                 f = _finding("F1", n, f"on this CPU (AVX512-BF16) bitsandbytes repacks Linear4bit weights at the first "
                              f"eval-mode, no-grad forward; this layer ({m.in_features}->{m.out_features}) fails there "
                              f"({err}; the path needs out_features % {AVX512_BLOCK_N} == 0 and in_features % "
-                             f"{BNB_4BIT_BLOCKSIZE} == 0); {AVX512_FIX}")
+                             f"{BNB_4BIT_BLOCKSIZE} == 0); {AVX512_FIX}", PREDICTED)
                 new.append(f)
                 unresolved.append(f)
         if good != "bfloat16":
@@ -427,7 +468,7 @@ def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, tr
                        extra={"already_quantized": True, "unresolved": [f5]})
 
     model, _, _ = load_model(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
-    inputs = probe_inputs(model)
+    inputs, input_notes = runnable_probe_inputs(model)
     findings, f1_modules = check_dtype_boundaries(model, inputs, req.model_dtype)
     probe = _probe(model, inputs, margin)
     findings += check_overflow(req, probe)
@@ -437,7 +478,7 @@ def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, tr
     findings += f2
     skips = check_skips(req, probe)
     findings += skips.findings
-    notes = list(skips.notes)
+    notes = input_notes + list(skips.notes)
 
     good, why = recommended_dtype(model, caps, req.declared, probe, margin)
     fixed, good, why, cast_unfixable, more = corrected_config(req, caps, probe, skips, f2_keep, remote_casts, good, why)
@@ -475,7 +516,8 @@ def print_report(data: dict[str, Any], echo=print) -> None:
     if not data["findings"]:
         echo("no problems found")
     for f in data["findings"]:
-        echo(f"  {f['class']}  {f['module']}: {f['message']}")
+        tag = f" ({f['evidence']})" if f.get("evidence", REPRODUCED) != REPRODUCED else ""
+        echo(f"  {f['class']}  {f['module']}: {f['message']}{tag}")
     for n in data["notes"]:
         echo(f"note: {n}")
     for f in data.get("unresolved", []):

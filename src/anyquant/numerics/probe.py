@@ -43,19 +43,34 @@ class ProbeFacts:
     outside_reads: dict[str, list[str]] = field(default_factory=dict)
     root_type: str = ""
     ran: bool = False
+    # modules whose forward ran in the probe (empty: not recorded)
+    called: set[str] = field(default_factory=set)
+    # absmax of each called module's first floating input over the probe forward (the quality
+    # guard's activation ranges: planning/rules.py rule_outlier_input)
+    input_absmax: dict[str, float] = field(default_factory=dict)
+    # module name -> its own parameters (weight, bias, ...) that were read outside its forward
+    read_params: dict[str, list[str]] = field(default_factory=dict)
+    # a VLM whose forward with images failed: why (the image path was not probed); "" otherwise
+    image_failure: str = ""
 
     def reader_text(self, module_name: str) -> str:
         readers = self.outside_reads.get(module_name, [])
         return ", ".join(r if r else f"{self.root_type} (top-level forward)" for r in readers)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"outside_reads": self.outside_reads, "ran": self.ran}
+        out: dict[str, Any] = {"outside_reads": self.outside_reads, "ran": self.ran}
+        if self.image_failure:
+            out["image_path_not_probed"] = self.image_failure
+        return out
 
 
 class _WeightReadMode(TorchFunctionMode):
-    def __init__(self, owners: dict[int, list[str]], stack: list[str], reads: dict[str, set[str]]):
+    def __init__(self, owners: dict[int, list[str]], stack: list[str], reads: dict[str, set[str]],
+                 pnames: dict[int, str] | None = None, params: dict[str, set[str]] | None = None):
         super().__init__()
         self.owners, self.stack, self.reads = owners, stack, reads
+        self.pnames = pnames if pnames is not None else {}
+        self.params = params if params is not None else defaultdict(set)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -69,6 +84,7 @@ class _WeightReadMode(TorchFunctionMode):
                         reader = self.stack[-1] if self.stack else ""
                         for n in names:
                             self.reads[n].add(reader)
+                            self.params[n].add(self.pnames.get(id(t), "?"))
         return func(*args, **kwargs)
 
 
@@ -76,17 +92,26 @@ class _WeightReadMode(TorchFunctionMode):
 def probe_weight_reads(model: nn.Module, inputs: dict[str, Any]) -> ProbeFacts:
     """Run `model(**inputs)` once and record every parameter read outside its owner's forward."""
     owners: dict[int, list[str]] = defaultdict(list)
+    pnames: dict[int, str] = {}
     for mname, mod in model.named_modules(remove_duplicate=False):
-        for _, p in mod.named_parameters(recurse=False):
+        for pname, p in mod.named_parameters(recurse=False):
             if mname not in owners[id(p)]:
                 owners[id(p)].append(mname)
+            pnames.setdefault(id(p), pname)
     stack: list[str] = []
     reads: dict[str, set[str]] = defaultdict(set)
+    called: set[str] = set()
+    absmax: dict[str, float] = {}
     handles = []
 
     def pre(name):
         def hook(module, args):
             stack.append(name)
+            called.add(name)
+            x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            if x is not None and x.is_floating_point() and x.numel() and x.device.type != "meta":
+                v = float(x.detach().abs().max())
+                absmax[name] = max(absmax.get(name, v), v)
         return hook
 
     def post(name):
@@ -104,7 +129,8 @@ def probe_weight_reads(model: nn.Module, inputs: dict[str, Any]) -> ProbeFacts:
     was_training = model.training
     model.eval()
     try:
-        with _WeightReadMode(owners, stack, reads):
+        params: dict[str, set[str]] = defaultdict(set)
+        with _WeightReadMode(owners, stack, reads, pnames, params):
             model(**inputs)
     finally:
         for h in handles:
@@ -114,6 +140,9 @@ def probe_weight_reads(model: nn.Module, inputs: dict[str, Any]) -> ProbeFacts:
         outside_reads={k: sorted(v) for k, v in sorted(reads.items())},
         root_type=type(model).__name__,
         ran=True,
+        called=called,
+        input_absmax=absmax,
+        read_params={k: sorted(v) for k, v in sorted(params.items())},
     )
     for k in facts.outside_reads:
         log.info("probe: weight of %s read outside its forward by %s", k, facts.reader_text(k))
@@ -184,7 +213,9 @@ def run_probe(model: nn.Module, inputs: dict[str, Any]) -> tuple[ProbeFacts, dic
                 "stay in float by default)")
         log.warning(note)
         try:
-            return probe_weight_reads(model, text_only), text_only, [note]
+            facts = probe_weight_reads(model, text_only)
+            facts.image_failure = f"{type(e).__name__}: {str(e)[:200]}"
+            return facts, text_only, [note]
         except Exception as e2:  # noqa: BLE001
             raise AnyquantError(
                 f"probe forward of {type(model).__name__} failed ({type(e2).__name__}: {e2})"

@@ -103,10 +103,12 @@ def probe_ranges(model: nn.Module, inputs: dict[str, Any], *, float16: bool = Fa
                 snap = snapshots[id(m)].pop()
                 if snap is not None:
                     rerunning[0] = True
+                    token = _pause_output_capture()
                     try:
                         _check_float16(m, r, *snap)
                     finally:
                         rerunning[0] = False
+                        _resume_output_capture(token)
 
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(mod.register_forward_hook(post, with_kwargs=True))
@@ -119,6 +121,25 @@ def probe_ranges(model: nn.Module, inputs: dict[str, Any], *, float16: bool = Fa
         for h in handles:
             h.remove()
     return {n: r for n, r in ranges.items() if r.calls}
+
+
+def _pause_output_capture() -> Any:
+    """transformers' output capturing (the vision towers of Llava, Gemma3, InternVL ...) collects
+    hidden states through hooks on the layers while the tower's call is in progress; a float16
+    re-run of a layer inside our post-hook would add to (and break) that collection, and the
+    caller gets `hidden_states=None`. The re-run happens with no active collector."""
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:
+        return None
+    var = getattr(output_capturing, "_active_collector", None)
+    return (var, var.set(None)) if var is not None else None
+
+
+def _resume_output_capture(token: Any) -> None:
+    if token is not None:
+        var, tok = token
+        var.reset(tok)
 
 
 def _accepts(model: nn.Module, arg: str) -> bool:

@@ -19,7 +19,8 @@ from anyquant.planning.rules import RULES, PlanContext
 __all__ = ["build_plan", "Plan", "Decision", "QUANTIZE", "KEEP", "PlanContext"]
 
 # Rules whose "keep" protects correctness: an override may not force these modules to quantize.
-SAFETY_CODES = {"already_quantized", "not_linear", "weight_read_outside_forward", "keep_in_fp32_modules"}
+SAFETY_CODES = {"already_quantized", "not_linear", "weight_read_outside_forward", "keep_in_fp32_modules",
+                "not_probed"}
 
 
 def build_plan(
@@ -31,13 +32,20 @@ def build_plan(
     *,
     include_vision: bool = False,
     only: list[str] | None = None,
+    float32_regions: list[str] | None = None,
 ) -> Plan:
     """Rules (first that decides wins) -> --only -> overrides (plan file, then --keep; later
     wins). Safety rules (SAFETY_CODES) are never overridden towards quantizing.
 
     `facts` is the probe's ProbeFacts (anyquant.numerics.probe); without it, weights read
     outside their module's forward cannot be detected and the plan says so in its notes."""
-    ctx = PlanContext(facts=facts, include_vision=include_vision, only=list(only or []))
+    ctx = PlanContext(facts=facts, include_vision=include_vision, only=list(only or []),
+                      float32_regions=list(float32_regions or []))
+    absmax = getattr(facts, "input_absmax", None) or {}
+    lin = sorted(absmax[n] for n, m in model_map.modules.items() if m.kind == LINEAR and n in absmax)
+    if lin:
+        mid = len(lin) // 2
+        ctx.linear_input_median = lin[mid] if len(lin) % 2 else (lin[mid - 1] + lin[mid]) / 2
     decisions: list[Decision] = []
     for m in model_map.modules.values():
         for rule in RULES:

@@ -68,7 +68,8 @@ def prepare(
     else:
         ov = (load_overrides(plan) if plan is not None else []) + list(overrides or [])
         the_plan = build_plan(mmap, config, dtype_name(policy.compute_dtype), ov, facts,
-                              include_vision=include_vision, only=only)
+                              include_vision=include_vision, only=only,
+                              float32_regions=list(policy.fp32_modules))
     the_plan.notes = notes + the_plan.notes
     fused = fused_expert_tensors(model)
     if fused:

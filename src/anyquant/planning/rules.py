@@ -31,6 +31,21 @@ class PlanContext:
     facts: object | None = None  # anyquant.numerics.probe.ProbeFacts
     include_vision: bool = False
     only: list[str] = field(default_factory=list)
+    # median of the Linear layers' input absmax in the probe forward (the outlier rule's scale)
+    linear_input_median: float | None = None
+    # the dtype policy's float32 regions (float16 overflow contained there, F3): the outlier rule
+    # leaves their Linears to the policy, which quantizes them computing in float32
+    float32_regions: list[str] = field(default_factory=list)
+
+
+# Quality guard (rule_outlier_input): a Linear whose probe input absmax is over OUTLIER_RATIO x
+# the median of all Linear inputs and over OUTLIER_FLOOR stays in float. Measured on the probe
+# inputs: SmolLM2-135M (the default model) peaks at 3.24e3 = 727x its median 4.46
+# (layers.11.mlp.down_proj) and must keep quantizing; the tests' outlier_llama peaks at 1.4x;
+# a planted outlier layer (input 1.2e5 where the rest is ~10) is ~1e4x. Both limits sit ~3x
+# above the default model's largest value.
+OUTLIER_RATIO = 2000.0
+OUTLIER_FLOOR = 1e4
 
 
 Rule = Callable[[ModuleInfo, ModelMap, MethodConfig, str, PlanContext], "Decision | None"]
@@ -70,6 +85,19 @@ def rule_weight_read_outside_forward(m, mm, cfg, dtype, ctx):
     return None
 
 
+def rule_not_probed(m, mm, cfg, dtype, ctx):
+    """A VLM whose forward with images failed: the vision tower and projector never ran in the
+    probe, so weights read outside forward and dtype boundaries there are unchecked: they stay
+    in float with that reason (a safety decision: overrides cannot quantize them)."""
+    facts = ctx.facts
+    failure = getattr(facts, "image_failure", "") if facts is not None else ""
+    if failure and m.kind == LINEAR and m.component in (VISION, PROJECTOR) and m.name not in facts.called:
+        return _keep(m, dtype, "not_probed",
+                     f"{m.component}: not probed (the probe forward with images failed: {failure[:160]}): "
+                     "weights read outside forward and dtype boundaries are unchecked here, so it stays in float")
+    return None
+
+
 def rule_head(m, mm, cfg, dtype, ctx):
     if m.component == HEAD:
         tied = f" (tied to {', '.join(m.tied_with)})" if m.tied_with else ""
@@ -92,6 +120,21 @@ def rule_vision(m, mm, cfg, dtype, ctx):
     return None
 
 
+def rule_outlier_input(m, mm, cfg, dtype, ctx):
+    facts, med = ctx.facts, ctx.linear_input_median
+    if facts is None or not med or m.kind != LINEAR:
+        return None
+    if any(r == "" or m.name == r or m.name.startswith(r + ".") for r in ctx.float32_regions):
+        return None
+    v = getattr(facts, "input_absmax", {}).get(m.name)
+    if v is not None and v > OUTLIER_FLOOR and v > OUTLIER_RATIO * med:
+        return _keep(m, dtype, "outlier_input",
+                     f"its inputs reach {v:.3g} in the probe forward, {v / med:.0f}x the median Linear input "
+                     f"({med:.3g}; limits {OUTLIER_RATIO:.0f}x and {OUTLIER_FLOOR:.0g}): quantizing it would dominate "
+                     "the model's error, so it stays in float (override with a plan file to quantize it)")
+    return None
+
+
 def rule_shape(m, mm, cfg, dtype, ctx):
 
     ok, options, code, reason = handler_for(cfg.method).fit(m, cfg)
@@ -102,5 +145,5 @@ def rule_shape(m, mm, cfg, dtype, ctx):
 
 RULES: list[Rule] = [
     rule_not_linear, rule_already_quantized, rule_keep_in_fp32, rule_weight_read_outside_forward,
-    rule_head, rule_tied, rule_vision, rule_shape,
+    rule_not_probed, rule_head, rule_tied, rule_vision, rule_outlier_input, rule_shape,
 ]
