@@ -121,3 +121,15 @@ def test_outlier_rule_keeps_nothing_on_a_plain_model(tmp_path):
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     p = prepare(m, config_for("int8"))
     assert not [d for d in p.plan.decisions if d.reason_code == "outlier_input"]
+
+
+def test_far_above_usual_error_names_the_worst_modules():
+    from anyquant.pipeline import error_warning
+
+    per_layer = {"a.q_proj": 0.02, "a.down_proj": 0.03, "b.up_proj": 0.05}
+    absmax = {"a.q_proj": 3.0, "a.down_proj": 1.2e5, "b.up_proj": 4.0}
+    assert error_warning("int8", 0.02, per_layer, absmax) is None  # usual level: silent
+    w = error_warning("int8", 1.2, per_layer, absmax)
+    assert w is not None and w.index("a.down_proj") < w.index("b.up_proj") and "--keep" in w
+    assert error_warning("int4", 0.5, per_layer, absmax) is None
+    assert error_warning("gptq", 1.05, per_layer, absmax) is not None

@@ -202,6 +202,10 @@ def quantize(
     }
     if calibration is not None:
         report["calibration"] = calibration
+    warning = error_warning(config.method, report["probe_logits_relative_error"], per_layer, prep.facts.input_absmax)
+    if warning:
+        log.warning("%s", warning)
+        notes.append(warning)
     model.eval()
     # the logits save() verifies against: the model as it now stands, in eval mode (bitsandbytes'
     # LLM.int8 layers compute their first call differently, before their int8 state is set up)
@@ -209,6 +213,29 @@ def quantize(
     return QuantizeResult(model, the_plan, config, report, info, tokenizer, mmap, notes,
                           probe_inputs=inputs, probe_logits=final_logits,
                           trust_remote_code=trust_remote_code)
+
+
+# The probe logits error a method usually reaches (the bounds tests/test_pipeline.py holds tiny
+# random models to; real models measure lower); a result this many times above is "far above".
+USUAL_PROBE_ERROR = {"int8": 0.03, "nf4": 0.25, "fp4": 0.40}
+USUAL_PROBE_ERROR_INT4 = 0.30
+FAR_ABOVE = 3.0
+
+
+def error_warning(method: str, error: float, per_layer: dict[str, float], input_absmax: dict[str, float]) -> str | None:
+    """A warning naming the modules most likely responsible when the probe logits error is far
+    above the method's usual level: ranked by weight error times the input magnitude the probe
+    saw (an outlier input multiplies a layer's weight error into the output)."""
+    usual = USUAL_PROBE_ERROR.get(method, USUAL_PROBE_ERROR_INT4)
+    if not error > FAR_ABOVE * usual:
+        return None
+    score = {n: e * input_absmax.get(n, 1.0) for n, e in per_layer.items()}
+    worst = sorted(score, key=score.get, reverse=True)[:3]
+    names = ", ".join(f"{n} (weight error {per_layer[n]:.3g}, input absmax {input_absmax.get(n, float('nan')):.3g})"
+                      for n in worst)
+    return (f"{method}: probe logits error {error:.3g} is over {FAR_ABOVE:g}x this method's usual {usual:g}; "
+            f"most likely from {names or 'no recorded module'}: keep them in float (--keep NAME) or use a "
+            "higher-precision method")
 
 
 def _is_vlm(model_map: ModelMap | None, plan: Plan) -> bool:
