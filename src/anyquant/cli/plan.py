@@ -10,6 +10,7 @@ import typer
 
 from anyquant.cli.common import (
     SourceArg,
+    SymmetricOpt,
     app,
     check_dtype,
     check_model_dir,
@@ -25,6 +26,7 @@ from anyquant.cli.common import (
 @fails_cleanly
 def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", "-m"),
          group_size: Optional[int] = typer.Option(None, "--group-size"),
+         symmetric: Optional[bool] = SymmetricOpt,
          dtype: str = typer.Option("auto", "--dtype"),
          plan_file: Optional[Path] = typer.Option(None, "--plan", help="overrides (JSON)"),
          keep: List[str] = typer.Option([], "--keep", help="module name or re:pattern to keep in float"),
@@ -35,7 +37,7 @@ def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", 
          requantize: bool = typer.Option(False, "--requantize"),
          show_all: bool = typer.Option(False, "--all", help="one row per module instead of the grouped summary")):
     """What quantize would do: repeated blocks grouped, exceptions one per line (--all: every module)."""
-    method_opts = method_options(method, group_size)  # before anything heavy: a misspelt method fails fast
+    method_opts = method_options(method, group_size, symmetric=symmetric)  # before anything heavy: a misspelt method fails fast
     check_dtype(dtype)
     check_patterns(keep, only)
     check_model_dir(source, trust_remote_code)

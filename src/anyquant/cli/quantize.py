@@ -9,6 +9,7 @@ import typer
 
 from anyquant.cli.common import (
     SourceArg,
+    SymmetricOpt,
     app,
     check_dtype,
     check_model_dir,
@@ -25,6 +26,7 @@ from anyquant.errors import AnyquantError
 def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method", "-m"),
              out: Path = typer.Option(..., "--out", "-o", help="output directory (written atomically)"),
              group_size: Optional[int] = typer.Option(None, "--group-size"),
+             symmetric: Optional[bool] = SymmetricOpt,
              dtype: str = typer.Option("auto", "--dtype", help="auto|bfloat16|float16|float32"),
              plan_file: Optional[Path] = typer.Option(None, "--plan", help="overrides (JSON)"),
              keep: List[str] = typer.Option([], "--keep", help="module name or re:pattern to keep in float"),
@@ -42,7 +44,7 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
              force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
              verbose: bool = typer.Option(False, "--verbose", "-v")):
     """Quantize SOURCE with METHOD and write a loadable model directory to OUT."""
-    opts = method_options(method, group_size, n_samples=n_samples, seq_len=seq_len, act_order=act_order,
+    opts = method_options(method, group_size, symmetric=symmetric, n_samples=n_samples, seq_len=seq_len, act_order=act_order,
                           awq_scales=awq_scales, tune_steps=tune_steps, tune_target=tune_target)
     check_dtype(dtype)
     check_patterns(keep, only)

@@ -6,6 +6,7 @@ from torch import nn
 
 from anyquant.calib.runner import quantize_model_blockwise
 from anyquant.config import Int4Config
+from anyquant.errors import AnyquantError
 from anyquant.methods.registry import Method, register
 from anyquant.model.modelmap import ModuleInfo
 from anyquant.runtime.int4_linear import Int4Linear
@@ -27,6 +28,26 @@ def fit_group_size(in_features: int | list[int], requested: int) -> int | None:
         if all(k % g == 0 for k in widths):
             return g
     return None
+
+
+USER_GROUP_SIZE = "user_group_size"  # a plan override set this module's group size
+
+
+def check_user_group_sizes(plan, config: Int4Config) -> None:
+    """Group sizes set per module by plan overrides: mixed sizes are several compressed-tensors
+    config groups, which vLLM and anyquant load; stock transformers loads them only for a
+    symmetric scheme (an asymmetric checkpoint is dequantized at load with one group's scheme
+    for every layer), so an asymmetric output with mixed sizes is refused."""
+    sizes = sorted({int(d.options.get("group_size", config.group_size)) for d in plan.to_quantize()})
+    if len(sizes) > 1 and not config.symmetric:
+        raise AnyquantError(
+            f"{config.method}: the plan overrides set group sizes {sizes}: mixed group sizes need a symmetric "
+            "scheme (--symmetric, or --method W4A16), because stock transformers dequantizes an asymmetric "
+            "compressed-tensors checkpoint with one group size for every layer; pass --symmetric or set one "
+            "group size for all layers (--group-size)")
+    if len(sizes) > 1:
+        plan.notes.append(f"{config.method}: group sizes {sizes} set per module by plan overrides "
+                          "(one compressed-tensors config group each)")
 
 
 class Int4RTN(Method):
@@ -51,8 +72,9 @@ class Int4RTN(Method):
         fail to load there (symmetric checkpoints, loaded compressed, do load per group); the
         largest group size (see fit_group_size) that divides every quantized layer is used,
         and the plan says so."""
-        todo = plan.to_quantize()
+        todo = [d for d in plan.to_quantize() if d.reason_code != USER_GROUP_SIZE]
         if not todo:
+            check_user_group_sizes(plan, config)
             return
         g = fit_group_size([model_map.modules[d.name].in_features or 0 for d in todo], config.group_size)
         if g is None:  # cannot happen: fit() only admits layers that 32 divides
@@ -69,6 +91,7 @@ class Int4RTN(Method):
             if g != config.group_size:
                 d.reason_code = "group_size_fallback"
                 d.reason = f"int4 round-to-nearest, group size {g} (model-wide: see plan notes)"
+        check_user_group_sizes(plan, config)
 
     def quantize_linear(self, linear: nn.Linear, options, config: Int4Config, compute_dtype) -> nn.Module:
         g = options.get("group_size", config.group_size)

@@ -1,0 +1,93 @@
+"""Outputs the rest of the ecosystem can use (issue 19): --version, scheme aliases, per-module
+overrides, hub ids, the dtype kept, vLLM's constraints, packed int4 in stock transformers,
+LoRA on top, model cards, GGUF export."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import anyquant
+from anyquant.config import make_config, resolve_method
+from anyquant.errors import AnyquantError
+from tests.test_cli import assert_bad_input, run
+
+warnings.filterwarnings("ignore")
+
+
+# --- 1. --version, scheme aliases, per-module overrides ---------------------------------------
+
+def test_version_flag():
+    proc = run("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"anyquant {anyquant.__version__}"
+
+
+def test_scheme_aliases_map_to_methods():
+    assert resolve_method("W4A16") == ("int4", {"symmetric": True})
+    assert resolve_method("w8a16") == ("int8", {})
+    cfg = make_config("W4A16", group_size=64)
+    assert cfg.method == "int4" and cfg.symmetric and cfg.group_size == 64
+    assert make_config("W4A16_ASYM").symmetric is False
+    assert make_config("W8A16").method == "int8"
+    assert make_config("W4A16", symmetric=False).symmetric is False  # an explicit option wins
+    with pytest.raises(AnyquantError, match="scheme aliases: W4A16"):
+        make_config("W4A8")
+
+
+def test_unknown_method_lists_aliases(tiny_llama, tmp_path):
+    proc = run("quantize", tiny_llama, "-m", "W3A16", "-o", tmp_path / "o")
+    assert_bad_input(proc, "unknown method", "W4A16 (= int4, symmetric)", "W8A16 (= int8)")
+
+
+def test_alias_quantizes_through_api(tiny_llama):
+    r = anyquant.quantize(str(tiny_llama), "W4A16", progress=False)
+    assert r.config.method == "int4" and r.config.symmetric
+    assert r.plan.method == "int4"
+
+
+def _plan_file(tmp_path, overrides) -> str:
+    p = tmp_path / "plan.json"
+    p.write_text(json.dumps({"overrides": overrides}))
+    return str(p)
+
+
+def test_override_sets_group_size_per_module(tiny_llama, tmp_path):
+    f = _plan_file(tmp_path, {"re:down_proj": {"method": "int4", "group_size": 64}})
+    p = anyquant.plan(str(tiny_llama), "W4A16", plan_file=f)
+    sizes = {d.name: d.options["group_size"] for d in p.to_quantize()}
+    assert sizes["model.layers.0.mlp.down_proj"] == 64
+    assert sizes["model.layers.0.mlp.up_proj"] == 128
+    assert any("group sizes [64, 128]" in n for n in p.notes)
+
+
+def test_override_mixed_group_sizes_asymmetric_refused(tiny_llama, tmp_path):
+    f = _plan_file(tmp_path, {"re:down_proj": {"group_size": 64}})
+    with pytest.raises(AnyquantError, match="mixed group sizes need a symmetric scheme"):
+        anyquant.plan(str(tiny_llama), "int4", plan_file=f)
+
+
+def test_override_other_format_refused(tiny_llama, tmp_path):
+    f = _plan_file(tmp_path, {"re:down_proj": {"method": "nf4"}})
+    proc = run("plan", tiny_llama, "-m", "int4", "--plan", f)
+    assert_bad_input(proc, "nf4 writes bitsandbytes", "int4 writes compressed-tensors", "one output holds one format")
+
+
+def test_override_same_format_other_method_refused(tiny_llama, tmp_path):
+    f = _plan_file(tmp_path, {"re:down_proj": "hqq"})
+    with pytest.raises(AnyquantError, match="one run quantizes with one method"):
+        anyquant.plan(str(tiny_llama), "int4", plan_file=f)
+
+
+def test_override_bad_keys_and_group_size(tiny_llama, tmp_path):
+    with pytest.raises(AnyquantError, match="takes method, group_size"):
+        anyquant.plan(str(tiny_llama), "int4", plan_file=_plan_file(tmp_path, {"re:down_proj": {"bits": 3}}))
+    with pytest.raises(AnyquantError, match="positive multiple of 8"):
+        anyquant.plan(str(tiny_llama), "int4", plan_file=_plan_file(tmp_path, {"re:down_proj": {"group_size": 12}}))
+    with pytest.raises(AnyquantError, match="does not divide"):
+        anyquant.plan(str(tiny_llama), "W4A16", plan_file=_plan_file(tmp_path, {"re:down_proj": {"group_size": 48}}))
+    with pytest.raises(AnyquantError, match="group_size applies to int4-family"):
+        anyquant.plan(str(tiny_llama), "nf4", plan_file=_plan_file(tmp_path, {"re:down_proj": {"group_size": 64}}))
