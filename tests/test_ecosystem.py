@@ -91,3 +91,75 @@ def test_override_bad_keys_and_group_size(tiny_llama, tmp_path):
         anyquant.plan(str(tiny_llama), "W4A16", plan_file=_plan_file(tmp_path, {"re:down_proj": {"group_size": 48}}))
     with pytest.raises(AnyquantError, match="group_size applies to int4-family"):
         anyquant.plan(str(tiny_llama), "nf4", plan_file=_plan_file(tmp_path, {"re:down_proj": {"group_size": 64}}))
+
+
+# --- 2. SOURCE as a Hugging Face hub id ----------------------------------------------------------
+
+def _hub_cache(tmp_path, tiny_llama, repo="acme/tiny-llama", rev="0123456789abcdef0123456789abcdef01234567"):
+    """The layout huggingface_hub writes: blobs named by hash, snapshot files linking to them,
+    refs/main naming the snapshot's revision."""
+    import hashlib
+    import os
+
+    root = tmp_path / "hub"
+    repo_dir = root / ("models--" + repo.replace("/", "--"))
+    snap = repo_dir / "snapshots" / rev
+    (repo_dir / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(rev)
+    for f in tiny_llama.iterdir():
+        data = f.read_bytes()
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snap), snap / f.name)
+    return root, snap
+
+
+def test_hub_id_resolved_from_cache(tiny_llama, tmp_path, monkeypatch):
+    from anyquant.model.load import resolve_source
+
+    root, snap = _hub_cache(tmp_path, tiny_llama)
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_source("acme/tiny-llama") == snap
+    r = anyquant.quantize("acme/tiny-llama", "int4", progress=False)
+    out = anyquant.save(r, tmp_path / "out")
+    assert anyquant.load(out) is not None
+    proc = run("plan", "acme/tiny-llama", "-m", "nf4", cwd=tmp_path)  # the CLI goes the same way
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_hub_id_offline_and_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AnyquantError, match="not in the Hugging Face cache .* HF_HUB_OFFLINE is set"):
+        anyquant.plan("acme/nothing-here", "nf4")
+
+
+def test_hub_id_downloaded_when_online(tiny_llama, tmp_path, monkeypatch):
+    """Online, a cache miss downloads (simulated: the test machine reaches no hub)."""
+    import huggingface_hub
+
+    from anyquant.model.load import resolve_source
+
+    calls = []
+    real = huggingface_hub.snapshot_download
+
+    def fake(**kw):
+        calls.append(kw)
+        if kw.get("local_files_only"):
+            return real(**kw)
+        _hub_cache(tmp_path, tiny_llama, repo=kw["repo_id"])
+        return real(**{**kw, "local_files_only": True})
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.chdir(tmp_path)
+    path = resolve_source("acme/fresh")
+    assert (path / "config.json").is_file()
+    assert [c.get("local_files_only", False) for c in calls] == [True, False]
+    assert "*.gguf" in calls[1]["ignore_patterns"]
