@@ -163,3 +163,66 @@ def test_hub_id_downloaded_when_online(tiny_llama, tmp_path, monkeypatch):
     assert (path / "config.json").is_file()
     assert [c.get("local_files_only", False) for c in calls] == [True, False]
     assert "*.gguf" in calls[1]["ignore_patterns"]
+
+
+# --- 3. the source's dtype kept; compute dtype for the target device ------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import make_tiny_llama
+
+    base = make_tiny_llama(tmp_path_factory.mktemp("m") / "f32")
+    out = tmp_path_factory.mktemp("m") / "bf16"
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(out)
+    return out
+
+
+def _stored_dtypes(out) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        return {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
+
+
+def test_bf16_source_on_cpu_keeps_bf16(tiny_bf16, tmp_path):
+    proc = run("quantize", tiny_bf16, "-m", "nf4", "-o", tmp_path / "nf4")
+    assert proc.returncode == 0, proc.stderr
+    assert "compute dtype bfloat16" in proc.stdout and "source's bfloat16 is kept" in proc.stdout, proc.stdout
+    cfg = json.loads((tmp_path / "nf4" / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16"
+    assert cfg["quantization_config"]["bnb_4bit_compute_dtype"] == "bfloat16"
+    dt = _stored_dtypes(tmp_path / "nf4")
+    assert dt["model.embed_tokens.weight"] == "BF16" and dt["model.norm.weight"] == "BF16"
+    m = json.loads((tmp_path / "nf4" / "anyquant.json").read_text())
+    assert m["plan"]["compute_dtype"] == "bfloat16"
+
+
+def test_target_cpu_computes_in_float32(tiny_bf16):
+    r = anyquant.quantize(str(tiny_bf16), "int4", target="cpu", progress=False)
+    assert r.plan.compute_dtype == "float32"
+    r = anyquant.quantize(str(tiny_bf16), "int4", progress=False)
+    assert r.plan.compute_dtype == "bfloat16"
+    assert r.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert any("source's bfloat16 is kept" in n for n in r.notes)
+
+
+def test_target_cuda_on_float32_source_and_bad_target(tiny_llama, tmp_path):
+    p = anyquant.plan(str(tiny_llama), "nf4", target="cuda")
+    assert p.compute_dtype == "float32"  # the model declares float32: auto keeps it, on a GPU too
+    assert any("--target cuda" in n for n in p.notes)
+    assert_bad_input(run("quantize", tiny_llama, "-m", "nf4", "--target", "tpu", "-o", tmp_path / "o"),
+                     "--target tpu", "auto, cpu, cuda")
+
+
+def test_doctor_says_when_it_changes_the_users_dtype(tiny_llama):
+    from anyquant.diagnosis import print_report
+
+    data = anyquant.doctor(str(tiny_llama), {"load_in_4bit": True, "bnb_4bit_compute_dtype": "float16"})
+    assert data["bnb_config"]["bnb_4bit_compute_dtype"] == "float32"
+    assert data["changes"] and "your float16 becomes float32" in data["changes"][0]
+    lines: list[str] = []
+    print_report(data, lines.append)
+    assert any("changes your settings" in line for line in lines)
+    assert any(line.strip().startswith("changed: bnb_4bit_compute_dtype") for line in lines)

@@ -93,6 +93,18 @@ def method_options(method: str, group_size: Optional[int], **given) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
+TargetOpt = typer.Option("auto", "--target",
+                         help="auto|cpu|cuda: the device the output will run on; its compute dtype, and the dtype "
+                              "of everything not quantized, follow it (auto: this device; on a CPU, a bfloat16 or "
+                              "float16 source keeps its dtype)")
+
+
+def check_target(target: str) -> None:
+    valid = ("auto", "cpu", "cuda")
+    if target not in valid:
+        raise AnyquantError(f"--target {target}: expected one of {', '.join(valid)} (the device the output will run on)")
+
+
 def check_dtype(dtype: str) -> None:
     """--dtype checked before anything heavy is imported; the closest valid value is named."""
     valid = ("auto", "bfloat16", "float16", "float32")

@@ -11,7 +11,9 @@ import typer
 from anyquant.cli.common import (
     SourceArg,
     SymmetricOpt,
+    TargetOpt,
     app,
+    check_target,
     check_dtype,
     check_model_dir,
     check_patterns,
@@ -27,6 +29,7 @@ from anyquant.cli.common import (
 def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", "-m"),
          group_size: Optional[int] = typer.Option(None, "--group-size"),
          symmetric: Optional[bool] = SymmetricOpt,
+         target: str = TargetOpt,
          dtype: str = typer.Option("auto", "--dtype"),
          plan_file: Optional[Path] = typer.Option(None, "--plan", help="overrides (JSON)"),
          keep: List[str] = typer.Option([], "--keep", help="module name or re:pattern to keep in float"),
@@ -39,6 +42,7 @@ def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", 
     """What quantize would do: repeated blocks grouped, exceptions one per line (--all: every module)."""
     method_opts = method_options(method, group_size, symmetric=symmetric)  # before anything heavy: a misspelt method fails fast
     check_dtype(dtype)
+    check_target(target)
     check_patterns(keep, only)
     check_model_dir(source, trust_remote_code)
     setup_logging(False)
@@ -52,7 +56,7 @@ def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", 
 
     model, _, _ = load_source(source, trust_remote_code=trust_remote_code, requantize=requantize)
     p = make_plan(model, method, dtype=dtype, plan_file=plan_file, overrides=[(k, "keep") for k in keep],
-                  include_vision=include_vision, only=only, **method_opts)
+                  include_vision=include_vision, only=only, target=target, **method_opts)
     if json_out:
         typer.echo(json.dumps(p.to_dict(), indent=2))
         return
