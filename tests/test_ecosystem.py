@@ -288,3 +288,17 @@ def test_symmetric_int4_loads_packed_in_stock_transformers(tiny_llama, tmp_path,
     ref = anyquant.load(out)
     torch.testing.assert_close(packed(ids).logits, ref(ids).logits, rtol=0, atol=1e-5)
     assert _bytes(packed) > 0.9 * _bytes(dense)  # decompressed by its first forward (see above)
+
+
+# --- 7. model card ---------------------------------------------------------------------------------
+
+def test_every_output_has_a_model_card(tiny_llama, tmp_path):
+    for method in ("nf4", "int4"):
+        r = anyquant.quantize(str(tiny_llama), method, progress=False)
+        out = anyquant.save(r, tmp_path / method)
+        card = (out / "README.md").read_text()
+        assert f"with **{method}**" in card
+        assert "probe logits relative error" in card and f"{r.report['probe_logits_relative_error']:.4f}" in card
+        assert "anyquant.load(" in card and "AutoModelForCausalLM.from_pretrained(" in card and "vllm serve" in card
+        assert "14 Linear layers quantized" in card
+        anyquant.load(out)  # the card is sealed with the other files: verification passes
