@@ -302,3 +302,35 @@ def test_every_output_has_a_model_card(tiny_llama, tmp_path):
         assert "anyquant.load(" in card and "AutoModelForCausalLM.from_pretrained(" in card and "vllm serve" in card
         assert "14 Linear layers quantized" in card
         anyquant.load(out)  # the card is sealed with the other files: verification passes
+
+
+# --- 6. LoRA (peft) on top of the outputs ---------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["int4", "nf4"])
+def test_lora_step_and_adapter_reload(method, tiny_llama, tmp_path, ids):
+    pytest.importorskip("peft")
+    from peft import get_peft_model
+
+    from anyquant.formats.lora import load_adapter, lora_config
+
+    r = anyquant.quantize(str(tiny_llama), method, progress=False)
+    out = anyquant.save(r, tmp_path / method)
+    model = get_peft_model(anyquant.load(out), lora_config(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                            init_lora_weights=False))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    opt = torch.optim.SGD(trainable, lr=1e-2)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    again = load_adapter(anyquant.load(out), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, want, rtol=0, atol=1e-5)
+    if method == "int4":
+        with pytest.raises(AnyquantError, match="would requantize"):
+            again.merge_and_unload()
