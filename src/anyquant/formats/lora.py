@@ -16,13 +16,14 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import torch
+
 from anyquant.errors import AnyquantError
 from anyquant.runtime.int4_linear import Int4Linear
 
 
 @functools.lru_cache(maxsize=None)  # one class, made once peft is imported
 def int4_lora_class() -> type:
-    import torch
     from peft.tuners.lora.layer import LoraLayer
 
     class LoraInt4Linear(torch.nn.Module, LoraLayer):
