@@ -42,8 +42,8 @@ def row(method: str, target: str, work: Path) -> dict:
     out = anyquant.save(r, work / f"{method}-{target}")
     ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
     stock = AutoModelForCausalLM.from_pretrained(out)
-    packed = any(n.endswith("weight_packed") or "Linear4bit" in type(m).__name__ or "Linear8bitLt" in type(m).__name__
-                 for n, m in stock.named_modules() for n in [n] + [k for k, _ in m.named_buffers(recurse=False)])
+    packed = any(k.endswith("weight_packed") for k, _ in stock.named_buffers()) or any(
+        type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in stock.modules())
     at_load = mb(stock)
     with torch.no_grad():
         stock(ids)
