@@ -26,6 +26,9 @@ EXPECTED = {
     ("bf16_gpu", "float32"): "float32", ("bf16_gpu", "float16"): "float16", ("bf16_gpu", "bfloat16"): "bfloat16",
     ("fp16_gpu", "float32"): "float32", ("fp16_gpu", "float16"): "float16", ("fp16_gpu", "bfloat16"): "float16",
 }
+# plan / quantize (planning.prepare, --target auto, issue 19): on a real CPU a 16-bit source keeps
+# its dtype, for the GPU it will run on; `target="cpu"` gives EXPECTED's float32 (checked below).
+EXPECTED_AUTO_TARGET = {**EXPECTED, ("cpu", "float16"): "float16", ("cpu", "bfloat16"): "bfloat16"}
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +63,21 @@ def test_plan_and_quantize_agree(models, monkeypatch, device, declared):
     _set_device(monkeypatch, device)
     planned = anyquant.plan(str(models[declared]), "int4")
     done = anyquant.quantize(str(models[declared]), "int4", progress=False, checkpoint_dir=None)
-    expected = EXPECTED[(device, declared)]
+    expected = EXPECTED_AUTO_TARGET[(device, declared)]
     assert planned.compute_dtype == done.plan.compute_dtype == expected, (
         f"{device}, model declaring {declared}: plan says {planned.compute_dtype}, quantize computed in "
         f"{done.plan.compute_dtype}; expected {expected}")
     assert _decisions(planned) == _decisions(done.plan)
     assert {p.dtype for p in done.model.parameters() if p.is_floating_point()} == {getattr(torch, expected)}
+
+
+@pytest.mark.parametrize("declared", ["float16", "bfloat16"])
+def test_target_cpu_keeps_float32(models, monkeypatch, declared):
+    _set_device(monkeypatch, "cpu")
+    planned = anyquant.plan(str(models[declared]), "int4", target="cpu")
+    done = anyquant.quantize(str(models[declared]), "int4", progress=False, checkpoint_dir=None, target="cpu")
+    assert planned.compute_dtype == done.plan.compute_dtype == EXPECTED[("cpu", declared)] == "float32"
+    assert {p.dtype for p in done.model.parameters() if p.is_floating_point()} == {torch.float32}
 
 
 @pytest.mark.parametrize("declared", ["float32", "float16", "bfloat16"])

@@ -47,14 +47,14 @@ def inspect(model: nn.Module | str | Path, *, trust_remote_code: bool = False) -
 def plan(model: nn.Module | str | Path, method: str | MethodConfig = "nf4", *, dtype: str = "auto",
          plan_file: str | Path | None = None, overrides: list[tuple[str, str]] | None = None,
          trust_remote_code: bool = False, include_vision: bool = False, only: list[str] | None = None,
-         **options: Any) -> Plan:
+         target: str = "auto", **options: Any) -> Plan:
     """The Plan `quantize` would follow on this device: one decision per module with its
     reason, and the compute dtype of the same dtype policy. Runs the same probes as quantize;
     an in-memory model's weights and dtypes are left as they were."""
     m = _as_model(model, trust_remote_code)
     cfg = method if isinstance(method, MethodConfig) else make_config(method, **options)
     return prepare(m, cfg, dtype=dtype, plan=plan_file, overrides=overrides, include_vision=include_vision,
-                   only=only, keep_dtypes=True).plan
+                   only=only, keep_dtypes=True, target=target).plan
 
 
 def quantize(model: nn.Module | str | Path, method: str | MethodConfig = "nf4", **options: Any) -> QuantizeResult:

@@ -196,15 +196,46 @@ for _c in (NF4Config, FP4Config, Int8Config, Int4Config, HQQConfig, AWQConfig, G
     register_config(_c)
 
 
+# Scheme names users know from llm-compressor / vLLM, mapped to an anyquant method and the
+# config fields the scheme fixes (options given explicitly still win). W4A16 is llm-compressor's
+# preset: int4 weights, symmetric, group 128, 16-bit activations; anyquant's round-to-nearest int4
+# with symmetric=True is exactly that scheme (and, symmetric, loads packed in stock transformers);
+# for GPTQ's algorithm on the same scheme use `--method gptq --symmetric`. W8A16 maps to int8
+# (bitsandbytes LLM.int8: 8-bit weights, 16-bit activations).
+SCHEME_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "W4A16": ("int4", {"symmetric": True}),
+    "W4A16_ASYM": ("int4", {"symmetric": False}),
+    "W8A16": ("int8", {}),
+}
+
+
 def known_methods() -> list[str]:
     return sorted(_CONFIGS)
 
 
+def known_aliases() -> list[str]:
+    return sorted(SCHEME_ALIASES)
+
+
+def resolve_method(method: str | None) -> tuple[str | None, dict[str, Any]]:
+    """(anyquant method, the fields the alias fixes) for a method name or a scheme alias
+    (case-insensitive: w4a16 = W4A16); a method name comes back as it is, with no fields."""
+    if isinstance(method, str) and method not in _CONFIGS and method.upper() in SCHEME_ALIASES:
+        name, fields = SCHEME_ALIASES[method.upper()]
+        return name, dict(fields)
+    return method, {}
+
+
 def config_class(method: str | None) -> type[MethodConfig]:
+    method, _ = resolve_method(method)
     if method not in _CONFIGS:
-        close = difflib.get_close_matches(str(method), known_methods(), n=1, cutoff=0.4)
+        names = known_methods() + known_aliases()
+        close = difflib.get_close_matches(str(method), names, n=1, cutoff=0.4)
         hint = f"; did you mean {close[0]}?" if close else ""
-        raise AnyquantError(f"unknown method {method!r}; known methods: {', '.join(known_methods())}{hint}")
+        aliases = ", ".join(f"{a} (= {m}{', symmetric' if f.get('symmetric') else ''})"
+                            for a, (m, f) in sorted(SCHEME_ALIASES.items()))
+        raise AnyquantError(f"unknown method {method!r}; known methods: {', '.join(known_methods())}; "
+                            f"scheme aliases: {aliases}{hint}")
     return _CONFIGS[method]
 
 
@@ -212,8 +243,9 @@ def make_config(method: str, **options: Any) -> MethodConfig:
     """Build a method's config from CLI/API options; options set to None take the default,
     options the method does not have are refused by name."""
     cls = config_class(method)
+    method, fixed = resolve_method(method)
     fields = {f.name for f in dataclasses.fields(cls)}
-    given = {k: v for k, v in options.items() if v is not None}
+    given = {**fixed, **{k: v for k, v in options.items() if v is not None}}
     unknown = sorted(set(given) - fields)
     if unknown:
         raise AnyquantError(

@@ -483,6 +483,7 @@ def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, tr
     good, why = recommended_dtype(model, caps, req.declared, probe, margin)
     fixed, good, why, cast_unfixable, more = corrected_config(req, caps, probe, skips, f2_keep, remote_casts, good, why)
     notes += more
+    changes = dtype_changes(req, fixed, good, why)
     unresolved, new, more = unresolved_findings(req, caps, probe, skips, findings, f1_modules, remote_casts, fixed,
                                                 good, cast_unfixable)
     findings += new
@@ -490,6 +491,7 @@ def diagnose(source: str | Path, bnb_config: dict[str, Any] | None = None, *, tr
     return _result(path, caps, findings, fixed, good, why, req.method, trust_remote_code, notes,
                    extra={"unresolved": unresolved, "activation_absmax": probe.absmax,
                           "float16_overflow": probe.values[:10], "float32_regions": probe.regions,
+                          "changes": changes,
                           "user_config": {**req.user, **({"dtype": req.user_dtype} if req.user_dtype else {})}})
 
 
@@ -510,11 +512,29 @@ def _result(path, caps, findings, fixed, dtype, why, method, trust_remote_code, 
     }
 
 
+def dtype_changes(req: _Request, fixed: dict[str, Any], good: str, why: str) -> list[str]:
+    """Each dtype the user set that the corrected config replaces, with the reason: the report
+    must not say "no problems found" and silently hand back another dtype."""
+    out = []
+    given = req.user.get("bnb_4bit_compute_dtype")
+    if req.four_bit and given is not None and _dtype_str(given) != fixed.get("bnb_4bit_compute_dtype"):
+        out.append(f"bnb_4bit_compute_dtype: your {_dtype_str(given)} becomes {fixed.get('bnb_4bit_compute_dtype')}: "
+                   f"{why}")
+    if req.user_dtype and req.user_dtype != good:
+        out.append(f"dtype (from_pretrained): your {req.user_dtype} becomes {good}: {why}")
+    return out
+
+
 def print_report(data: dict[str, Any], echo=print) -> None:
     dev = data["device"]
     echo(f"doctor: {data['source']} on {dev['name']} ({dev['device_type']}{', simulated' if dev['simulated'] else ''})")
+    changes = data.get("changes") or []
     if not data["findings"]:
-        echo("no problems found")
+        echo("no problems found in the model" + ("; the corrected config changes your settings:" if changes else ""))
+    elif changes:
+        echo("the corrected config changes your settings:")
+    for c in changes:
+        echo(f"  changed: {c}")
     for f in data["findings"]:
         tag = f" ({f['evidence']})" if f.get("evidence", REPRODUCED) != REPRODUCED else ""
         echo(f"  {f['class']}  {f['module']}: {f['message']}{tag}")

@@ -67,11 +67,14 @@ def quantize(
     include_vision: bool = False,
     only: list[str] | None = None,
     tokenizer: Any = None,
+    target: str = "auto",
     **options: Any,
 ) -> QuantizeResult:
     """Quantize a model (an nn.Module, quantized in place, or a model directory / "default").
 
-    options are the method's config fields (group_size=64, double_quant=False, ...)."""
+    options are the method's config fields (group_size=64, double_quant=False, ...). `target`
+    (auto | cpu | cuda): the device the output will run on, for its compute dtype
+    (planning.prepare.target_capabilities)."""
     t0 = time.perf_counter()
     config = method if isinstance(method, MethodConfig) else make_config(method, **options)
     handler = handler_for(config.method)
@@ -104,7 +107,7 @@ def quantize(
     # dtype policy (device capabilities + float32 probe of activation ranges), probe forward,
     # plan: all before any weight changes, by the same function `anyquant plan` uses
     prep = prepare(model, config, dtype=dtype, plan=plan, overrides=overrides, include_vision=include_vision,
-                   only=only, model_map=mmap)
+                   only=only, model_map=mmap, target=target)
     policy, the_plan, inputs = prep.policy, prep.plan, prep.inputs
     compute_dtype = policy.compute_dtype
     notes += prep.notes

@@ -18,6 +18,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Quantize Hugging Face models to 8 and 4 bits, safely, and measure what it cost.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from anyquant import __version__
+
+        typer.echo(f"anyquant {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                              help="print anyquant's version and exit")) -> None:
+    """Quantize Hugging Face models to 8 and 4 bits, safely, and measure what it cost."""
+
+
 def fails_cleanly(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -56,7 +70,11 @@ def console():
     return Console()
 
 
-SourceArg = typer.Argument(..., help="local model directory (transformers format), or `default`")
+SourceArg = typer.Argument(..., help="local model directory (transformers format), a Hugging Face hub id "
+                           "(org/name, resolved through the local Hugging Face cache), or `default`")
+SymmetricOpt = typer.Option(None, "--symmetric/--asymmetric",
+                            help="int4-family: symmetric grid (no zero points; loads packed in stock transformers) "
+                                 "or asymmetric (the default; dequantized by stock transformers at load)")
 
 
 def method_options(method: str, group_size: Optional[int], **given) -> dict:
@@ -65,6 +83,7 @@ def method_options(method: str, group_size: Optional[int], **given) -> dict:
     from anyquant.config import config_class, known_methods
 
     given = {"group_size": group_size, **given}
+    config_class(method)  # an unknown method answers first, with the known names and scheme aliases
     fields = {f.name for f in dataclasses.fields(config_class(method))}
     for name, value in given.items():
         if value is not None and name not in fields:
@@ -72,6 +91,18 @@ def method_options(method: str, group_size: Optional[int], **given) -> dict:
             flag = "--" + name.replace("_", "-")
             raise AnyquantError(f"{flag} does not apply to {method} (it applies to: {', '.join(takers)})")
     return {k: v for k, v in given.items() if v is not None}
+
+
+TargetOpt = typer.Option("auto", "--target",
+                         help="auto|cpu|cuda: the device the output will run on; its compute dtype, and the dtype "
+                              "of everything not quantized, follow it (auto: this device; on a CPU, a bfloat16 or "
+                              "float16 source keeps its dtype)")
+
+
+def check_target(target: str) -> None:
+    valid = ("auto", "cpu", "cuda")
+    if target not in valid:
+        raise AnyquantError(f"--target {target}: expected one of {', '.join(valid)} (the device the output will run on)")
 
 
 def check_dtype(dtype: str) -> None:

@@ -10,7 +10,10 @@ import typer
 
 from anyquant.cli.common import (
     SourceArg,
+    SymmetricOpt,
+    TargetOpt,
     app,
+    check_target,
     check_dtype,
     check_model_dir,
     check_patterns,
@@ -25,6 +28,8 @@ from anyquant.cli.common import (
 @fails_cleanly
 def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", "-m"),
          group_size: Optional[int] = typer.Option(None, "--group-size"),
+         symmetric: Optional[bool] = SymmetricOpt,
+         target: str = TargetOpt,
          dtype: str = typer.Option("auto", "--dtype"),
          plan_file: Optional[Path] = typer.Option(None, "--plan", help="overrides (JSON)"),
          keep: List[str] = typer.Option([], "--keep", help="module name or re:pattern to keep in float"),
@@ -35,8 +40,9 @@ def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", 
          requantize: bool = typer.Option(False, "--requantize"),
          show_all: bool = typer.Option(False, "--all", help="one row per module instead of the grouped summary")):
     """What quantize would do: repeated blocks grouped, exceptions one per line (--all: every module)."""
-    method_opts = method_options(method, group_size)  # before anything heavy: a misspelt method fails fast
+    method_opts = method_options(method, group_size, symmetric=symmetric)  # before anything heavy: a misspelt method fails fast
     check_dtype(dtype)
+    check_target(target)
     check_patterns(keep, only)
     check_model_dir(source, trust_remote_code)
     setup_logging(False)
@@ -50,7 +56,7 @@ def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", 
 
     model, _, _ = load_source(source, trust_remote_code=trust_remote_code, requantize=requantize)
     p = make_plan(model, method, dtype=dtype, plan_file=plan_file, overrides=[(k, "keep") for k in keep],
-                  include_vision=include_vision, only=only, **method_opts)
+                  include_vision=include_vision, only=only, target=target, **method_opts)
     if json_out:
         typer.echo(json.dumps(p.to_dict(), indent=2))
         return

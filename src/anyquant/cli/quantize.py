@@ -9,7 +9,10 @@ import typer
 
 from anyquant.cli.common import (
     SourceArg,
+    SymmetricOpt,
+    TargetOpt,
     app,
+    check_target,
     check_dtype,
     check_model_dir,
     check_patterns,
@@ -25,6 +28,8 @@ from anyquant.errors import AnyquantError
 def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method", "-m"),
              out: Path = typer.Option(..., "--out", "-o", help="output directory (written atomically)"),
              group_size: Optional[int] = typer.Option(None, "--group-size"),
+             symmetric: Optional[bool] = SymmetricOpt,
+             target: str = TargetOpt,
              dtype: str = typer.Option("auto", "--dtype", help="auto|bfloat16|float16|float32"),
              plan_file: Optional[Path] = typer.Option(None, "--plan", help="overrides (JSON)"),
              keep: List[str] = typer.Option([], "--keep", help="module name or re:pattern to keep in float"),
@@ -44,9 +49,10 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
              verify_save: bool = typer.Option(True, "--verify-save/--no-verify-save", help="reload the written output (anyquant and stock transformers) and compare its probe logits with the in-memory model's before putting it in place"),
              verbose: bool = typer.Option(False, "--verbose", "-v")):
     """Quantize SOURCE with METHOD and write a loadable model directory to OUT."""
-    opts = method_options(method, group_size, n_samples=n_samples, seq_len=seq_len, act_order=act_order,
+    opts = method_options(method, group_size, symmetric=symmetric, n_samples=n_samples, seq_len=seq_len, act_order=act_order,
                           awq_scales=awq_scales, tune_steps=tune_steps, tune_target=tune_target)
     check_dtype(dtype)
+    check_target(target)
     check_patterns(keep, only)
     setup_logging(verbose)
     from anyquant.api import quantize as run
@@ -74,7 +80,8 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
     check_output_dir(out, src, force, estimated_bytes=estimate_output_bytes(src, bits))
     ov = [(k, "keep") for k in keep]
     result = run(src, method, dtype=dtype, plan=plan_file, overrides=ov, only=only, include_vision=include_vision,
-                 trust_remote_code=trust_remote_code, requantize=requantize, calib=calib, tokenizer=tokenizer, **opts)
+                 trust_remote_code=trust_remote_code, requantize=requantize, calib=calib, tokenizer=tokenizer,
+                 target=target, **opts)
     path = save(result, out, force=force, verify=verify_save)
     r = result.report
     typer.echo(
@@ -82,5 +89,7 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
         f"kept {r['modules_kept']}; "
         f"probe logits error {r['probe_logits_relative_error']:.4f}; wrote {path}"
     )
+    typer.echo(f"compute dtype {result.plan.compute_dtype} (--target {target}): "
+               f"{result.report['dtype_policy']['reason']}")
     for n in collapse_notes(result.notes + result.plan.notes):
         typer.echo(f"note: {n}")

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from anyquant.errors import AnyquantError, Terminated
+from anyquant.formats.card import write_card
 from anyquant.formats.hf import checkpoint_key_renamer
 from anyquant.formats.manifest import (
     MANIFEST,
@@ -289,6 +290,7 @@ def save(result, out_dir: str | Path, *, force: bool = False, extra_metrics: dic
             manifest = build_manifest(result, handler.format)
             if extra_metrics:
                 manifest["metrics"].update(extra_metrics)
+            write_card(tmp, manifest)  # README.md: method, plan, measured quality, how to load
             sealed = seal_manifest(tmp, manifest)
             write_manifest(tmp, sealed)  # last: hashes every other file
             _finish_files(tmp)

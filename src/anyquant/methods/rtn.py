@@ -6,6 +6,7 @@ from torch import nn
 
 from anyquant.calib.runner import quantize_model_blockwise
 from anyquant.config import Int4Config
+from anyquant.errors import AnyquantError
 from anyquant.methods.registry import Method, register
 from anyquant.model.modelmap import ModuleInfo
 from anyquant.runtime.int4_linear import Int4Linear
@@ -13,20 +14,63 @@ from anyquant.runtime.int4_linear import Int4Linear
 MIN_GROUP = 32
 
 
-def fit_group_size(in_features: int | list[int], requested: int) -> int | None:
-    """The requested group size if it divides in_features (every one of them, for a list),
-    else the largest multiple of 32 below it that does; None when not even 32 does.
+# The group sizes vLLM's 4-bit weight-only kernels (Marlin, Machete, exllama) accept for a
+# compressed-tensors W4A16 checkpoint; -1 is one group per row (channel-wise).
+VLLM_GROUP_SIZES = (-1, 32, 64, 128)
 
-    Smaller groups cost bits (16-bit scale + 4-bit zero per group) but keep the layer 4-bit;
-    taking the largest divisor rather than halving matters for widths like SmolLM2's 576 and
-    1536: group size 96 (4.21 bits per weight) instead of 64 (4.31)."""
+
+def fit_group_size(in_features: int | list[int], requested: int) -> int | None:
+    """The requested group size if it divides in_features (every one of them, for a list);
+    else the largest of vLLM's group sizes (128, 64, 32) below it that does; else the largest
+    multiple of 32 below it that does; None when not even 32 does.
+
+    Smaller groups cost bits (16-bit scale + 4-bit zero per group) but keep the layer 4-bit.
+    SmolLM2's 576- and 1536-wide layers get 64 (4.31 bits per weight), which vLLM serves,
+    rather than 96 (4.21 bits), which it refuses; 64 also measured better (perplexity 30.55
+    against 33.73, docs/methods.md). A requested size vLLM does not take (e.g. 96) is honoured
+    where it divides, and the plan says vLLM cannot serve it."""
     widths = [in_features] if isinstance(in_features, int) else list(in_features)
     if all(k % requested == 0 for k in widths):
         return requested
-    for g in range(requested - requested % MIN_GROUP, MIN_GROUP - 1, -MIN_GROUP):
-        if all(k % g == 0 for k in widths):
+    candidates = [g for g in VLLM_GROUP_SIZES if 0 < g < requested]
+    candidates += list(range(requested - requested % MIN_GROUP, MIN_GROUP - 1, -MIN_GROUP))
+    for g in sorted(set(candidates), key=lambda g: (g not in VLLM_GROUP_SIZES, -g)):
+        if g < requested and all(k % g == 0 for k in widths):
             return g
     return None
+
+
+def vllm_group_note(method: str, sizes: list[int]) -> str | None:
+    """The plan note when a group size is not one vLLM serves, or None."""
+    bad = sorted({g for g in sizes if g not in VLLM_GROUP_SIZES})
+    if not bad:
+        return None
+    return (f"{method}: group size {', '.join(map(str, bad))} is not one vLLM's 4-bit kernels accept "
+            f"({', '.join(map(str, VLLM_GROUP_SIZES))}): anyquant and transformers load this output, vLLM refuses "
+            "it; pass --group-size 32, 64 or 128 (one that divides every quantized layer's in_features)")
+
+
+USER_GROUP_SIZE = "user_group_size"  # a plan override set this module's group size
+
+
+def check_user_group_sizes(plan, config: Int4Config) -> None:
+    """Group sizes set per module by plan overrides: mixed sizes are several compressed-tensors
+    config groups, which vLLM and anyquant load; stock transformers loads them only for a
+    symmetric scheme (an asymmetric checkpoint is dequantized at load with one group's scheme
+    for every layer), so an asymmetric output with mixed sizes is refused."""
+    sizes = sorted({int(d.options.get("group_size", config.group_size)) for d in plan.to_quantize()})
+    if len(sizes) > 1 and not config.symmetric:
+        raise AnyquantError(
+            f"{config.method}: the plan overrides set group sizes {sizes}: mixed group sizes need a symmetric "
+            "scheme (--symmetric, or --method W4A16), because stock transformers dequantizes an asymmetric "
+            "compressed-tensors checkpoint with one group size for every layer; pass --symmetric or set one "
+            "group size for all layers (--group-size)")
+    if len(sizes) > 1:
+        plan.notes.append(f"{config.method}: group sizes {sizes} set per module by plan overrides "
+                          "(one compressed-tensors config group each)")
+    note = vllm_group_note(config.method, sizes)
+    if note is not None and note not in plan.notes:
+        plan.notes.append(note)
 
 
 class Int4RTN(Method):
@@ -51,8 +95,9 @@ class Int4RTN(Method):
         fail to load there (symmetric checkpoints, loaded compressed, do load per group); the
         largest group size (see fit_group_size) that divides every quantized layer is used,
         and the plan says so."""
-        todo = plan.to_quantize()
+        todo = [d for d in plan.to_quantize() if d.reason_code != USER_GROUP_SIZE]
         if not todo:
+            check_user_group_sizes(plan, config)
             return
         g = fit_group_size([model_map.modules[d.name].in_features or 0 for d in todo], config.group_size)
         if g is None:  # cannot happen: fit() only admits layers that 32 divides
@@ -69,6 +114,7 @@ class Int4RTN(Method):
             if g != config.group_size:
                 d.reason_code = "group_size_fallback"
                 d.reason = f"int4 round-to-nearest, group size {g} (model-wide: see plan notes)"
+        check_user_group_sizes(plan, config)
 
     def quantize_linear(self, linear: nn.Linear, options, config: Int4Config, compute_dtype) -> nn.Module:
         g = options.get("group_size", config.group_size)

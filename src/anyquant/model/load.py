@@ -9,7 +9,9 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -41,13 +43,61 @@ class SourceInfo:
     quantization_config: dict[str, Any] | None = None
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+# Files a transformers load never needs: other runtimes' formats, original (non-HF) checkpoints.
+HUB_IGNORE = ["*.gguf", "*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.ot", "*.tflite", "*.mlmodel",
+              "original/*", "onnx/*", "coreml/*"]
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def resolve_hub_id(source: str) -> Path:
+    """A Hugging Face hub id (`org/name`, optionally `@revision`) as a local snapshot directory:
+    the local Hugging Face cache first (`HF_HUB_CACHE` / `HF_HOME` honoured, read now, not at
+    import), then a download unless `HF_HUB_OFFLINE` is set."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, _, revision = source.partition("@")
+    cache = os.environ.get("HF_HUB_CACHE") or (
+        str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None)
+    kwargs = {"repo_id": repo_id, "revision": revision or None, "cache_dir": cache}
+    try:
+        path = huggingface_hub.snapshot_download(**kwargs, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        path = None
+    if path is None:
+        where = cache or huggingface_hub.constants.HF_HUB_CACHE
+        if hub_offline():
+            raise AnyquantError(
+                f"{source}: not a local directory, and the hub model {repo_id} is not in the Hugging Face cache "
+                f"({where}) while HF_HUB_OFFLINE is set; download it where a network exists "
+                f"(`hf download {repo_id}`) or unset HF_HUB_OFFLINE")
+        try:
+            path = huggingface_hub.snapshot_download(**kwargs, ignore_patterns=HUB_IGNORE)
+        except Exception as e:  # noqa: BLE001 — no network, gated or unknown repo: all one answer
+            raise AnyquantError(
+                f"{source}: not a local directory, not in the Hugging Face cache ({where}), and downloading "
+                f"{repo_id} failed ({type(e).__name__}: {' '.join(str(e).split())[:200]}); check the id and the "
+                "network (gated models need `hf auth login`), or give a local model directory") from None
+        log.info("%s: downloaded to %s", source, path)
+    else:
+        log.info("%s: found in the Hugging Face cache: %s", source, path)
+    return Path(path)
+
+
 def resolve_source(source: str | Path) -> Path:
     if str(source) == "default":
 
         return default_model_dir()
     path = Path(source).expanduser()
+    if not path.exists() and isinstance(source, str) and HUB_ID.match(source):
+        path = resolve_hub_id(source)
     if not path.exists():
-        raise AnyquantError(f"{path}: no such file or directory (give a local model directory, or `default`)")
+        raise AnyquantError(f"{path}: no such file or directory (give a local model directory, a Hugging Face "
+                            "hub id such as org/name, or `default`)")
     if not path.is_dir():
         raise AnyquantError(f"{path}: is a file, not a model directory (expected a directory with config.json)")
     if not (path / "config.json").exists():

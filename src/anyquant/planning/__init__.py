@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from anyquant.config import MethodConfig
+from anyquant.config import MethodConfig, resolve_method
 from anyquant.errors import AnyquantError
 from anyquant.methods import handler_for
 from anyquant.model.modelmap import LINEAR, ModelMap
@@ -84,12 +84,8 @@ def apply_overrides(plan: Plan, model_map: ModelMap, config: MethodConfig, overr
     names = [d.name for d in plan.decisions]
     check_patterns(overrides, names)
     by_name = {d.name: d for d in plan.decisions}
-    for pattern, action in overrides:
-        if action not in (KEEP, QUANTIZE, config.method):
-            raise AnyquantError(
-                f"plan override {pattern!r} -> {action!r}: expected 'keep', 'quantize' or "
-                f"{config.method!r} (one method per run)"
-            )
+    for pattern, given in overrides:
+        action, group_size = override_action(pattern, given, config)
         for name in names:
             if not matches(pattern, name):
                 continue
@@ -114,3 +110,45 @@ def apply_overrides(plan: Plan, model_map: ModelMap, config: MethodConfig, overr
                 raise AnyquantError(f"plan override {pattern!r} asks to quantize {name}, but {reason}")
             d.action, d.method, d.options = QUANTIZE, config.method, options
             d.reason_code, d.reason = "user_quantize", f"quantized by override {pattern!r}"
+            if group_size is not None:
+                in_f = model_map.modules[name].in_features or 0
+                if in_f % group_size:
+                    raise AnyquantError(f"plan override {pattern!r}: group_size {group_size} does not divide "
+                                        f"{name}'s in_features={in_f}; use a divisor of {in_f} (e.g. 32 or 64)")
+                d.options = {**options, "group_size": group_size}
+                d.reason_code = "user_group_size"
+                d.reason = f"{config.method}, group size {group_size} by override {pattern!r}"
+
+
+def override_action(pattern: str, given, config: MethodConfig) -> tuple[str, int | None]:
+    """(KEEP or QUANTIZE, a group size or None) for one override: "keep", "quantize", the run's
+    method (or a scheme alias of it), or {"method": ..., "group_size": ...}. One output holds one
+    format and one method: another method is refused, saying which format each writes."""
+    if isinstance(given, dict):
+        method, group_size = given.get("method", config.method), given.get("group_size")
+    elif given in (KEEP, QUANTIZE):
+        return given, None
+    else:
+        method, group_size = given, None
+    resolved, _ = resolve_method(method)
+    if resolved != config.method:
+        try:
+            other = handler_for(resolved)
+        except AnyquantError:
+            raise AnyquantError(f"plan override {pattern!r} -> {method!r}: not a method; expected 'keep', "
+                                f"'quantize', {config.method!r} or {{\"method\": {config.method!r}, "
+                                "\"group_size\": <int>}") from None
+        mine = handler_for(config.method).format
+        if other.format != mine:
+            raise AnyquantError(
+                f"plan override {pattern!r} -> {method!r}: {resolved} writes {other.format}, this run's method "
+                f"{config.method} writes {mine}; one output holds one format (stock loaders read one "
+                f"quantization_config): drop the override, or quantize with {resolved} in a separate run")
+        raise AnyquantError(
+            f"plan override {pattern!r} -> {method!r}: {resolved} and this run's {config.method} both write "
+            f"{mine}, but one run quantizes with one method; per-module overrides may set the group size "
+            f"({{\"method\": {config.method!r}, \"group_size\": 64}}) or keep a module; run {resolved} separately")
+    if group_size is not None and not hasattr(config, "group_size"):
+        raise AnyquantError(f"plan override {pattern!r}: group_size applies to int4-family methods "
+                            f"(int4, hqq, awq, gptq), not {config.method}")
+    return QUANTIZE, group_size

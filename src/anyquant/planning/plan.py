@@ -77,9 +77,35 @@ def matches(pattern: str, name: str) -> bool:
     return name == pattern
 
 
-def load_overrides(path: str | Path) -> list[tuple[str, str]]:
+OVERRIDE_KEYS = ("method", "group_size")
+
+
+def check_override_action(pattern: str, action: Any, where: str) -> str | dict[str, Any]:
+    """An override's action: "keep", "quantize", a method name, or {"method": ..., "group_size": ...}
+    (either key may be left out). Returned as given; a malformed one is refused by name."""
+    if isinstance(action, str):
+        return action
+    if isinstance(action, dict):
+        unknown = sorted(set(action) - set(OVERRIDE_KEYS))
+        if unknown:
+            raise AnyquantError(f"{where}: override {pattern!r} has key(s) {', '.join(unknown)}; an override object "
+                                f"takes {', '.join(OVERRIDE_KEYS)} (e.g. {{\"method\": \"int4\", \"group_size\": 64}})")
+        if "method" in action and not isinstance(action["method"], str):
+            raise AnyquantError(f"{where}: override {pattern!r}: method must be a string, got {action['method']!r}")
+        g = action.get("group_size")
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g <= 0 or g % 8):
+            raise AnyquantError(f"{where}: override {pattern!r}: group_size={g!r} must be a positive multiple of 8 "
+                                "(32, 64 or 128 are the usual choices)")
+        return dict(action)
+    raise AnyquantError(f"{where}: override {pattern!r} -> {action!r}: expected \"keep\", \"quantize\", a method "
+                        "name or {\"method\": ..., \"group_size\": ...}")
+
+
+def load_overrides(path: str | Path) -> list[tuple[str, str | dict[str, Any]]]:
     """Read a plan file: either {"overrides": [[pattern, action], ...]} / {"overrides": {pattern: action}},
     or a plan written by `anyquant plan --json` (then each decision is an exact-name override).
+    An action is "keep", "quantize", the run's method, or an object {"method": ..., "group_size": ...}
+    setting one module's method (the run's, or its alias) and group size (int4-family methods).
 
     Order matters: later entries win over earlier ones for the same module."""
     path = Path(path).expanduser()
@@ -94,15 +120,16 @@ def load_overrides(path: str | Path) -> list[tuple[str, str]]:
     else:
         ov = data.get("overrides") if isinstance(data, dict) else data
         if isinstance(ov, dict):
-            out = [(str(a), str(b)) for a, b in ov.items()]
+            out = [(str(a), check_override_action(str(a), b, f"--plan {path}")) for a, b in ov.items()]
         elif isinstance(ov, list) and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in ov):
-            out = [(str(a), str(b)) for a, b in ov]
+            out = [(str(a), check_override_action(str(a), b, f"--plan {path}")) for a, b in ov]
     if out is not None:
         for pattern, _ in out:
             check_pattern(pattern, f"--plan {path}: pattern")
         return out
     raise AnyquantError(
-        f"--plan {path}: expected {{\"overrides\": {{\"<name or re:pattern>\": \"keep\" | \"<method>\"}}}} "
+        f"--plan {path}: expected {{\"overrides\": {{\"<name or re:pattern>\": \"keep\" | \"<method>\" | "
+        "{\"method\": \"<method>\", \"group_size\": <int>}}} "
         "or the output of `anyquant plan --json`"
     )
 

@@ -9,8 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dataclasses
+
 import torch
 from torch import nn
+
+from anyquant.errors import AnyquantError
+from anyquant.numerics.declared import declared_dtype
 
 from anyquant.config import MethodConfig
 from anyquant.model.modelmap import ModelMap, build_model_map
@@ -22,6 +27,42 @@ from anyquant.numerics.policy import DtypePolicy, choose_policy
 from anyquant.numerics.probe import ProbeFacts, run_probe
 from anyquant.planning import build_plan
 from anyquant.planning.plan import Plan, load_overrides
+
+
+TARGETS = ("auto", "cpu", "cuda")
+
+
+def target_capabilities(target: str, model: nn.Module, here: DeviceCapabilities
+                        ) -> tuple[DeviceCapabilities, str | None]:
+    """The device the output will run on, for the dtype policy: the compute dtype recorded in
+    the output (and everything kept in float) is for that device, not for the machine that
+    quantized. `cpu`: float32 (a CPU computes 16-bit floats without native speed). `cuda`: the
+    GPU quantizing, or, on a CPU, a bfloat16-capable GPU (Ampere or newer). `auto`: the device
+    quantizing; on a CPU, a source that declares bfloat16 or float16 keeps its dtype (it is
+    served on a GPU), a float32 source stays float32. Returns (capabilities, why; None when
+    nothing changed)."""
+    if target not in TARGETS:
+        raise AnyquantError(f"--target {target}: expected one of {', '.join(TARGETS)} (the device the output will "
+                            "run on: its compute dtype and the dtype of everything not quantized follow it)")
+    if here.simulated or target == "cpu" and here.device_type == "cpu":
+        return here, None
+    if target == "cpu":
+        caps = DeviceCapabilities("cpu", "cpu (target)", bf16=True, fp16=True, bnb=here.bnb, prefer_float32=True,
+                                  simulated=True)
+        return caps, "--target cpu: computing in float32 (a CPU has no native 16-bit speed)"
+    if here.device_type == "cuda":
+        return here, None
+    gpu = dataclasses.replace(here, device_type="cuda", name="a bfloat16-capable GPU (target)", bf16=True,
+                              fp16=True, prefer_float32=False, simulated=True)
+    decl = declared_dtype(model)
+    if target == "cuda":
+        return gpu, ("--target cuda: the compute dtype is chosen for a bfloat16-capable GPU, not for this CPU "
+                     "(--target cpu: float32)")
+    if decl in (torch.bfloat16, torch.float16):
+        name = dtype_name(decl)
+        return gpu, (f"quantizing on a CPU: the source's {name} is kept (compute dtype and everything not "
+                     f"quantized) for the GPU it will run on; --target cpu computes in float32 instead")
+    return here, None
 
 
 @dataclass
@@ -46,6 +87,7 @@ def prepare(
     capabilities: DeviceCapabilities | None = None,
     model_map: ModelMap | None = None,
     keep_dtypes: bool = False,
+    target: str = "auto",
 ) -> Prepared:
     """Decide everything before any weight changes. `plan` is a Plan to follow as it is, or an
     overrides file; `overrides` come after the file's (later wins).
@@ -53,7 +95,10 @@ def prepare(
     The float16 probe casts the model to float32; `keep_dtypes=True` restores every parameter's
     dtype afterwards (planning an in-memory model must not change it)."""
     mmap = model_map or build_model_map(model)
-    caps = capabilities or detect_capabilities(device_of(model))
+    target_note = None
+    if capabilities is None:
+        capabilities, target_note = target_capabilities(target, model, detect_capabilities(device_of(model)))
+    caps = capabilities
     saved = {n: p.dtype for n, p in model.named_parameters()} if keep_dtypes else None
     inputs = probe_inputs(model)
     policy = choose_policy(model, dtype, caps, inputs)
@@ -70,6 +115,8 @@ def prepare(
         the_plan = build_plan(mmap, config, dtype_name(policy.compute_dtype), ov, facts,
                               include_vision=include_vision, only=only,
                               float32_regions=list(policy.fp32_modules))
+    if target_note is not None:
+        notes = [f"{target_note}: compute dtype {dtype_name(policy.compute_dtype)} ({policy.reason})"] + notes
     the_plan.notes = notes + the_plan.notes
     fused = fused_expert_tensors(model)
     if fused:

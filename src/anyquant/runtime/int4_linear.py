@@ -95,6 +95,12 @@ class Int4Linear(nn.Module):
             m.bias.data.copy_(bias.detach().to(dtype))
         return m
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed codes, under the name peft looks up to place a LoRA adapter on this
+        module's device (formats/lora.py); not a state-dict entry."""
+        return self.weight_packed
+
     def clear_kernel_cache(self) -> None:
         """Drop the GPU kernels' repacked layouts (rebuilt at the next forward that needs one)."""
         self.kernel_cache.clear()
