@@ -63,9 +63,13 @@ def quantize(model: nn.Module | str | Path, method: str | MethodConfig = "nf4", 
     return _quantize(model, method, **options)
 
 
-def save(result: QuantizeResult, out_dir: str | Path, *, force: bool = False) -> Path:
-    """Write a quantized model directory atomically (all files, or nothing)."""
-    return _save(result, out_dir, force=force)
+def save(result: QuantizeResult, out_dir: str | Path, *, force: bool = False, command: str | None = None) -> Path:
+    """Write a quantized model directory atomically (all files, or nothing). Its anyquant.json
+    also keeps the per-layer weight errors and `command` (how it was made), for `anyquant report`."""
+    extra: dict[str, Any] = {"per_layer_weight_error": result.report.get("per_layer_weight_error") or {}}
+    if command is not None:
+        extra["command"] = command
+    return _save(result, out_dir, force=force, extra_metrics=extra)
 
 
 def load(directory: str | Path, *, trust_remote_code: bool = False, verify: bool = True) -> nn.Module:
