@@ -18,6 +18,7 @@ from anyquant.eval.report import (
     FILES_COMPONENT,
     HEADER_COMPONENT,
     build_report,
+    eval_lines,
     format_bytes,
     format_value,
     group_by_block,
@@ -207,3 +208,13 @@ def test_report_cli_refuses_what_is_not_an_output(tiny_llama, tmp_path):
     assert p.returncode == 2 and "no anyquant.json" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     p = _cli("report", tiny_llama, "--out", tmp_path / "r.pdf")
     assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+def test_eval_lines_are_formatted_for_people():
+    data = {"target": "out/x", "perplexity": 29.206068857604194, "baseline_perplexity": 27.5,
+            "kl_divergence": 0.0412345, "top1_agreement": 0.91234, "tokens": 16383,
+            "size_on_disk_bytes": 120_123_456, "peak_memory_eval_bytes": 3 * 2**30, "bits_per_weight": 4.1256}
+    text = "\n".join(eval_lines(data))
+    for want in ("29.21", "27.50", "0.0412", "91.23%", "16,383", "114.6 MiB", "3.00 GiB", "4.13"):
+        assert want in text, (want, text)
+    assert "29.206068857604194" not in text and "120123456" not in text

@@ -41,7 +41,7 @@ def eval_cmd(target: str = typer.Argument(..., help="model directory to evaluate
         raise AnyquantError(f"--report: {target} is not an anyquant output (no anyquant.json); "
                             "reports are made of outputs of `anyquant quantize`")
     setup_logging(False)
-    from anyquant.eval.report import build_report, command_line, format_value, save_eval_record
+    from anyquant.eval.report import build_report, command_line, eval_lines, save_eval_record
     from anyquant.eval.saved import run_eval
 
     data = run_eval(target, baseline, text, max_tokens, trust_remote_code, progress=not json_out,
@@ -58,18 +58,11 @@ def eval_cmd(target: str = typer.Argument(..., help="model directory to evaluate
         typer.echo(json.dumps(data, indent=2))
     else:
         con = console()
-        for k, v in data.items():
-            con.print(f"{LABELS.get(k, k):28s} {format_value(k, v)}", highlight=False)
+        for line in eval_lines(data):
+            con.print(line, highlight=False)
         if saved is not None:
             con.print(f"{'saved to':28s} {saved}", highlight=False)
     if report:
         path = build_report([Path(target)], verify=not no_verify)
         typer.echo(f"report: {path}", err=json_out)
 
-
-LABELS = {
-    "baseline_perplexity": "baseline perplexity", "kl_divergence": "KL divergence (nats/token)",
-    "top1_agreement": "top-1 agreement", "tokens": "tokens scored", "eval_seconds": "eval time (s)",
-    "size_on_disk_bytes": "size on disk", "peak_memory_load_bytes": "peak memory (load)",
-    "peak_memory_eval_bytes": "peak memory (eval)", "bits_per_weight": "bits per weight (stored)",
-}

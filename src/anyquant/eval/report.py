@@ -320,6 +320,19 @@ RUN_COLUMNS = [
 ]
 
 
+EVAL_LABELS = {
+    "baseline_perplexity": "baseline perplexity", "kl_divergence": "KL divergence (nats/token)",
+    "top1_agreement": "top-1 agreement", "tokens": "tokens scored", "eval_seconds": "eval time (s)",
+    "size_on_disk_bytes": "size on disk", "peak_memory_load_bytes": "peak memory (load)",
+    "peak_memory_eval_bytes": "peak memory (eval)", "bits_per_weight": "bits per weight (stored)",
+}
+
+
+def eval_lines(data: Mapping[str, Any]) -> list[str]:
+    """`anyquant eval`'s result as aligned lines for people (perplexity 2 decimals, sizes in MiB/GiB)."""
+    return [f"{EVAL_LABELS.get(k, k):28s} {format_value(k, v)}" for k, v in data.items()]
+
+
 def environment() -> dict[str, Any]:
     """Versions of anyquant and the libraries that decide its numbers, the device and the date."""
     versions = {}
