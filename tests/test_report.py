@@ -218,3 +218,15 @@ def test_eval_lines_are_formatted_for_people():
     for want in ("29.21", "27.50", "0.0412", "91.23%", "16,383", "114.6 MiB", "3.00 GiB", "4.13"):
         assert want in text, (want, text)
     assert "29.206068857604194" not in text and "120123456" not in text
+
+
+def test_quantize_with_report_cli(tiny_llama, tmp_path):
+    out = tmp_path / "q"
+    p = _cli("quantize", tiny_llama, "--method", "int8", "--out", out, "--report")
+    assert p.returncode == 0, p.stderr
+    assert f"report: {out / 'report.html'}" in p.stdout and "anyquant eval" in p.stdout
+    page = (out / "report.html").read_text()
+    text = " ".join(parse(page).text)
+    assert "--method int8" in text and "--report" in text  # the exact command, recorded in anyquant.json
+    assert "anyquant eval DIR --report" in text  # not evaluated yet: says how
+    anyquant.load(out)  # report.html beside the weights leaves the output verifiable

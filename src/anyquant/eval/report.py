@@ -659,17 +659,22 @@ def samples_from_disk(runs: Sequence[Mapping[str, Any]], prompts: Sequence[str] 
                       max_new_tokens: int = 24, verify: bool = True) -> dict[str, list[str]]:
     """Generations of the float source (when it is still there) and each output, loaded one at a time."""
     samples: dict[str, list[str]] = {}
+    tokenizers = {run["dir"]: load_tokenizer(pathlib.Path(run["dir"]), False) for run in runs}
+    missing = [d for d, tok in tokenizers.items() if tok is None]
+    if missing:
+        log.warning("%s: no tokenizer files, so the report has no sample generations; copy the source's "
+                    "tokenizer files into it to get them", ", ".join(missing))
+        return {}
     src = runs[0].get("source")
     if src and (src == "default" or pathlib.Path(src).is_dir()):
         model, tok, _ = load_model(resolve_source(src))
-        samples["float (source)"] = generate_samples(model, tok, prompts, max_new_tokens)
+        samples["float (source)"] = generate_samples(model, tok or tokenizers[runs[0]["dir"]], prompts, max_new_tokens)
         del model
     else:
         log.warning("the float source %s is not there: the report's samples show the outputs only", src)
     for run in runs:
         model = load_quantized(run["dir"], verify=verify)
-        tok = load_tokenizer(pathlib.Path(run["dir"]), False)
-        samples[run["label"]] = generate_samples(model, tok, prompts, max_new_tokens)
+        samples[run["label"]] = generate_samples(model, tokenizers[run["dir"]], prompts, max_new_tokens)
         del model
     return samples
 
@@ -765,7 +770,7 @@ def render_run_report(runs: Sequence[Mapping[str, Any]], *, source: Optional[Map
                 f'<td class="gen">{_esc(samples[c][i]) if i < len(samples[c]) else _MISSING}</td>' for c in cols) + "</tr>")
         parts.append("</tbody></table>")
     else:
-        parts.append("<p>Not generated (--no-samples).</p>")
+        parts.append("<p>Not generated (--no-samples, or the outputs have no tokenizer files).</p>")
     parts.append("</section>")
 
     parts += ['<section id="commands">', "<h2>Commands</h2>", "<ul>"]
