@@ -539,6 +539,12 @@ def headline(runs: Sequence[Mapping[str, Any]], float_row: Optional[Mapping[str,
         rec = (f"No output is within {bar} of the float perplexity; the closest is {best['label']} ({_pct(rel)}). "
                "Try gptq or awq with more calibration (--n-samples, --tune-steps), a smaller --group-size, "
                "or keep the most damaged layers below in float (--keep).")
+    four_bit = [(rel, r) for rel, r in costs if (r["size"]["bits_per_weight"] or 99) < 6]
+    if len(costs) > 1 and four_bit:
+        rel, b4 = min(four_bit, key=lambda x: x[1]["eval"]["kl_divergence"])
+        if b4 is not best:
+            rec += (f" Best at about 4 bits: {b4['label']} (lowest KL of the 4-bit outputs: "
+                    f"{b4['eval']['kl_divergence']:.4f}, perplexity {_pct(rel)}, {format_bytes(b4['size']['total_bytes'])}).")
     return {"done": done, "quality": quality, "memory": memory, "recommendation": rec}
 
 
