@@ -17,7 +17,7 @@ def report(dirs: List[Path] = typer.Argument(..., help="anyquant output director
            out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default: DIR/report.html, "
                                               "or report.html in the outputs' common parent)"),
            samples: bool = typer.Option(True, "--samples/--no-samples", help="greedy generations of each output and the float model (loads each)"),
-           max_new_tokens: int = typer.Option(24, "--max-new-tokens", help="tokens generated per sample prompt"),
+           max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="tokens generated per sample prompt"),
            no_verify: bool = typer.Option(False, "--no-verify", help="skip checking the outputs' files against their sha256")):
     """One self-contained HTML page: headline and recommendation, quality vs bits, per-layer error by
     block, size by component, sample generations, versions, device, date and commands."""
