@@ -64,12 +64,17 @@ def quantize(model: nn.Module | str | Path, method: str | MethodConfig = "nf4", 
     return _quantize(model, method, **options)
 
 
-def save(result: QuantizeResult, out_dir: str | Path, *, force: bool = False, verify: bool = True) -> Path:
+def save(result: QuantizeResult, out_dir: str | Path, *, force: bool = False, verify: bool = True,
+         command: str | None = None) -> Path:
     """Write a quantized model directory atomically (all files, or nothing). `verify` (default):
     the output is reloaded (anyquant.load, and transformers for the stock formats) and must give
     the in-memory model's probe logits before it is put in place; a mismatch raises
-    AnyquantError and nothing is left behind."""
-    return _save(result, out_dir, force=force, verify=verify)
+    AnyquantError and nothing is left behind. Its anyquant.json also keeps the per-layer weight
+    errors and `command` (how it was made), for `anyquant report`."""
+    extra: dict[str, Any] = {"per_layer_weight_error": result.report.get("per_layer_weight_error") or {}}
+    if command is not None:
+        extra["command"] = command
+    return _save(result, out_dir, force=force, verify=verify, extra_metrics=extra)
 
 
 def load(directory: str | Path, *, device: str | None = None, device_map: str | dict | None = None,

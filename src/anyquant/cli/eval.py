@@ -15,6 +15,7 @@ from anyquant.cli.common import (
     fails_cleanly,
     setup_logging,
 )
+from anyquant.errors import AnyquantError
 
 
 @app.command("eval")
@@ -25,7 +26,8 @@ def eval_cmd(target: str = typer.Argument(..., help="model directory to evaluate
              max_tokens: int = typer.Option(16384, "--max-tokens"),
              json_out: bool = typer.Option(False, "--json"),
              trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-             no_verify: bool = typer.Option(False, "--no-verify", help="skip checking the output's files against the sha256 its anyquant.json recorded")):
+             no_verify: bool = typer.Option(False, "--no-verify", help="skip checking the output's files against the sha256 its anyquant.json recorded"),
+             report: bool = typer.Option(False, "--report", help="also write TARGET/report.html (an anyquant output only)")):
     """Perplexity, KL divergence and top-1 agreement against the baseline; bits per weight; size; memory."""
     check_model_dir(target, trust_remote_code)  # before loading: damaged outputs, remote code, file types
     if baseline is not None and baseline != "default" and Path(baseline).exists():
@@ -34,14 +36,33 @@ def eval_cmd(target: str = typer.Argument(..., help="model directory to evaluate
         from anyquant.model.files import read_text_file
 
         read_text_file(text, "--text", "evaluation text")
+    is_output = (Path(target) / "anyquant.json").is_file()
+    if report and not is_output:
+        raise AnyquantError(f"--report: {target} is not an anyquant output (no anyquant.json); "
+                            "reports are made of outputs of `anyquant quantize`")
     setup_logging(False)
+    from anyquant.eval.report import build_report, command_line, eval_lines, save_eval_record
     from anyquant.eval.saved import run_eval
 
     data = run_eval(target, baseline, text, max_tokens, trust_remote_code, progress=not json_out,
                     verify=not no_verify)
+    saved = None
+    if is_output:  # kept beside the output (eval.jsonl): `anyquant report` shows the quality cost
+        try:
+            saved = save_eval_record(target, data, command_line())
+        except AnyquantError as e:
+            if report:
+                raise
+            typer.echo(f"note: {e}", err=True)
     if json_out:
         typer.echo(json.dumps(data, indent=2))
-        return
-    con = console()
-    for k, v in data.items():
-        con.print(f"{k:28s} {v}")
+    else:
+        con = console()
+        for line in eval_lines(data):
+            con.print(line, highlight=False)
+        if saved is not None:
+            con.print(f"{'saved to':28s} {saved}", highlight=False)
+    if report:
+        path = build_report([Path(target)], verify=not no_verify)
+        typer.echo(f"report: {path}", err=json_out)
+

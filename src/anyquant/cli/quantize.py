@@ -47,6 +47,7 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
              tune_target: Optional[str] = typer.Option(None, "--tune-target", help="awq/gptq tuning toward: model (the float model's output of each block) or block (the float block's, on the same inputs)"),
              force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
              verify_save: bool = typer.Option(True, "--verify-save/--no-verify-save", help="reload the written output (anyquant and stock transformers) and compare its probe logits with the in-memory model's before putting it in place"),
+             report: bool = typer.Option(False, "--report", help="also write OUT/report.html (headline, per-layer error, size, sample generations)"),
              verbose: bool = typer.Option(False, "--verbose", "-v")):
     """Quantize SOURCE with METHOD and write a loadable model directory to OUT."""
     opts = method_options(method, group_size, symmetric=symmetric, n_samples=n_samples, seq_len=seq_len, act_order=act_order,
@@ -58,6 +59,7 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
     from anyquant.api import quantize as run
     from anyquant.api import save
     from anyquant.config import make_config
+    from anyquant.eval.report import build_report, command_line
     from anyquant.formats.io import check_output_dir, clean_leftovers
     from anyquant.model.files import estimate_output_bytes, max_positions, read_text_file
     from anyquant.planning.plan import load_overrides
@@ -82,7 +84,7 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
     result = run(src, method, dtype=dtype, plan=plan_file, overrides=ov, only=only, include_vision=include_vision,
                  trust_remote_code=trust_remote_code, requantize=requantize, calib=calib, tokenizer=tokenizer,
                  target=target, **opts)
-    path = save(result, out, force=force, verify=verify_save)
+    path = save(result, out, force=force, verify=verify_save, command=command_line())
     r = result.report
     typer.echo(
         f"{method}: quantized {r['modules_quantized']} modules ({r['params_quantized_share']:.0%} of the parameters), "
@@ -93,3 +95,6 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
                f"{result.report['dtype_policy']['reason']}")
     for n in collapse_notes(result.notes + result.plan.notes):
         typer.echo(f"note: {n}")
+    if report:
+        del result  # the report loads the output and the source one at a time
+        typer.echo(f"report: {build_report([path])} (quality not measured yet: `anyquant eval {path} --report` adds it)")
