@@ -179,3 +179,10 @@ def test_no_private_names_across_modules():
 def test_no_submodule_shadows_a_public_name(name):
     assert not (PKG / f"{name}.py").exists() and not (PKG / name).is_dir(), (
         f"anyquant/{name} would replace anyquant.{name} once imported")
+
+
+def test_architecture_map_names_every_module():
+    doc = (PKG.parent.parent / "docs" / "architecture.md").read_text()
+    missing = [f.relative_to(PKG).as_posix() for f in sorted(PKG.rglob("*.py"))
+               if f"`{f.relative_to(PKG).as_posix()}`" not in doc]
+    assert not missing, f"docs/architecture.md does not list: {missing}"
