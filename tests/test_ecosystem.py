@@ -315,7 +315,7 @@ def test_lora_step_and_adapter_reload(method, tiny_llama, tmp_path, ids):
 
     r = anyquant.quantize(str(tiny_llama), method, progress=False)
     out = anyquant.save(r, tmp_path / method)
-    model = get_peft_model(anyquant.load(out), lora_config(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+    model = get_peft_model(anyquant.load(out, fuse=False), lora_config(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                             init_lora_weights=False))
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
@@ -328,7 +328,7 @@ def test_lora_step_and_adapter_reload(method, tiny_llama, tmp_path, ids):
     with torch.no_grad():
         want = model(ids).logits
     model.save_pretrained(tmp_path / "adapter")
-    again = load_adapter(anyquant.load(out), tmp_path / "adapter").eval()
+    again = load_adapter(anyquant.load(out, fuse=False), tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, want, rtol=0, atol=1e-5)
     if method == "int4":

@@ -229,7 +229,7 @@ def test_seq_len_above_the_models_positions(base, tmp_path):
 
 def test_gptq_without_tokenizer_says_what_to_copy(base, tmp_path):
     line = bad(cli("quantize", base, "-m", "gptq", "--out", tmp_path / "o", "--n-samples", "1", "--seq-len", "8"),
-               "no tokenizer files", str(base))
+               "no loadable tokenizer", "copy the source model's tokenizer files", str(base))
     assert "calib=" not in line and "LongTensor" not in line
     assert not (tmp_path / "o").exists()
 

@@ -3,8 +3,9 @@ through peft's custom-module dispatch. bitsandbytes outputs (nf4, fp4, int8) nee
 peft supports their layers itself (QLoRA).
 
     from anyquant.formats.lora import lora_config
-    model = get_peft_model(anyquant.load(out), lora_config(r=8, target_modules=["q_proj", "v_proj"]))
-    # later: load_adapter(anyquant.load(out), adapter_dir)
+    model = get_peft_model(anyquant.load(out, fuse=False), lora_config(r=8, target_modules=["q_proj", "v_proj"]))
+    # later: load_adapter(anyquant.load(out, fuse=False), adapter_dir)
+    # (fuse=False: adapters target the source's module names, q_proj and v_proj, not the fused qkv_proj)
 
 The int4 weights stay frozen and packed; the adapter's A and B train in the model's dtype.
 Merging an adapter into the packed weights would requantize them (lossy), so `merge` refuses
