@@ -27,7 +27,7 @@ def eval_cmd(target: str = typer.Argument(..., help="model directory to evaluate
              json_out: bool = typer.Option(False, "--json"),
              trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
              no_verify: bool = typer.Option(False, "--no-verify", help="skip checking the output's files against the sha256 its anyquant.json recorded"),
-             report: bool = typer.Option(False, "--report", help="also write TARGET/report.html (an anyquant output only)")):
+             report: bool = typer.Option(False, "--report", help="also keep this result in TARGET/eval.jsonl and write TARGET/report.html (an anyquant output only)")):
     """Perplexity, KL divergence and top-1 agreement against the baseline; bits per weight; size; memory."""
     check_model_dir(target, trust_remote_code)  # before loading: damaged outputs, remote code, file types
     if baseline is not None and baseline != "default" and Path(baseline).exists():
@@ -47,13 +47,8 @@ def eval_cmd(target: str = typer.Argument(..., help="model directory to evaluate
     data = run_eval(target, baseline, text, max_tokens, trust_remote_code, progress=not json_out,
                     verify=not no_verify)
     saved = None
-    if is_output:  # kept beside the output (eval.jsonl): `anyquant report` shows the quality cost
-        try:
-            saved = save_eval_record(target, data, command_line())
-        except AnyquantError as e:
-            if report:
-                raise
-            typer.echo(f"note: {e}", err=True)
+    if report:  # kept beside the output (eval.jsonl) for `anyquant report`; a plain eval writes nothing
+        saved = save_eval_record(target, data, command_line())
     if json_out:
         typer.echo(json.dumps(data, indent=2))
     else:
