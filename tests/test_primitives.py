@@ -111,11 +111,12 @@ def test_int4_linear_matches_dequantized_reference():
     torch.testing.assert_close(q(x).double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_fit_group_size_largest_multiple_of_32_dividing_all():
+def test_fit_group_size_prefers_the_sizes_vllm_serves():
     from anyquant.methods.rtn import fit_group_size
 
     assert fit_group_size(4096, 128) == 128
-    assert fit_group_size([576, 1536], 128) == 96  # SmolLM2: 4.21 bits per weight, not g64's 4.31
+    assert fit_group_size([576, 1536], 128) == 64  # SmolLM2: vLLM serves 64, not 96 (docs/methods.md)
+    assert fit_group_size(480, 128) == 32  # 96 divides 480 too, but vLLM takes only 128, 64, 32
     assert fit_group_size(576, 64) == 64
     assert fit_group_size(80, 128) is None  # 80 = 16 * 5: no multiple of 32 divides it
     assert fit_group_size(80, 16) == 16
