@@ -90,8 +90,8 @@ def test_existing_output_refused_unless_force(saved, tiny_llama):
 def test_group_size_fallback_is_model_wide_and_visible(tiny_llama_576):
     r = anyquant.quantize(str(tiny_llama_576), "int4", progress=False)
     gs = {d.options["group_size"] for d in r.plan.to_quantize()}
-    assert gs == {96}  # the largest multiple of 32 dividing 576 and 1536
-    assert any("group size 96 instead of 128" in n for n in r.plan.notes)
+    assert gs == {64}  # the largest of vLLM's group sizes dividing 576 and 1536
+    assert any("group size 64 instead of 128" in n for n in r.plan.notes)
     assert all(d.reason_code == "group_size_fallback" for d in r.plan.to_quantize())
 
 
