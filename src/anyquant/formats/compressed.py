@@ -122,14 +122,10 @@ def _skeleton(config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module 
     return None
 
 
-def load_int4_direct(directory: Path, config, plan: Plan, trust_remote_code: bool,
-                     device=None, device_map=None) -> nn.Module | None:
-    """Meta skeleton + Int4Linear on meta + every tensor read to its device; None (nothing
-    loaded) where the checkpoint's keys do not map one to one onto the model's."""
-    dtype = DTYPES[plan.compute_dtype]
-    model = _skeleton(config, dtype, trust_remote_code)
-    if model is None:
-        return None
+def install_int4_shells(model: nn.Module, plan: Plan, directory: Path, dtype: torch.dtype,
+                        device=None) -> list:
+    """Every planned module of `model` replaced by an empty Int4Linear of its shape; returns the
+    planned decisions."""
     symmetric = bool(plan.config.get("symmetric", False))
     todo = plan.to_quantize()
     for d in todo:
@@ -143,8 +139,20 @@ def load_int4_direct(directory: Path, config, plan: Plan, trust_remote_code: boo
                                 f"{type(mod).__name__} there, not a linear layer")
         in_f, out_f = feats
         q = Int4Linear(in_f, out_f, int(d.options.get("group_size", plan.config["group_size"])),
-                       getattr(mod, "bias", None) is not None, symmetric, dtype, device="meta")
+                       getattr(mod, "bias", None) is not None, symmetric, dtype, device=device)
         set_submodule(model, d.name, q)
+    return todo
+
+
+def load_int4_direct(directory: Path, config, plan: Plan, trust_remote_code: bool,
+                     device=None, device_map=None) -> nn.Module | None:
+    """Meta skeleton + Int4Linear on meta + every tensor read to its device; None (nothing
+    loaded) where the checkpoint's keys do not map one to one onto the model's."""
+    dtype = DTYPES[plan.compute_dtype]
+    model = _skeleton(config, dtype, trust_remote_code)
+    if model is None:
+        return None
+    todo = install_int4_shells(model, plan, directory, dtype, device="meta")
     # Checkpoint key -> model name, through transformers' renamings; any converter (merging or
     # splitting tensors at load) sends the load through transformers instead.
     try:
@@ -236,21 +244,7 @@ def load_int4_float(directory: Path, manifest: dict[str, Any], trust_remote_code
     plan = Plan.from_dict(manifest["plan"])
     dtype = DTYPES[plan.compute_dtype]
     model, info = from_pretrained_float(directory, config, dtype, trust_remote_code)
-    symmetric = bool(plan.config.get("symmetric", False))
-    todo = plan.to_quantize()
-    for d in todo:
-        try:
-            mod = model.get_submodule(d.name)
-        except AttributeError as e:
-            raise AnyquantError(f"{directory}: the plan quantizes {d.name}, which the rebuilt model lacks") from e
-        feats = linear_features(mod)
-        if feats is None:
-            raise AnyquantError(f"{directory}: the plan quantizes {d.name}, but the rebuilt model has a "
-                                f"{type(mod).__name__} there, not a linear layer")
-        in_f, out_f = feats
-        q = Int4Linear(in_f, out_f, int(d.options.get("group_size", plan.config["group_size"])),
-                       getattr(mod, "bias", None) is not None, symmetric, dtype)
-        set_submodule(model, d.name, q)
+    todo = install_int4_shells(model, plan, directory, dtype)
     wanted = {f"{d.name}.{k}" for d in todo for k, _ in
               list(model.get_submodule(d.name).named_buffers(recurse=False))
               + list(model.get_submodule(d.name).named_parameters(recurse=False))}
