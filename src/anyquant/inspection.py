@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
+import torch
+
 from anyquant.config import known_methods, make_config
+from anyquant.formats.hf import meta_skeleton
 from anyquant.formats.io import load_source
 from anyquant.methods import handler_for
+from anyquant.model.load import checkpoint_float_dtype, inspect_files, resolve_source
 from anyquant.model.modelmap import build_model_map
+from anyquant.numerics.dtype import DTYPES
 from anyquant.planning import build_plan
+
+log = logging.getLogger(__name__)
 
 
 def size_estimates(model, mmap) -> dict[str, dict[str, Any]]:
@@ -34,7 +43,16 @@ def size_estimates(model, mmap) -> dict[str, dict[str, Any]]:
 
 
 def inspect_source(source: str, trust_remote_code: bool = False) -> dict[str, Any]:
-    model, _, info = load_source(source, trust_remote_code=trust_remote_code, refuse_quantized=False)
+    """The summary of a model directory. A float source is read from config.json and the
+    safetensors headers only, on a meta-device skeleton (no weight is read); an already
+    quantized one is loaded, since its quantized modules are what there is to show."""
+    path = resolve_source(source)
+    info = inspect_files(path)
+    model = None
+    if not info.quantized_tensors and not info.quantization_config:
+        model = _meta_model(path, info, trust_remote_code)
+    if model is None:
+        model, _, info = load_source(source, trust_remote_code=trust_remote_code, refuse_quantized=False)
     mmap = build_model_map(model)
     data = mmap.summary()
     data["source"] = str(info.path)
@@ -48,3 +66,23 @@ def inspect_source(source: str, trust_remote_code: bool = False) -> dict[str, An
     data["param_dtypes"] = dtypes
     data["estimated_size"] = size_estimates(model, mmap) if not data["quantized_tensors"] else {}
     return data
+
+
+def _meta_model(path: Path, info, trust_remote_code: bool):
+    """The model as transformers would load it with dtype="auto" (the config's dtype, else the
+    checkpoint's), parameters on the meta device; None where no class builds it that way."""
+    from transformers import AutoConfig
+
+    if info.config.get("auto_map") and not trust_remote_code:
+        return None  # load_source says why, with the fix
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype)
+    if not isinstance(dtype, torch.dtype):
+        dtype = checkpoint_float_dtype(path)
+    try:
+        return meta_skeleton(config, dtype, trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - the full load then says what is wrong, in its own words
+        log.debug("meta skeleton of %s failed (%s); loading the model instead", path, e)
+        return None

@@ -15,7 +15,7 @@ from torch import nn
 
 from anyquant.errors import AnyquantError
 from anyquant.formats import direct
-from anyquant.formats.hf import checkpoint_key_renamer, classes_for_config, from_pretrained_float
+from anyquant.formats.hf import checkpoint_key_renamer, from_pretrained_float, meta_skeleton
 from anyquant.formats.registry import Format, register_format
 from anyquant.model.modelmap import LINEAR, linear_features
 from anyquant.model.tree import set_submodule
@@ -109,19 +109,6 @@ def _config_and_plan(directory: Path, manifest: dict[str, Any], trust_remote_cod
     return config, Plan.from_dict(manifest["plan"])
 
 
-def _skeleton(config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module | None:
-    """The model of `config` with its parameters on the meta device (buffers real)."""
-    for cls in classes_for_config(config):
-        try:
-            with direct.parameters_on_meta():
-                if hasattr(cls, "_from_config"):
-                    return cls._from_config(config, dtype=dtype)
-                return cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-        except ValueError:  # this auto class does not know the config type
-            continue
-    return None
-
-
 def install_int4_shells(model: nn.Module, plan: Plan, directory: Path, dtype: torch.dtype,
                         device=None) -> list:
     """Every planned module of `model` replaced by an empty Int4Linear of its shape; returns the
@@ -149,7 +136,7 @@ def load_int4_direct(directory: Path, config, plan: Plan, trust_remote_code: boo
     """Meta skeleton + Int4Linear on meta + every tensor read to its device; None (nothing
     loaded) where the checkpoint's keys do not map one to one onto the model's."""
     dtype = DTYPES[plan.compute_dtype]
-    model = _skeleton(config, dtype, trust_remote_code)
+    model = meta_skeleton(config, dtype, trust_remote_code)
     if model is None:
         return None
     todo = install_int4_shells(model, plan, directory, dtype, device="meta")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from anyquant.errors import AnyquantError
+from anyquant.formats.direct import parameters_on_meta
 from anyquant.model.load import model_classes
 
 
@@ -63,3 +64,17 @@ def from_pretrained_float(directory: Path, config, dtype: torch.dtype, trust_rem
 def classes_for_config(config) -> list[Any]:
 
     return model_classes(getattr(config, "architectures", None))
+
+
+def meta_skeleton(config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module | None:
+    """The model of `config` with its parameters on the meta device (buffers real); None when
+    no class knows the config."""
+    for cls in classes_for_config(config):
+        try:
+            with parameters_on_meta():
+                if hasattr(cls, "_from_config"):
+                    return cls._from_config(config, dtype=dtype)
+                return cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        except ValueError:  # this auto class does not know the config type
+            continue
+    return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -163,6 +164,24 @@ def _check_shards(path: Path, files: list[Path]) -> None:
         if lacking:
             raise AnyquantError(f"{path}: shard {lacking[0]} named in {index.name} is missing "
                                 f"({len(lacking)} of {len(set(weight_map.values()))} shards); re-download it")
+
+
+def checkpoint_float_dtype(path: Path) -> torch.dtype:
+    """The float dtype holding most of a checkpoint's elements (safetensors headers only;
+    float32 for pickled checkpoints, which have no header to read)."""
+    counts: dict[str, int] = {}
+    for f in weight_files(path):
+        if f.suffix != ".safetensors":
+            continue
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                sl = st.get_slice(name)
+                dtype = sl.get_dtype()
+                if dtype in FLOAT_DTYPES:
+                    counts[dtype] = counts.get(dtype, 0) + math.prod(sl.get_shape())
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    best = max(counts, key=counts.get, default="F32")
+    return names.get(best, torch.float32)
 
 
 def _safetensors_dtypes(f: Path) -> list[tuple[str, str, bool]]:
@@ -440,9 +459,23 @@ def load_tokenizer(path: Path, trust_remote_code: bool, *, required: bool = Fals
 
 def check_finite(model: torch.nn.Module) -> None:
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if p.is_floating_point() and p.device.type != "meta" and not torch.isfinite(p).all():
+        if p.is_floating_point() and p.device.type != "meta" and not all_finite(p):
             bad = (~torch.isfinite(p)).sum().item()
             raise AnyquantError(
                 f"tensor {name} holds {bad} NaN/inf value(s); the source model is broken — "
                 "fix or re-export its weights before quantizing"
             )
+
+
+# exponent bits of the 16-bit float formats: all ones means inf or NaN
+_EXPONENT_MASK = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """torch.isfinite(t).all(), without its slow 16-bit path on a CPU: a 16-bit float is inf or
+    NaN exactly when its exponent bits are all ones, which integer ops test at memory speed."""
+    mask = _EXPONENT_MASK.get(t.dtype)
+    if mask is None or t.device.type != "cpu" or not t.is_contiguous():
+        return bool(torch.isfinite(t).all())
+    bits = t.view(torch.int16)
+    return not bool(((bits & mask) == mask).any())

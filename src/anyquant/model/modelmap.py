@@ -7,6 +7,7 @@ custom architectures (F4) break tools that do. Tied parameters are found by iden
 from __future__ import annotations
 
 import re
+import sys
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,14 +26,13 @@ _PROJECTOR_HINTS = ("projector", "resampler", "mm_proj", "merger", "connector", 
 
 
 def quantized_linear_types() -> tuple[type, ...]:
-
+    """The quantized linear classes a model can hold now. bitsandbytes' classes count only once
+    bitsandbytes is imported (no instance of them can exist before): importing it costs seconds
+    that `inspect` and `plan` of a float model do not need to spend."""
     types: list[type] = [Int4Linear]
-    try:
-        import bitsandbytes as bnb
-
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is not None and hasattr(bnb, "nn"):
         types += [bnb.nn.Linear4bit, bnb.nn.Linear8bitLt]
-    except ImportError:  # bitsandbytes is a dependency, but inspect must work without it
-        pass
     return tuple(types)
 
 

@@ -9,7 +9,9 @@ device by passing a `DeviceCapabilities` or by setting ANYQUANT_DEVICE_CAPS, e.g
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -45,11 +47,11 @@ class DeviceCapabilities:
 
 
 def _bnb_available() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """bitsandbytes installed (found, not imported: its import costs seconds that planning does
+    not need; a method that uses it imports it and reports a broken install then)."""
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"] is not None
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def detect_capabilities(device: torch.device | str = "cpu") -> DeviceCapabilities:
