@@ -20,7 +20,9 @@ import pytest
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+import anyquant
 from anyquant.cli import app
+from anyquant.errors import AnyquantError
 from tests.conftest import make_tiny_llama
 
 RUNNER = CliRunner()
@@ -111,6 +113,9 @@ def test_shape_mismatch(base, tmp_path):
     bad(cli("quantize", src, "-m", "int8", "--out", tmp_path / "o"),
         "model.layers.0.mlp.up_proj.weight", "[128, 32]", "[128, 64]")
     assert not (tmp_path / "o").exists()
+    # the Python API gets the same one-line refusal, not transformers' report
+    with pytest.raises(AnyquantError, match=r"up_proj.weight has shape \[128, 32\].*config.json makes it \[128, 64\]"):
+        anyquant.quantize(str(src), "int8", progress=False)
 
 
 def test_missing_shard(base, tmp_path):

@@ -13,6 +13,7 @@ from anyquant.eval.metrics import evaluate
 from anyquant.eval.stored import stored_sizes
 from anyquant.formats.io import load_quantized
 from anyquant.formats.manifest import FINGERPRINT_SCOPE, MANIFEST, read_manifest
+from anyquant.model.files import read_text_file
 from anyquant.model.load import fingerprint, load_model, load_tokenizer, resolve_source
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,7 @@ def run_eval(target: str, baseline: str | None, text_file: Path | None, max_toke
         raise AnyquantError(f"{target}: no tokenizer files found; copy the tokenizer into it or pass --baseline with one")
     text = None
     if text_file is not None:
-        if not text_file.exists():
-            raise AnyquantError(f"--text {text_file}: no such file")
-        text = text_file.read_text(encoding="utf-8", errors="replace")
+        text = read_text_file(text_file, "--text", "evaluation text")
     t0 = time.perf_counter()
     with track_peak_memory() as run_mem:
         metrics = evaluate(model, base_model, text, tokenizer=tok, max_tokens=max_tokens, progress=progress)

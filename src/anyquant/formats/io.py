@@ -39,6 +39,7 @@ from anyquant.formats.regions import restore_float32_regions
 from anyquant.formats.registry import format_for
 from anyquant.formats.verify import verify_saved
 from anyquant.methods import handler_for
+from anyquant.model.files import check_source
 from anyquant.model.load import load_model, resolve_source
 from anyquant.model.modelmap import quantized_linear_types
 from anyquant.numerics.dtype import DTYPES
@@ -443,4 +444,6 @@ def load_source(source: str | Path, *, verify: bool = True, **kwargs: Any):
 
         def loader(p: Path) -> nn.Module:
             return load_quantized(p, trust_remote_code=trc, verify=verify)
+    else:  # the command line checked already; the Python API gets the same one-line refusals
+        check_source(path, kwargs.get("trust_remote_code", False))
     return load_model(path, loader=loader, **kwargs)
