@@ -171,6 +171,8 @@ def main(argv=None):
         t = time.time()
         res["build"] = build(ckpt, args.layers)
         log(f"build: {res['build']} ({time.time() - t:.0f}s)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2))  # kept if a later stage runs out of time
         gc.collect()
         torch.cuda.empty_cache()
     for kind in ("int4", "bf16", "nf4"):
