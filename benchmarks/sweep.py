@@ -9,7 +9,10 @@ as the model reports image features), save it, and then:
 - anyquant nf4 / int8 / int4: `anyquant.quantize(<saved dir>)` -> forward -> `anyquant.save` ->
   `anyquant.load` -> forward; pass = error against float within a loose bound (it catches
   breakage, not quality) and the reloaded model gives the same logits as the in-memory one;
-- plain transformers + `BitsAndBytesConfig` defaults (nf4, int8) on the same saved float model.
+- plain transformers + `BitsAndBytesConfig` defaults (nf4, int8) on the same saved float model;
+- per type: whether the quantize probe ran the image path (VLMs), whether `anyquant.doctor` ran, and per
+  method the share of parameters quantized, fused MoE expert parameters left in float, and whether stock
+  transformers reloads the output with the same logits (as `anyquant.save` verified it).
 
 Each type runs in a forked child with a time limit, so a hang or a crash costs one row, not the
 sweep; the parent imports torch/transformers/anyquant once (children inherit them) and runs no
@@ -270,8 +273,19 @@ def one(model_type: str, task: str, workdir: Path) -> dict:
             back = logits_of(anyquant.load(out), inputs)
             err2, drift = rel(back, ref), rel(back, mem)
             ok = err < BOUND[method] and drift < RELOAD_BOUND
+            if task == "image-text" and "image_probe" not in row:
+                why = r.report["probe"].get("image_path_not_probed")
+                row["image_probe"] = {"ran": "pixel_values" in (r.probe_inputs or {}) and not why,
+                                      **({"reason": _one_line(why)[:200]} if why else {})}
+            stock = json.loads((out / "anyquant.json").read_text()).get("verification", {}).get("transformers")
             res = {"ok": ok, "error": round(err, 4), "reloaded_error": round(err2, 4),
                    "reload_vs_in_memory": float(f"{drift:.3g}"),
+                   "params_quantized_share": round(r.report["params_quantized_share"], 4),
+                   "fused_experts_float_params": r.report.get("fused_experts_float", {}).get("params", 0),
+                   # stock transformers' from_pretrained of the output, as save verified it:
+                   # True (same logits), False (refused: loads or runs wrong), None (not applicable / skipped)
+                   "stock_reload": (None if stock is None else stock.get("ok") if stock.get("ok") is not None
+                                    else (False if "reason" in stock else None)),
                    "quantized": len(r.plan.to_quantize()),
                    "kept_outside_reads": [d.name for d in r.plan.kept()
                                           if d.reason_code == "weight_read_outside_forward"]}
@@ -283,6 +297,11 @@ def one(model_type: str, task: str, workdir: Path) -> dict:
             del r
         except Exception as e:  # noqa: BLE001
             row["anyquant"][method] = {"ok": False, "reason": f"{type(e).__name__}: {str(e)[:240]}"}
+    try:
+        found = anyquant.doctor(str(src))
+        row["doctor"] = {"ran": True, "findings": len(found.get("findings", found.get("problems", [])) or [])}
+    except Exception as e:  # noqa: BLE001 — recorded: doctor must run on every type that runs in float
+        row["doctor"] = {"ran": False, "reason": f"{type(e).__name__}: {_one_line(str(e))[:200]}"}
     for method in BNB_METHODS:
         qc = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4") if method == "nf4"
               else BitsAndBytesConfig(load_in_8bit=True))
@@ -385,7 +404,12 @@ def print_row(row: dict) -> None:
     print(f"{row['model_type'][:26]:26s} {row['task'][:5]:5s} {inst:4s} "
           + " ".join(f"{_cell(aq.get(m)):4s}" for m in METHODS) + " | "
           + " ".join(f"{_cell(tb.get(m)):4s}" for m in BNB_METHODS)
+          + f" | img {_yes(row.get('image_probe'))} doc {_yes(row.get('doctor'))}"
           + f" {row.get('seconds', 0):5.1f}s  {_first_reason(row)[:110]}", flush=True)
+
+
+def _yes(v: dict | None) -> str:
+    return "-  " if v is None else ("yes" if v.get("ran") else "NO ")
 
 
 def summarize(rows: list[dict], seconds: float, complete: bool) -> dict:
@@ -395,7 +419,22 @@ def summarize(rows: list[dict], seconds: float, complete: bool) -> dict:
     per_method = {f"anyquant_{m}": sum(bool(r["anyquant"].get(m, {}).get("ok")) for r in ran) for m in METHODS}
     per_method.update({f"transformers_bnb_{m}": sum(bool(r["transformers_bnb"].get(m, {}).get("ok")) for r in ran)
                        for m in BNB_METHODS})
+    vlm = [r for r in ran if r["task"] == "image-text"]
+    probed = [r["model_type"] for r in vlm if r.get("image_probe", {}).get("ran")]
+    extra = {
+        "image_probe_ran": f"{len(probed)}/{len(vlm)}",
+        "image_probe_missing": sorted(r["model_type"] for r in vlm if r["model_type"] not in probed),
+        "doctor_ran": f"{sum(bool(r.get('doctor', {}).get('ran')) for r in ran)}/{len(ran)}",
+        "doctor_failures": sorted(r["model_type"] for r in ran if not r.get("doctor", {}).get("ran")),
+        "reloads_in_anyquant": {m: sum(r["anyquant"].get(m, {}).get("reload_vs_in_memory", 1) < RELOAD_BOUND
+                                       for r in ran) for m in METHODS},
+        "reloads_in_stock_transformers": {m: sum(r["anyquant"].get(m, {}).get("stock_reload") is True for r in ran)
+                                          for m in METHODS},
+        "fused_experts_left_float": sorted({r["model_type"] for r in ran for m in METHODS
+                                            if r["anyquant"].get(m, {}).get("fused_experts_float_params")}),
+    }
     return {
+        **extra,
         "types": len(rows),
         "instantiated": sum(bool(r.get("instantiates")) for r in rows),
         "ran_in_float": len(ran),
