@@ -67,8 +67,11 @@ def stored_sizes(directory: str | Path, plan_dict: dict[str, Any]) -> dict[str, 
 
 def _weight_count(decision: dict[str, Any]) -> int:
     shape = decision.get("shape")
-    if shape:
-        return int(shape[0]) * int(shape[1])
+    if shape:  # [out, in] for a Linear, [experts, out, in] for fused MoE experts
+        n = 1
+        for s in shape:
+            n *= int(s)
+        return n
     raise AnyquantError(f"plan entry {decision['name']} lacks its shape; re-save with this anyquant version")
 
 

@@ -42,6 +42,7 @@ from anyquant.methods import handler_for
 from anyquant.model.load import load_model, resolve_source
 from anyquant.model.modelmap import quantized_linear_types
 from anyquant.numerics.dtype import DTYPES
+from anyquant.runtime.experts import quantized_experts_types
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +376,7 @@ def _reverting_merges_quantized(model: nn.Module) -> bool:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # transformers without load-time conversions
         return False
-    qtypes = quantized_linear_types()
+    qtypes = quantized_linear_types() + quantized_experts_types()
     probe: dict[str, torch.Tensor] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, qtypes):
