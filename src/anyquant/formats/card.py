@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from anyquant.formats.vllm import experts_problem, vllm_compatible
+from anyquant.formats.vllm import experts_problem, fused_layout_experts, vllm_compatible
+from anyquant.planning.experts import stock_experts_refusal
+from anyquant.planning.plan import Plan
 
 CARD = "README.md"
 
@@ -55,9 +57,9 @@ def model_card(directory: Path, manifest: dict[str, Any]) -> str:
     lines += ["", "## Load it", "", "anyquant (any device; int4 through its own kernels):", "", "```python",
               "import anyquant", f"model = anyquant.load({str(directory)!r})", "```", "",
               "transformers:", ""]
-    if experts_q:
-        lines += ["Loads with anyquant.load only: stock transformers' `from_pretrained` has no loader for "
-                  "quantized fused MoE experts.", ""]
+    refusal = stock_experts_refusal(Plan.from_dict(plan)) if experts_q else None
+    if refusal:
+        lines += [refusal[0].upper() + refusal[1:] + ".", ""]
     else:
         lines += ["```python", "from transformers import AutoModelForCausalLM",
                   f"model = AutoModelForCausalLM.from_pretrained({str(directory)!r})", "```", ""]
@@ -68,7 +70,8 @@ def model_card(directory: Path, manifest: dict[str, Any]) -> str:
                      "Asymmetric int4: transformers dequantizes the weights at load (float size in memory); "
                      "quantize with `--symmetric` (W4A16) for a packed load.")
         lines.append("")
-    problems = [experts_problem(len(experts_q))] if experts_q else vllm_compatible(directory)
+    fused_q = fused_layout_experts(experts_q)
+    problems = [experts_problem(fused_q)] if fused_q else vllm_compatible(directory)
     lines += ["vLLM:", "", "```", f"vllm serve {directory}", "```", ""]
     if problems:
         lines += ["vLLM constraints not met (anyquant.formats.vllm.vllm_compatible):", ""]

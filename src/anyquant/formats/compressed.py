@@ -15,7 +15,11 @@ from torch import nn
 
 from anyquant.errors import AnyquantError
 from anyquant.formats import direct
-from anyquant.formats.experts import install_expert_shells
+from anyquant.formats.experts import (
+    install_expert_shells,
+    load_per_expert_layout,
+    per_expert_decisions,
+)
 from anyquant.formats.hf import (
     checkpoint_key_renamer,
     classes_for_config,
@@ -251,10 +255,12 @@ def load_int4_float(directory: Path, manifest: dict[str, Any], trust_remote_code
     dtype = DTYPES[plan.compute_dtype]
     model, info = from_pretrained_float(directory, config, dtype, trust_remote_code)
     todo = install_int4_shells(model, plan, directory, dtype)
-    wanted = {f"{d.name}.{k}" for d in todo for k in model.get_submodule(d.name).state_dict()}
+    split = {d.name for d in per_expert_decisions(plan)}  # experts saved one Linear per expert
+    wanted = {f"{d.name}.{k}" for d in todo if d.name not in split for k in model.get_submodule(d.name).state_dict()}
     rename = checkpoint_key_renamer(model)
     found: dict[str, torch.Tensor] = {}
     placed: set[str] = set()  # what transformers called these keys (its report renames them)
+    placed |= {k for key in load_per_expert_layout(model, directory, plan) for k in (key, rename(key))}
     for f in sorted(directory.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as sf:
             for key in sf.keys():

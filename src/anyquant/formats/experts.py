@@ -1,27 +1,36 @@
-"""Quantized fused MoE experts in a saved output: empty QuantizedExperts rebuilt from the plan
-and filled from the checkpoint, for every format (anyquant.load only: stock transformers has
-no loader for them, and the plan and the model card say so)."""
+"""Quantized fused MoE experts in a saved output: written, and rebuilt from the plan and the
+checkpoint at load.
+
+int4 family: where transformers splits the fused tensor in its checkpoints (Mixtral, Qwen3-MoE,
+...), one compressed-tensors pack-quantized Linear per expert under the checkpoint's own names
+(`write_per_expert_layout`): transformers' compressed-tensors loader merges them back into fused
+float experts (symmetric schemes; it drops asymmetric zero points) and anyquant.load rebuilds the
+Int4Experts. Otherwise, and for bitsandbytes, the QuantizedExperts' own tensors under the fused
+name, which only anyquant.load reads; the plan and the model card say which
+(planning/experts.py `stock_experts_refusal`)."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from anyquant import primitives as P
 from anyquant.errors import AnyquantError
 from anyquant.formats.hf import checkpoint_key_renamer
+from anyquant.planning.experts import stock_experts_refusal
 from anyquant.planning.plan import Decision, Plan
 from anyquant.runtime.experts import (
     Bnb4Experts,
     Int4Experts,
     Int8Experts,
     QuantizedExperts,
+    checkpoint_layout,
     install_experts,
 )
-
-STOCK_REFUSAL = ("loads with anyquant.load only: stock transformers' from_pretrained has no loader for quantized "
-                 "fused MoE experts ({n} tensor(s), first: {first})")
 
 
 def expert_shell(d: Decision, plan: Plan, dtype: torch.dtype, device=None) -> QuantizedExperts:
@@ -79,8 +88,133 @@ def load_expert_tensors(model: nn.Module, directory: Path, todo: list[Decision])
 
 
 def stock_refusal(plan: Plan) -> str | None:
-    """Why stock transformers cannot load this plan's output, or None."""
-    todo = plan.experts_to_quantize()
+    """Why stock transformers cannot load this plan's output, or None (planning/experts.py)."""
+    return stock_experts_refusal(plan)
+
+
+def per_expert_decisions(plan: Plan) -> list[Decision]:
+    """The int4 experts this plan writes one Linear per expert (options["layout"])."""
+    return [d for d in plan.experts_to_quantize() if d.options.get("layout") == "per_expert"]
+
+
+def _split(q: Int4Experts, layout) -> dict[str, torch.Tensor]:
+    """`q`'s tensors as compressed-tensors pack-quantized Linears, one per checkpoint module."""
+    out: dict[str, torch.Tensor] = {}
+    zeros = {}
+    for base, e, rows in layout:
+        out[f"{base}.weight_packed"] = q.weight_packed[e][rows].contiguous()
+        out[f"{base}.weight_scale"] = q.weight_scale[e][rows].contiguous()
+        out[f"{base}.weight_shape"] = torch.tensor([len(rows), q.in_features], dtype=torch.int64)
+        if not q.symmetric:
+            if e not in zeros:
+                zeros[e] = P.unpack_int4(q.weight_zero_point[e], q.out_features, dim=0)
+            out[f"{base}.weight_zero_point"] = P.pack_int4(zeros[e][rows].to(torch.int8), dim=0)
+    return out
+
+
+def write_per_expert_layout(directory: Path, model: nn.Module, plan: Plan) -> None:
+    """Rewrite a saved int4 output's quantized experts from anyquant's fused tensors
+    (`...experts.gate_up_proj.weight_packed` [E, out, in / 8]) into the checkpoint's own
+    one-Linear-per-expert layout in compressed-tensors' pack-quantized form, which transformers'
+    compressed-tensors loader merges back into fused experts (dequantized) and vLLM reads; the
+    config's quantization group gets a target for them."""
+    from safetensors.torch import load_file, save_file
+
+    todo = per_expert_decisions(plan)
     if not todo:
-        return None
-    return STOCK_REFUSAL.format(n=len(todo), first=todo[0].name)
+        return
+    directory = Path(directory)
+    split: dict[str, dict[str, torch.Tensor]] = {}
+    targets: dict[int, set[str]] = {}
+    for d in todo:
+        q = model.get_submodule(d.name)
+        layout = checkpoint_layout(model, d.name, list(q.shape))
+        if layout is None:
+            raise AnyquantError(f"{d.name}: the plan writes it one Linear per expert, but transformers no longer "
+                                "splits it; plan again")
+        split[d.name] = _split(q.cpu() if q.device.type != "cpu" else q, layout)
+        g = int(d.options.get("group_size", plan.config.get("group_size")))
+        for base, e, _ in layout:
+            targets.setdefault(g, set()).add("re:^" + re.escape(base).replace(re.escape(f".{e}."), r"\.\d+\.") + "$")
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else None
+    for f in sorted(directory.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        changed = False
+        for d in todo:
+            fused = [k for k in tensors if k.startswith(d.name + ".")]
+            if not fused:
+                continue
+            for k in fused:
+                del tensors[k]
+                if index is not None:
+                    index["weight_map"].pop(k, None)
+            if d.name in split:
+                for k, t in split.pop(d.name).items():
+                    tensors[k] = t
+                    if index is not None:
+                        index["weight_map"][k] = f.name
+            changed = True
+        if changed:
+            save_file(tensors, str(f), metadata={"format": "pt"})
+    if split:
+        raise AnyquantError(f"{directory}: the saved files hold no tensors of {sorted(split)[:3]}")
+    if index is not None:
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    groups = config["quantization_config"]["config_groups"]
+    for g, pats in targets.items():
+        group = next((v for v in groups.values() if v["weights"].get("group_size") == g), None)
+        if group is None:
+            raise AnyquantError(f"{directory}: no quantization group of group size {g} for the experts")
+        group["targets"] = list(group["targets"]) + sorted(pats)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def load_per_expert_layout(model: nn.Module, directory: Path, plan: Plan) -> set[str]:
+    """Fill the Int4Experts shells of `plan`'s per-expert experts from the checkpoint's
+    one-Linear-per-expert tensors; returns the checkpoint keys it read."""
+    from safetensors import safe_open
+
+    todo = per_expert_decisions(plan)
+    if not todo:
+        return set()
+    wanted: dict[str, tuple[Int4Experts, int, torch.Tensor, str]] = {}
+    for d in todo:
+        q = model.get_submodule(d.name)
+        layout = checkpoint_layout(model, d.name, list(q.shape))
+        if layout is None:
+            raise AnyquantError(f"{directory}: cannot map {d.name} onto its per-expert checkpoint names with this "
+                                "transformers version")
+        for base, e, rows in layout:
+            for part in ("weight_packed", "weight_scale", "weight_shape") + (() if q.symmetric else
+                                                                             ("weight_zero_point",)):
+                wanted[f"{base}.{part}"] = (q, e, rows, part)
+    zeros: dict[tuple[int, int], torch.Tensor] = {}
+    found: set[str] = set()
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                if key not in wanted:
+                    continue
+                q, e, rows, part = wanted[key]
+                t = sf.get_tensor(key).to(q.weight_packed.device)
+                if part == "weight_shape":
+                    if t.tolist() != [len(rows), q.in_features]:
+                        raise AnyquantError(f"{directory}: {key} is {t.tolist()}, the plan's experts need "
+                                            f"{[len(rows), q.in_features]}")
+                elif part == "weight_zero_point":
+                    z = zeros.setdefault((id(q), e), torch.zeros(q.out_features, q.weight_scale.shape[-1],
+                                                                 dtype=torch.int8, device=t.device))
+                    z[rows] = P.unpack_int4(t, len(rows), dim=0)
+                else:
+                    getattr(q, part)[e][rows] = t.to(getattr(q, part).dtype)
+                found.add(key)
+    lacking = sorted(set(wanted) - found)
+    if lacking:
+        raise AnyquantError(f"{directory}: checkpoint lacks the quantized experts' tensors {lacking[:5]}")
+    by_id = {id(model.get_submodule(d.name)): model.get_submodule(d.name) for d in todo}
+    for (qid, e), z in zeros.items():
+        by_id[qid].weight_zero_point[e] = P.pack_int4(z, dim=0)
+    return found

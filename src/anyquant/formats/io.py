@@ -24,6 +24,7 @@ from torch import nn
 
 from anyquant.errors import AnyquantError, Terminated
 from anyquant.formats.card import write_card
+from anyquant.formats.experts import write_per_expert_layout
 from anyquant.formats.hf import checkpoint_key_renamer
 from anyquant.formats.manifest import (
     MANIFEST,
@@ -282,6 +283,7 @@ def save(result, out_dir: str | Path, *, force: bool = False, extra_metrics: dic
             compute_dtype = DTYPES[result.plan.compute_dtype]
             qc = format_for(handler.format).quantization_config(model, result.plan, compute_dtype)
             _save_pretrained_with(model, tmp, qc)
+            write_per_expert_layout(tmp, model, result.plan)  # int4 MoE experts: one Linear per expert
             if result.tokenizer is not None:
                 result.tokenizer.save_pretrained(tmp)
             elif result.source.path is not None:

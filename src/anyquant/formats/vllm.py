@@ -88,13 +88,21 @@ def _compressed_problems(qc: dict, config: dict) -> list[str]:
 
 
 def _quantized_experts(path: Path) -> int:
-    """How many fused expert tensors the output's anyquant.json plan quantized (0 without one)."""
+    """How many quantized fused expert tensors the output's anyquant.json plan keeps in
+    anyquant's own fused layout (0 without one; int4 experts written one Linear per expert are
+    in the standard layout)."""
     try:
         manifest = json.loads((path / "anyquant.json").read_text())
     except (OSError, json.JSONDecodeError):
         return 0
     decisions = (manifest.get("plan") or {}).get("decisions") or []
-    return sum(1 for d in decisions if d.get("kind") == "fused_experts" and d.get("action") == "quantize")
+    return fused_layout_experts(decisions)
+
+
+def fused_layout_experts(decisions: list[dict]) -> int:
+    """Quantized fused expert tensors among plan `decisions` (dicts) not written one Linear per expert."""
+    return sum(1 for d in decisions if d.get("kind") == "fused_experts" and d.get("action") == "quantize"
+               and (d.get("options") or {}).get("layout") != "per_expert")
 
 
 def experts_problem(n: int) -> str:

@@ -120,7 +120,7 @@ class Int4RTN(Method):
                 d.reason_code = "group_size_fallback"
                 d.reason = f"int4 round-to-nearest, group size {g} (model-wide: see plan notes)"
         for d in experts:
-            d.options = {"group_size": g}
+            d.options = {**d.options, "group_size": g}
             if g != config.group_size:
                 d.reason = f"{self.name}: int4 round-to-nearest per expert, group size {g} (model-wide: see plan notes)"
         check_user_group_sizes(plan, config)

@@ -12,7 +12,7 @@ from anyquant.methods import handler_for
 from anyquant.model.modelmap import ModelMap
 from anyquant.model.tree import fused_expert_tensors
 from anyquant.planning.plan import FUSED_EXPERTS, KEEP, QUANTIZE, Decision, Plan
-from anyquant.runtime.experts import indexes_experts
+from anyquant.runtime.experts import checkpoint_layout, indexes_experts
 
 # keeping an experts layout the quantized experts cannot serve protects correctness: an
 # override may not force it (planning.SAFETY_CODES)
@@ -37,6 +37,10 @@ def expert_decisions(model: nn.Module, model_map: ModelMap, config: MethodConfig
                                 f"fused experts kept in float: {why}", {}, shape))
             continue
         ok, options, code, reason = handler.fit_experts(shape, config)
+        if ok and handler.format == "compressed-tensors":
+            # int4 family: written one Linear per expert, as transformers' own checkpoints and
+            # llm-compressor's are, where transformers splits this tensor in its checkpoints
+            options = {**options, "layout": "per_expert" if checkpoint_layout(model, name, shape) else "fused"}
         out.append(Decision(name, FUSED_EXPERTS, component, QUANTIZE if ok else KEEP,
                             config.method if ok else None, compute_dtype, code, reason,
                             options if ok else {}, shape))
@@ -61,9 +65,10 @@ def experts_note(plan: Plan, calibrated: bool) -> str | None:
         if calibrated:
             parts.append(f"{plan.method} calibrates Linear layers; the experts are rounded to nearest on the same "
                          "int4 grid (per expert, not calibrated on the tokens routed to them)")
-        parts.append("each expert is dequantized when the router picks it, in the eager experts loop; stock "
-                     "transformers' from_pretrained has no loader for quantized fused experts, so the output "
-                     "loads with anyquant.load only")
+        parts.append("each expert is dequantized when the router picks it, in the eager experts loop")
+        why = stock_experts_refusal(plan)
+        parts.append(why if why else "stock transformers' from_pretrained loads them too (the per-expert "
+                     "compressed-tensors layout, dequantized to float at load)")
     return "; ".join(parts)
 
 
@@ -72,3 +77,22 @@ def _numel(d: Decision) -> int:
     for s in d.shape or [0]:
         n *= int(s)
     return n
+
+
+def stock_experts_refusal(plan: Plan) -> str | None:
+    """Why stock transformers cannot load the quantized experts of `plan`'s output, or None."""
+    todo = [d for d in plan.decisions if d.kind == FUSED_EXPERTS and d.action == QUANTIZE]
+    if not todo:
+        return None
+    head = (f"the output loads with anyquant.load only ({len(todo)} quantized fused expert tensor(s), first: "
+            f"{todo[0].name}): ")
+    if plan.method in ("nf4", "fp4", "int8"):
+        return head + "transformers' bitsandbytes loader has no quantized form for fused experts"
+    if not plan.config.get("symmetric", False):
+        return head + ("transformers' compressed-tensors loader dequantizes experts without their zero points "
+                       "(asymmetric int4 fails there); a symmetric scheme (--symmetric, W4A16) loads in both")
+    fused = [d for d in todo if d.options.get("layout") != "per_expert"]
+    if fused:
+        return head + (f"transformers keeps {fused[0].name} fused in its checkpoints, so no per-expert "
+                       "layout exists for its loader to read")
+    return None

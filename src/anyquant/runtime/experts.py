@@ -252,3 +252,41 @@ def empty_experts(state: dict[str, Any], dtype: torch.dtype, device=None) -> Qua
     if kind == "Int8Experts":
         return Int8Experts(n, out_f, in_f, dtype, device)
     raise ValueError(f"unknown quantized experts type {kind!r} (expected Int4Experts, Bnb4Experts or Int8Experts)")
+
+
+def checkpoint_layout(model: nn.Module, name: str, shape: list[int]) -> list[tuple[str, int, torch.Tensor]] | None:
+    """Where the rows of the fused expert tensor `name` ([experts, out, in]) live in the model's
+    original checkpoint layout (one Linear per expert: Mixtral's `block_sparse_moe.experts.{e}.w1`,
+    Qwen3-MoE's `mlp.experts.{e}.gate_proj`, ...), found by running transformers' own reverse
+    weight conversion (what save_pretrained writes) on a tensor holding each row's index.
+    Returns [(checkpoint module name, expert, rows of that expert)], or None where transformers
+    keeps this tensor fused in its checkpoints (no conversion splits it)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return None
+    n, out_f, _ = shape
+    code = torch.arange(n * out_f, dtype=torch.float64).reshape(n, out_f, 1)
+    # the model type's default mapping says how its checkpoints split experts; a model loaded
+    # records only the conversions its checkpoint needed (none from the loaded layout, only the
+    # renamings from a per-expert one), so that record is set aside for the call
+    had = model.__dict__.get("_weight_conversions", None)
+    model._weight_conversions = None
+    try:
+        reverted = revert_weight_conversion(model, {name: code})
+    except Exception:  # noqa: BLE001 — a conversion that cannot run on this tensor does not split it
+        return None
+    finally:
+        model._weight_conversions = had
+    if name in reverted or not reverted or not all(k.endswith(".weight") for k in reverted):
+        return None
+    out: list[tuple[str, int, torch.Tensor]] = []
+    for key, t in reverted.items():
+        idx = torch.as_tensor(t).reshape(-1).round().long()
+        if idx.numel() == 0 or not bool((idx // out_f == idx[0] // out_f).all()):
+            return None
+        out.append((key[: -len(".weight")], int(idx[0]) // out_f, idx % out_f))
+    seen = torch.cat([e * out_f + rows for _, e, rows in out]).sort().values
+    if not torch.equal(seen, torch.arange(n * out_f)):
+        return None
+    return out
