@@ -18,6 +18,7 @@ import torch
 import anyquant
 from anyquant import primitives as P
 from anyquant.errors import AnyquantError
+from anyquant.eval.stored import stored_sizes
 from anyquant.model.tree import probe_logits
 from anyquant.planning.plan import FUSED_EXPERTS
 
@@ -96,6 +97,10 @@ def test_fused_experts_quantized_counted_and_reloaded(build, method, tmp_path):
         assert sum(k.endswith("weight_zero_point") and ".experts.0." in k for k in keys) == 2 * 3  # 2 layers
     else:  # bitsandbytes: the quantized experts' own tensors under the fused names
         assert all(f"{n}.weight_packed" in keys for n in fused)
+    # what the files store: every quantized weight (experts included) found in the safetensors headers
+    stored = stored_sizes(out, json.loads((out / "anyquant.json").read_text())["plan"])
+    assert stored["quantized_weights"] == rep["params_quantized"]
+    assert 4 < stored["bits_per_weight"] < 5.2
     loaded = anyquant.load(out)
     torch.testing.assert_close(probe_logits(loaded, r.probe_inputs), r.probe_logits, rtol=0, atol=0)
 

@@ -12,7 +12,6 @@ name, which only anyquant.load reads; the plan and the model card say which
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from anyquant.runtime.experts import (
     Int8Experts,
     QuantizedExperts,
     checkpoint_layout,
+    checkpoint_name_patterns,
     install_experts,
 )
 
@@ -134,8 +134,7 @@ def write_per_expert_layout(directory: Path, model: nn.Module, plan: Plan) -> No
                                 "splits it; plan again")
         split[d.name] = _split(q.cpu() if q.device.type != "cpu" else q, layout)
         g = int(d.options.get("group_size", plan.config.get("group_size")))
-        for base, e, _ in layout:
-            targets.setdefault(g, set()).add("re:^" + re.escape(base).replace(re.escape(f".{e}."), r"\.\d+\.") + "$")
+        targets.setdefault(g, set()).update(f"re:^{p}$" for p in checkpoint_name_patterns(layout))
     index_path = directory / "model.safetensors.index.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else None
     for f in sorted(directory.glob("*.safetensors")):

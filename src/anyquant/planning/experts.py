@@ -12,7 +12,11 @@ from anyquant.methods import handler_for
 from anyquant.model.modelmap import ModelMap
 from anyquant.model.tree import fused_expert_tensors
 from anyquant.planning.plan import FUSED_EXPERTS, KEEP, QUANTIZE, Decision, Plan
-from anyquant.runtime.experts import checkpoint_layout, indexes_experts
+from anyquant.runtime.experts import (
+    checkpoint_layout,
+    checkpoint_name_patterns,
+    indexes_experts,
+)
 
 # keeping an experts layout the quantized experts cannot serve protects correctness: an
 # override may not force it (planning.SAFETY_CODES)
@@ -40,7 +44,10 @@ def expert_decisions(model: nn.Module, model_map: ModelMap, config: MethodConfig
         if ok and handler.format == "compressed-tensors":
             # int4 family: written one Linear per expert, as transformers' own checkpoints and
             # llm-compressor's are, where transformers splits this tensor in its checkpoints
-            options = {**options, "layout": "per_expert" if checkpoint_layout(model, name, shape) else "fused"}
+            layout = checkpoint_layout(model, name, shape)
+            options = {**options, "layout": "per_expert" if layout else "fused"}
+            if layout:
+                options["checkpoint_names"] = checkpoint_name_patterns(layout)
         out.append(Decision(name, FUSED_EXPERTS, component, QUANTIZE if ok else KEEP,
                             config.method if ok else None, compute_dtype, code, reason,
                             options if ok else {}, shape))

@@ -21,6 +21,7 @@ Three storages, one per format:
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import torch
@@ -289,4 +290,23 @@ def checkpoint_layout(model: nn.Module, name: str, shape: list[int]) -> list[tup
     seen = torch.cat([e * out_f + rows for _, e, rows in out]).sort().values
     if not torch.equal(seen, torch.arange(n * out_f)):
         return None
+    return out
+
+
+def checkpoint_name_patterns(layout: list[tuple[str, int, torch.Tensor]]) -> list[str]:
+    """Regular expressions (full match) for the checkpoint module names of one fused tensor's
+    experts, the expert index as `\\d+`: e.g. `model\\.layers\\.0\\.mlp\\.experts\\.\\d+\\.gate_proj`."""
+    by_expert: dict[int, list[str]] = {}
+    for base, e, _ in layout:
+        by_expert.setdefault(e, []).append(base)
+    experts = sorted(by_expert)
+    first = by_expert[experts[0]]
+    if len(experts) == 1:
+        return [re.escape(b) for b in first]
+    out = []
+    for k, base in enumerate(first):
+        other = by_expert[experts[1]][k].split(".")
+        parts = base.split(".")
+        out.append(r"\.".join(r"\d+" if len(other) == len(parts) and p != o and p.isdigit() else re.escape(p)
+                              for p, o in zip(parts, other)))
     return out
