@@ -21,6 +21,7 @@ from anyquant.errors import AnyquantError
 from anyquant.eval.stored import stored_sizes
 from anyquant.model.tree import probe_logits
 from anyquant.planning.plan import FUSED_EXPERTS
+from anyquant.planning.summary import summarize
 
 LOGITS_BOUND = {"int4": 0.15, "nf4": 0.15}
 BLOCK_BOUND = {"int4": 0.20, "hqq": 0.20, "nf4": 0.21, "int8": 0.014}
@@ -62,6 +63,7 @@ def test_fused_experts_quantized_counted_and_reloaded(build, method, tmp_path):
     assert all(d.action == "quantize" and d.method == method for d in experts)
     # said before quantizing: how many, and that stock transformers cannot load them
     assert any("4 of 4 fused MoE expert tensor(s) quantized" in n and "anyquant.load only" in n for n in plan.notes)
+    assert f"fused MoE expert tensors: 4 {method}" in "\n".join(summarize(plan))
 
     float_logits = probe_logits(m, {"input_ids": torch.arange(32).reshape(2, 16)})
     r = anyquant.quantize(m, method, progress=False)
