@@ -187,3 +187,23 @@ def test_unsupported_experts_layout_kept_with_reason_and_not_overridable():
     assert any("0 of" in n and "kept in float" in n for n in plan.notes)
     with pytest.raises(AnyquantError, match="must stay in float|kept in float"):
         anyquant.plan(m, "int4", overrides=[(experts[0].name, "quantize")])
+
+
+def test_quantized_experts_are_not_quantized_twice(tmp_path):
+    """F5 for experts: an output's quantized experts are found; --requantize dequantizes them
+    back into the fused parameter first, and the new method quantizes them again."""
+    from anyquant.model.modelmap import build_model_map
+
+    m = _mixtral()
+    fused = _fused(m)
+    r = anyquant.quantize(m, "int4", progress=False, overrides=[("re:self_attn", "keep")])
+    # only the experts are quantized in memory: found by name
+    assert any(".experts.gate_up_proj.weight_packed" in t for t in build_model_map(m).quantized_tensors)
+    with pytest.raises(AnyquantError, match="already"):
+        anyquant.quantize(m, "nf4", progress=False)
+    out = anyquant.save(r, tmp_path / "int4")
+    with pytest.raises(AnyquantError, match="already quantized"):
+        anyquant.quantize(str(out), "nf4", progress=False)
+    r2 = anyquant.quantize(str(out), "nf4", progress=False, requantize=True)
+    assert r2.report["fused_experts_quantized"]["params"] == sum(fused.values())
+    assert {d.name for d in r2.plan.experts_to_quantize()} == set(fused)

@@ -118,7 +118,7 @@ def quantize(
     policy, the_plan, inputs = prep.policy, prep.plan, prep.inputs
     compute_dtype = policy.compute_dtype
     notes += prep.notes
-    if not the_plan.to_quantize():
+    if not the_plan.to_quantize() and not the_plan.experts_to_quantize():
         raise AnyquantError(
             f"{config.method}: the plan quantizes no module (all {len(the_plan.decisions)} kept); "
             "see `anyquant plan` for the reasons"

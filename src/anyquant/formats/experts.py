@@ -165,8 +165,11 @@ def write_per_expert_layout(directory: Path, model: nn.Module, plan: Plan) -> No
     groups = config["quantization_config"]["config_groups"]
     for g, pats in targets.items():
         group = next((v for v in groups.values() if v["weights"].get("group_size") == g), None)
-        if group is None:
-            raise AnyquantError(f"{directory}: no quantization group of group size {g} for the experts")
+        if group is None:  # no Linear quantized at this group size: the experts' own group
+            group = groups[f"group_{len(groups)}"] = {
+                "targets": [], "input_activations": None, "output_activations": None,
+                "weights": {"num_bits": 4, "type": "int", "symmetric": bool(plan.config.get("symmetric", False)),
+                            "strategy": "group", "group_size": g, "dynamic": False, "observer": "minmax"}}
         group["targets"] = list(group["targets"]) + sorted(pats)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
