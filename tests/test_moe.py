@@ -207,3 +207,32 @@ def test_quantized_experts_are_not_quantized_twice(tmp_path):
     r2 = anyquant.quantize(str(out), "nf4", progress=False, requantize=True)
     assert r2.report["fused_experts_quantized"]["params"] == sum(fused.values())
     assert {d.name for d in r2.plan.experts_to_quantize()} == set(fused)
+
+
+def test_transposed_experts_quantized_and_reloaded(tmp_path):
+    """GPT-OSS stores experts as [experts, in, out] (`x @ W[e]`, plus 2-D biases that stay
+    float): quantized per expert as the [out, in] transpose, kept in anyquant's fused layout,
+    which stock transformers cannot read (said in the plan and the manifest)."""
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    cfg = GptOssConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, vocab_size=128, num_local_experts=4,
+                       num_experts_per_tok=2)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg)
+    fused = _fused(m)
+    block_f = copy.deepcopy(m.model.layers[0].mlp)
+    r = anyquant.quantize(m, "int4", progress=False)
+    assert r.report["fused_experts_quantized"]["params"] == sum(fused.values())
+    assert all(d.options.get("transposed") for d in r.plan.experts_to_quantize())
+    q = m.model.layers[0].mlp.experts.gate_up_proj
+    assert q.transposed and list(q.shape) == list(block_f.experts.gate_up_proj.shape)
+    x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got = block_f(x), m.model.layers[0].mlp(x)
+    ref, got = (t[0] if isinstance(t, tuple) else t for t in (ref, got))
+    assert 0 < P.relative_error(ref, got) < BLOCK_BOUND["int4"]
+    out = anyquant.save(r, tmp_path / "int4")
+    ver = json.loads((out / "anyquant.json").read_text())["verification"]
+    assert "anyquant.load only" in ver["transformers"]["skipped"]
+    torch.testing.assert_close(probe_logits(anyquant.load(out), r.probe_inputs), r.probe_logits, rtol=0, atol=0)

@@ -35,13 +35,17 @@ from anyquant.runtime.experts import (
 
 def expert_shell(d: Decision, plan: Plan, dtype: torch.dtype, device=None) -> QuantizedExperts:
     """The empty QuantizedExperts that `plan`'s method saved for decision `d`."""
-    n, out_f, in_f = d.shape
+    transposed = bool(d.options.get("transposed"))
+    n, out_f, in_f = (d.shape[0], d.shape[2], d.shape[1]) if transposed else d.shape
     if plan.method in ("nf4", "fp4"):
-        return Bnb4Experts(n, out_f, in_f, plan.method, int(plan.config["block_size"]), dtype, device)
-    if plan.method == "int8":
-        return Int8Experts(n, out_f, in_f, dtype, device)
-    g = int(d.options.get("group_size", plan.config.get("group_size", 0)))
-    return Int4Experts(n, out_f, in_f, g, bool(plan.config.get("symmetric", False)), dtype, device)
+        q = Bnb4Experts(n, out_f, in_f, plan.method, int(plan.config["block_size"]), dtype, device)
+    elif plan.method == "int8":
+        q = Int8Experts(n, out_f, in_f, dtype, device)
+    else:
+        g = int(d.options.get("group_size", plan.config.get("group_size", 0)))
+        q = Int4Experts(n, out_f, in_f, g, bool(plan.config.get("symmetric", False)), dtype, device)
+    q.transposed = transposed
+    return q
 
 
 def install_expert_shells(model: nn.Module, plan: Plan, dtype: torch.dtype, directory: Path,

@@ -25,10 +25,13 @@ def quantize_planned_experts(model: nn.Module, plan, handler: Method, config: Me
     with progress_bar(f"quantizing experts ({config.method})", total=len(todo), enabled=progress) as advance:
         for d in todo:
             w = model.get_parameter(d.name).detach()
-            q = handler.quantize_experts(w, d.options, config, compute_dtype)
+            transposed = bool(d.options.get("transposed"))  # [experts, in, out]: quantized as [out, in]
+            wq = w.transpose(1, 2) if transposed else w
+            q = handler.quantize_experts(wq, d.options, config, compute_dtype)
+            q.transposed = transposed
             out["per_layer_weight_error"][d.name] = P.relative_error(w.float(), q.dequantized(torch.float32))
             n = w.numel()
-            out["bits"] += handler.experts_bits_per_weight(list(w.shape), d.options, config) * n
+            out["bits"] += handler.experts_bits_per_weight(list(wq.shape), d.options, config) * n
             out["params"] += n
             out["tensors"] += 1
             install_experts(model, d.name, q)

@@ -103,7 +103,8 @@ class Int4RTN(Method):
         if not todo and not experts:
             check_user_group_sizes(plan, config)
             return
-        widths = [model_map.modules[d.name].in_features or 0 for d in todo] + [d.shape[-1] for d in experts]
+        widths = [model_map.modules[d.name].in_features or 0 for d in todo] + [
+            d.shape[1] if d.options.get("transposed") else d.shape[2] for d in experts]  # experts' in_features
         g = fit_group_size(widths, config.group_size)
         if g is None:  # cannot happen: fit() only admits layers that 32 divides
             raise AssertionError("no common group size")

@@ -40,8 +40,14 @@ def expert_decisions(model: nn.Module, model_map: ModelMap, config: MethodConfig
             out.append(Decision(name, FUSED_EXPERTS, component, KEEP, None, compute_dtype, EXPERTS_LAYOUT,
                                 f"fused experts kept in float: {why}", {}, shape))
             continue
-        ok, options, code, reason = handler.fit_experts(shape, config)
-        if ok and handler.format == "compressed-tensors":
+        transposed = bool(getattr(owner, "is_transposed", False))
+        logical = [shape[0], shape[2], shape[1]] if transposed else shape  # [experts, out, in]
+        ok, options, code, reason = handler.fit_experts(logical, config)
+        if ok and transposed:
+            # stored [experts, in, out] (`x @ W[e]`): quantized per expert as its [out, in] transpose,
+            # kept in anyquant's fused layout (no per-expert checkpoint layout is written for it)
+            options = {**options, "transposed": True}
+        if ok and handler.format == "compressed-tensors" and not transposed:
             # int4 family: written one Linear per expert, as transformers' own checkpoints and
             # llm-compressor's are, where transformers splits this tensor in its checkpoints
             layout = checkpoint_layout(model, name, shape)
@@ -100,6 +106,8 @@ def stock_experts_refusal(plan: Plan) -> str | None:
                        "(asymmetric int4 fails there); a symmetric scheme (--symmetric, W4A16) loads in both")
     fused = [d for d in todo if d.options.get("layout") != "per_expert"]
     if fused:
-        return head + (f"transformers keeps {fused[0].name} fused in its checkpoints, so no per-expert "
-                       "layout exists for its loader to read")
+        return head + (f"{fused[0].name} is saved in anyquant's fused layout ("
+                       + ("stored transposed, [experts, in, out]" if fused[0].options.get("transposed") else
+                          "transformers keeps it fused in its checkpoints")
+                       + "), which its compressed-tensors loader does not read")
     return None

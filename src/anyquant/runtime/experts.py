@@ -38,6 +38,9 @@ class QuantizedExperts(nn.Module):
                  device=None) -> None:
         super().__init__()
         self.num_experts, self.out_features, self.in_features = num_experts, out_features, in_features
+        # the parameter it replaced was [experts, in, out] (Aria, GPT-OSS: `x @ W[e]`): the
+        # quantized matrices are [out, in] as always, and `self[e]` hands back their transpose
+        self.transposed = False
         # follows model.to(dtype) / .to(device): the dtype and device each expert is dequantized to
         # (never on meta: a skeleton's shells get real tensors from the checkpoint, this one from here)
         anchor_device = None if device is None or torch.device(device).type == "meta" else device
@@ -45,6 +48,9 @@ class QuantizedExperts(nn.Module):
 
     @property
     def shape(self) -> torch.Size:
+        """The shape of the parameter it replaced."""
+        if self.transposed:
+            return torch.Size((self.num_experts, self.in_features, self.out_features))
         return torch.Size((self.num_experts, self.out_features, self.in_features))
 
     @property
@@ -68,17 +74,21 @@ class QuantizedExperts(nn.Module):
         e = int(idx)
         if not -self.num_experts <= e < self.num_experts:
             raise IndexError(f"{type(self).__name__}: expert {e} out of range for {self.num_experts} experts")
-        return self.expert_weight(e % self.num_experts).to(self.dtype)
+        w = self.expert_weight(e % self.num_experts).to(self.dtype)
+        return w.t() if self.transposed else w
 
     def expert_weight(self, e: int) -> torch.Tensor:
         raise NotImplementedError
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Every expert's weight, [experts, out, in] (for measuring error; not used in forward)."""
-        return torch.stack([self.expert_weight(e).to(dtype) for e in range(self.num_experts)])
+        """Every expert's weight in the replaced parameter's layout (for measuring error and
+        dequantizing; not used in forward)."""
+        w = torch.stack([self.expert_weight(e).to(dtype) for e in range(self.num_experts)])
+        return w.transpose(1, 2) if self.transposed else w
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, out_features={self.out_features}, in_features={self.in_features}"
+        return (f"experts={self.num_experts}, out_features={self.out_features}, in_features={self.in_features}"
+                + (", transposed=True" if self.transposed else ""))
 
 
 class Int4Experts(QuantizedExperts):
@@ -214,9 +224,6 @@ def indexes_experts(module: nn.Module) -> tuple[bool, str]:
     if getattr(forward, "__wrapped__", None) is None or not hasattr(module, "is_transposed"):
         return False, (f"{type(module).__name__} is not a transformers experts class with an eager per-expert loop "
                        "(@use_experts_implementation): its forward may read the whole 3-D tensor")
-    if module.is_transposed:
-        return False, (f"{type(module).__name__} stores its experts transposed ([experts, in, out]); quantized "
-                       "experts serve the [experts, out, in] layout only")
     return True, ""
 
 
