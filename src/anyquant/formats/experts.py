@@ -116,54 +116,50 @@ def _split(q: Int4Experts, layout) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_per_expert_layout(directory: Path, model: nn.Module, plan: Plan) -> None:
-    """Rewrite a saved int4 output's quantized experts from anyquant's fused tensors
-    (`...experts.gate_up_proj.weight_packed` [E, out, in / 8]) into the checkpoint's own
-    one-Linear-per-expert layout in compressed-tensors' pack-quantized form, which transformers'
-    compressed-tensors loader merges back into fused experts (dequantized) and vLLM reads; the
-    config's quantization group gets a target for them."""
+def write_experts(directory: Path, model: nn.Module, plan: Plan) -> None:
+    """Add a saved output's quantized experts to its safetensors files (save_pretrained wrote
+    everything else: formats/io.py leaves them out, so transformers' reverse weight conversion
+    never touches their packed tensors). int4 experts whose tensor transformers splits in its
+    checkpoints: one compressed-tensors pack-quantized Linear per expert under the checkpoint's
+    own names, which transformers' compressed-tensors loader merges back into fused experts
+    (dequantized) and vLLM reads, with a target in the config's quantization group; the others:
+    the QuantizedExperts' own tensors under the fused parameter's name."""
     from safetensors.torch import load_file, save_file
 
-    todo = per_expert_decisions(plan)
+    todo = plan.experts_to_quantize()
     if not todo:
         return
     directory = Path(directory)
-    split: dict[str, dict[str, torch.Tensor]] = {}
+    split = {d.name for d in per_expert_decisions(plan)}
+    added: dict[str, torch.Tensor] = {}
     targets: dict[int, set[str]] = {}
     for d in todo:
         q = model.get_submodule(d.name)
+        q = q.cpu() if q.device.type != "cpu" else q
+        if d.name not in split:
+            added.update({f"{d.name}.{k}": t.contiguous() for k, t in q.state_dict().items()})
+            continue
         layout = checkpoint_layout(model, d.name, list(q.shape))
         if layout is None:
             raise AnyquantError(f"{d.name}: the plan writes it one Linear per expert, but transformers no longer "
                                 "splits it; plan again")
-        split[d.name] = _split(q.cpu() if q.device.type != "cpu" else q, layout)
+        added.update(_split(q, layout))
         g = int(d.options.get("group_size", plan.config.get("group_size")))
         targets.setdefault(g, set()).update(f"re:^{p}$" for p in checkpoint_name_patterns(layout))
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise AnyquantError(f"{directory}: no *.safetensors files to add the quantized experts to")
+    last = files[-1]
+    tensors = load_file(str(last))
+    tensors.update(added)
+    save_file(tensors, str(last), metadata={"format": "pt"})
     index_path = directory / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else None
-    for f in sorted(directory.glob("*.safetensors")):
-        tensors = load_file(str(f))
-        changed = False
-        for d in todo:
-            fused = [k for k in tensors if k.startswith(d.name + ".")]
-            if not fused:
-                continue
-            for k in fused:
-                del tensors[k]
-                if index is not None:
-                    index["weight_map"].pop(k, None)
-            if d.name in split:
-                for k, t in split.pop(d.name).items():
-                    tensors[k] = t
-                    if index is not None:
-                        index["weight_map"][k] = f.name
-            changed = True
-        if changed:
-            save_file(tensors, str(f), metadata={"format": "pt"})
-    if split:
-        raise AnyquantError(f"{directory}: the saved files hold no tensors of {sorted(split)[:3]}")
-    if index is not None:
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        index["weight_map"].update(dict.fromkeys(added, last.name))
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if not targets:
+        return
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
     groups = config["quantization_config"]["config_groups"]
