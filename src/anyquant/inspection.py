@@ -16,6 +16,7 @@ from anyquant.model.load import checkpoint_float_dtype, inspect_files, resolve_s
 from anyquant.model.modelmap import build_model_map
 from anyquant.numerics.dtype import DTYPES
 from anyquant.planning import build_plan
+from anyquant.planning.experts import expert_decisions
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def size_estimates(model, mmap) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {"float (as loaded)": {"bytes": float_bytes}}
     for method in known_methods():
         cfg = make_config(method)
-        plan = build_plan(mmap, cfg, "float32")
+        plan = build_plan(mmap, cfg, "float32", experts=expert_decisions(model, mmap, cfg, "float32"))
         h = handler_for(method)
         saved = 0.0
         quantized = 0
@@ -37,6 +38,11 @@ def size_estimates(model, mmap) -> dict[str, dict[str, Any]]:
             n = (info.in_features or 0) * (info.out_features or 0)
             elem = float_bytes / max(1, mmap.total_params)
             saved += n * elem - n * h.bits_per_weight(info, d.options, cfg) / 8
+            quantized += n
+        for d in plan.experts_to_quantize():  # fused MoE experts
+            n = d.shape[0] * d.shape[1] * d.shape[2]
+            elem = float_bytes / max(1, mmap.total_params)
+            saved += n * elem - n * h.experts_bits_per_weight(d.shape, d.options, cfg) / 8
             quantized += n
         out[method] = {"bytes": int(float_bytes - saved), "quantized_params": quantized}
     return out

@@ -21,13 +21,20 @@ from anyquant.config import MethodConfig, make_config
 from anyquant.errors import AlreadyQuantizedError, AnyquantError
 from anyquant.formats.io import load_source
 from anyquant.methods import handler_for
+from anyquant.methods.experts import quantize_planned_experts
 from anyquant.model.default import cache_dir
 from anyquant.model.dequant import dequantize_linear, dequantize_modules
 from anyquant.model.load import SourceInfo, check_finite, load_tokenizer
-from anyquant.model.modelmap import VISION, ModelMap, as_linear, build_model_map, quantized_linear_types
+from anyquant.model.modelmap import (
+    VISION,
+    ModelMap,
+    as_linear,
+    build_model_map,
+    quantized_linear_types,
+)
 from anyquant.model.tree import fused_expert_tensors, probe_logits, set_submodule
-from anyquant.numerics.dtype import dtype_name
 from anyquant.numerics.casts import check_consistency
+from anyquant.numerics.dtype import dtype_name
 from anyquant.planning import Plan
 from anyquant.planning.prepare import prepare
 from anyquant.progress import progress_bar
@@ -111,7 +118,7 @@ def quantize(
     policy, the_plan, inputs = prep.policy, prep.plan, prep.inputs
     compute_dtype = policy.compute_dtype
     notes += prep.notes
-    if not the_plan.to_quantize():
+    if not the_plan.to_quantize() and not the_plan.experts_to_quantize():
         raise AnyquantError(
             f"{config.method}: the plan quantizes no module (all {len(the_plan.decisions)} kept); "
             "see `anyquant plan` for the reasons"
@@ -161,7 +168,13 @@ def quantize(
             set_submodule(model, d.name, q)
             advance()
 
-    fused = fused_expert_tensors(model)
+    # fused MoE experts (3-D tensors, planning/experts.py): after the Linear layers, every method
+    experts = quantize_planned_experts(model, the_plan, handler, config, compute_dtype, progress)
+    bits += experts["bits"]
+    qparams += experts["params"]
+    per_layer.update(experts["per_layer_weight_error"])
+
+    fused = fused_expert_tensors(model)  # what is still float
     quantized_types = quantized_linear_types()
     float_params = 0
     float_bits = 0.0
@@ -193,10 +206,11 @@ def quantize(
         "params_total": mmap.total_params,
         "bits_per_quantized_weight_estimate": bits / max(1, qparams),
         # honest totals: every parameter not quantized counts at its own dtype's width, fused MoE
-        # experts (3-D tensors, left in float) included and listed
+        # experts left in float included and listed
         "params_quantized_share": qparams / max(1, mmap.total_params),
         "bits_per_weight_overall": (bits + float_bits) / max(1, qparams + float_params),
         "fused_experts_float": {"tensors": len(fused), "params": sum(fused.values())},
+        "fused_experts_quantized": {"tensors": experts["tensors"], "params": experts["params"]},
         "probe_logits_relative_error": P.relative_error(float_logits, q_logits),
         "per_layer_weight_error": per_layer,
         "quantize_seconds": time.perf_counter() - t0,

@@ -3,6 +3,7 @@ from the safetensors headers (no tensor is read)."""
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,11 @@ def _module_of(tensor_name: str, module_names: set[str]) -> str | None:
     return None
 
 
+def _expert_of(tensor_name: str, patterns: list[tuple[re.Pattern, str]]) -> str | None:
+    module = tensor_name.rpartition(".")[0]
+    return next((name for p, name in patterns if p.fullmatch(module)), None)
+
+
 def stored_sizes(directory: str | Path, plan_dict: dict[str, Any]) -> dict[str, Any]:
     """Bytes per component and bits per quantized weight, read from the saved safetensors headers.
 
@@ -29,6 +35,9 @@ def stored_sizes(directory: str | Path, plan_dict: dict[str, Any]) -> dict[str, 
     directory = Path(directory)
     decisions = {d["name"]: d for d in plan_dict["decisions"]}
     names = set(decisions)
+    # int4 MoE experts saved one Linear per expert: their checkpoint names (plan options)
+    expert_names = [(re.compile(p), d["name"]) for d in plan_dict["decisions"]
+                    for p in (d.get("options") or {}).get("checkpoint_names", [])]
     by_component: dict[str, int] = defaultdict(int)
     q_bytes = 0
     q_weights = 0
@@ -42,7 +51,7 @@ def stored_sizes(directory: str | Path, plan_dict: dict[str, Any]) -> dict[str, 
                 for s in shape:
                     numel *= s
                 nbytes = numel * DTYPE_BYTES.get(sl.get_dtype(), 4)
-                mod = _module_of(key, names)
+                mod = _expert_of(key, expert_names) or _module_of(key, names)
                 d = decisions.get(mod) if mod else None
                 if d is None:
                     comp = "other"
@@ -67,8 +76,11 @@ def stored_sizes(directory: str | Path, plan_dict: dict[str, Any]) -> dict[str, 
 
 def _weight_count(decision: dict[str, Any]) -> int:
     shape = decision.get("shape")
-    if shape:
-        return int(shape[0]) * int(shape[1])
+    if shape:  # [out, in] for a Linear, [experts, out, in] for fused MoE experts
+        n = 1
+        for s in shape:
+            n *= int(s)
+        return n
     raise AnyquantError(f"plan entry {decision['name']} lacks its shape; re-save with this anyquant version")
 
 

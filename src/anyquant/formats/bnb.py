@@ -9,10 +9,12 @@ import torch
 from torch import nn
 
 from anyquant.errors import AnyquantError
+from anyquant.formats.experts import install_expert_shells, load_expert_tensors
 from anyquant.formats.hf import classes_for_config
 from anyquant.formats.registry import Format, register_format
 from anyquant.methods.bnb import pin_bnb_modules
 from anyquant.model.modelmap import LINEAR, quantized_linear_types
+from anyquant.numerics.dtype import DTYPES
 from anyquant.planning.plan import Plan
 
 
@@ -86,6 +88,11 @@ class BitsAndBytesFormat(Format):
                 model = auto.from_pretrained(directory, trust_remote_code=trust_remote_code, **kwargs).eval()
             except ValueError:
                 continue
+            # quantized fused MoE experts: transformers has no loader for them (it left the float
+            # experts uninitialised); anyquant rebuilds them from the plan and the checkpoint
+            plan = Plan.from_dict(manifest["plan"])
+            todo = install_expert_shells(model, plan, DTYPES[plan.compute_dtype], directory)
+            load_expert_tensors(model, directory, todo)
             return pin_bnb_modules(model)
         raise AnyquantError(f"{directory}: transformers could not load this bitsandbytes checkpoint")
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from anyquant.formats.vllm import vllm_compatible
+from anyquant.formats.vllm import experts_problem, fused_layout_experts, vllm_compatible
+from anyquant.planning.experts import stock_experts_refusal
+from anyquant.planning.plan import Plan
 
 CARD = "README.md"
 
@@ -21,7 +23,9 @@ def model_card(directory: Path, manifest: dict[str, Any]) -> str:
     metrics = manifest.get("metrics", {})
     method, fmt = manifest.get("method"), manifest.get("format")
     decisions = plan.get("decisions", [])
-    quantized = [d for d in decisions if d.get("action") == "quantize"]
+    experts = [d for d in decisions if d.get("kind") == "fused_experts"]
+    experts_q = [d for d in experts if d.get("action") == "quantize"]
+    quantized = [d for d in decisions if d.get("action") == "quantize" and d.get("kind") != "fused_experts"]
     kept_linear = [d for d in decisions if d.get("action") == "keep" and d.get("kind") == "linear"]
     groups = sorted({d.get("options", {}).get("group_size") for d in quantized} - {None})
     src = manifest.get("source", {}).get("path") or "an in-memory model"
@@ -35,6 +39,8 @@ def model_card(directory: Path, manifest: dict[str, Any]) -> str:
         f"- {len(quantized)} Linear layers quantized, {len(kept_linear)} kept in float"
         + (f"; group size {', '.join(map(str, groups))}" if groups else ""),
     ]
+    if experts:
+        lines.append(f"- {len(experts_q)} of {len(experts)} fused MoE expert tensors quantized")
     for d in kept_linear[:10]:
         lines.append(f"- kept: `{d['name']}`: {d.get('reason', '')}")
     if len(kept_linear) > 10:
@@ -50,8 +56,13 @@ def model_card(directory: Path, manifest: dict[str, Any]) -> str:
             lines.append(f"| {key.replace('_', ' ')} | {_num(metrics[key])} |")
     lines += ["", "## Load it", "", "anyquant (any device; int4 through its own kernels):", "", "```python",
               "import anyquant", f"model = anyquant.load({str(directory)!r})", "```", "",
-              "transformers:", "", "```python", "from transformers import AutoModelForCausalLM",
-              f"model = AutoModelForCausalLM.from_pretrained({str(directory)!r})", "```", ""]
+              "transformers:", ""]
+    refusal = stock_experts_refusal(Plan.from_dict(plan)) if experts_q else None
+    if refusal:
+        lines += [refusal[0].upper() + refusal[1:] + ".", ""]
+    else:
+        lines += ["```python", "from transformers import AutoModelForCausalLM",
+                  f"model = AutoModelForCausalLM.from_pretrained({str(directory)!r})", "```", ""]
     if fmt == "compressed-tensors":
         sym = bool(manifest.get("config", {}).get("symmetric"))
         lines.append("Symmetric int4: transformers keeps the weights packed at load (compressed-tensors "
@@ -59,7 +70,8 @@ def model_card(directory: Path, manifest: dict[str, Any]) -> str:
                      "Asymmetric int4: transformers dequantizes the weights at load (float size in memory); "
                      "quantize with `--symmetric` (W4A16) for a packed load.")
         lines.append("")
-    problems = vllm_compatible(directory)
+    fused_q = fused_layout_experts(experts_q)
+    problems = [experts_problem(fused_q)] if fused_q else vllm_compatible(directory)
     lines += ["vLLM:", "", "```", f"vllm serve {directory}", "```", ""]
     if problems:
         lines += ["vLLM constraints not met (anyquant.formats.vllm.vllm_compatible):", ""]

@@ -15,6 +15,11 @@ from torch import nn
 
 from anyquant.errors import AnyquantError
 from anyquant.formats import direct
+from anyquant.formats.experts import (
+    install_expert_shells,
+    load_per_expert_layout,
+    per_expert_decisions,
+)
 from anyquant.formats.hf import checkpoint_key_renamer, from_pretrained_float, meta_skeleton
 from anyquant.formats.registry import Format, register_format
 from anyquant.model.modelmap import LINEAR, linear_features
@@ -128,7 +133,8 @@ def install_int4_shells(model: nn.Module, plan: Plan, directory: Path, dtype: to
         q = Int4Linear(in_f, out_f, int(d.options.get("group_size", plan.config["group_size"])),
                        getattr(mod, "bias", None) is not None, symmetric, dtype, device=device)
         set_submodule(model, d.name, q)
-    return todo
+    # fused MoE experts (3-D parameters): their QuantizedExperts under the same attribute name
+    return todo + install_expert_shells(model, plan, dtype, directory, device=device)
 
 
 def load_int4_direct(directory: Path, config, plan: Plan, trust_remote_code: bool,
@@ -232,12 +238,12 @@ def load_int4_float(directory: Path, manifest: dict[str, Any], trust_remote_code
     dtype = DTYPES[plan.compute_dtype]
     model, info = from_pretrained_float(directory, config, dtype, trust_remote_code)
     todo = install_int4_shells(model, plan, directory, dtype)
-    wanted = {f"{d.name}.{k}" for d in todo for k, _ in
-              list(model.get_submodule(d.name).named_buffers(recurse=False))
-              + list(model.get_submodule(d.name).named_parameters(recurse=False))}
+    split = {d.name for d in per_expert_decisions(plan)}  # experts saved one Linear per expert
+    wanted = {f"{d.name}.{k}" for d in todo if d.name not in split for k in model.get_submodule(d.name).state_dict()}
     rename = checkpoint_key_renamer(model)
     found: dict[str, torch.Tensor] = {}
     placed: set[str] = set()  # what transformers called these keys (its report renames them)
+    placed |= {k for key in load_per_expert_layout(model, directory, plan) for k in (key, rename(key))}
     for f in sorted(directory.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as sf:
             for key in sf.keys():
@@ -250,7 +256,7 @@ def load_int4_float(directory: Path, manifest: dict[str, Any], trust_remote_code
         raise AnyquantError(f"{directory}: checkpoint lacks the int4 tensors {lacking[:5]}")
     # What transformers could not place: only the int4 tensors (placed above) may be left over,
     # and only the planned modules' float weights may be missing.
-    replaced = {f"{d.name}.{p}" for d in todo for p in ("weight", "bias")}
+    replaced = {f"{d.name}.{p}" for d in todo for p in ("weight", "bias")} | {d.name for d in todo}
     unexpected = sorted(k for k in info.get("unexpected_keys", ()) if k not in wanted and k not in placed)
     if unexpected:
         raise AnyquantError(f"{directory}: checkpoint tensors the model has no place for: {unexpected[:5]}")

@@ -24,6 +24,7 @@ from torch import nn
 
 from anyquant.errors import AnyquantError, Terminated
 from anyquant.formats.card import write_card
+from anyquant.formats.experts import write_experts
 from anyquant.formats.hf import checkpoint_key_renamer
 from anyquant.formats.manifest import (
     MANIFEST,
@@ -43,6 +44,7 @@ from anyquant.model.files import check_source
 from anyquant.model.load import load_model, resolve_source
 from anyquant.model.modelmap import quantized_linear_types
 from anyquant.numerics.dtype import DTYPES
+from anyquant.runtime.experts import quantized_experts_types
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +284,7 @@ def save(result, out_dir: str | Path, *, force: bool = False, extra_metrics: dic
             compute_dtype = DTYPES[result.plan.compute_dtype]
             qc = format_for(handler.format).quantization_config(model, result.plan, compute_dtype)
             _save_pretrained_with(model, tmp, qc)
+            write_experts(tmp, model, result.plan)  # quantized MoE experts, left out of save_pretrained
             if result.tokenizer is not None:
                 result.tokenizer.save_pretrained(tmp)
             elif result.source.path is not None:
@@ -359,6 +362,11 @@ def _save_pretrained_with(model: nn.Module, directory: Path, quantization_config
         kwargs["save_original_format"] = False
         log.info("%s: saved in transformers' loaded layout (its conversion would merge quantized tensors)",
                  type(model).__name__)
+    experts = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, quantized_experts_types()))
+    if experts:
+        # quantized MoE experts are written by formats/experts.py `write_experts`, after: transformers'
+        # reverse conversion would split or merge their packed tensors as if they were float experts
+        kwargs["state_dict"] = {k: v for k, v in model.state_dict().items() if not k.startswith(experts)}
     try:
         model.save_pretrained(directory, safe_serialization=True, **kwargs)
     finally:

@@ -6,8 +6,8 @@ output is put in place): the output is loaded by anyquant.load (the loader passe
 the stock formats, by transformers' `from_pretrained` where transformers can load it; each one's
 probe logits are compared with the in-memory model's. A mismatch is an AnyquantError naming
 the largest difference and where it is (batch, position, vocabulary index); `save` then leaves
-nothing behind. What stock transformers cannot load, or cannot reproduce (float32 regions), is
-recorded, not an error: the manifest's `verification` says which loaders matched."""
+nothing behind. What stock transformers cannot load, or cannot reproduce (float32 regions,
+quantized fused MoE experts), is recorded, not an error: the manifest's `verification` says which loaders matched."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from anyquant.errors import AnyquantError
+from anyquant.formats.experts import stock_refusal as experts_refusal
 from anyquant.formats.hf import classes_for_config
 from anyquant.formats.regions import float32_regions, stock_refusal
 from anyquant.model.tree import device_of, probe_logits
@@ -118,7 +119,10 @@ def verify_saved(directory: Path, result, load: Callable[..., nn.Module], fmt: s
             "Report it with the model; save(..., verify=False) / --no-verify-save writes it unchecked")
     if stock and fmt in STOCK_FORMATS:
         regions = float32_regions(result)
-        if regions:
+        experts = experts_refusal(result.plan)
+        if experts:
+            out["transformers"] = {"ok": None, "skipped": experts}
+        elif regions:
             out["transformers"] = {"ok": None, "skipped": stock_refusal(regions, compute)}
         else:
             out["transformers"] = _verify_stock(directory, trc, inputs, expected, compute, dev)

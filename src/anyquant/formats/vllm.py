@@ -29,6 +29,9 @@ def vllm_compatible(output_dir: str | Path) -> list[str]:
     if not isinstance(qc, dict):
         return ["config.json has no quantization_config: not a quantized output"]
     method = qc.get("quant_method")
+    experts = _quantized_experts(path)
+    if experts:
+        return [experts_problem(experts)]
     if method == "bitsandbytes":
         return _bnb_problems(qc)
     if method != "compressed-tensors":
@@ -82,3 +85,26 @@ def _compressed_problems(qc: dict, config: dict) -> list[str]:
         problems.append(f"dtype {dtype}: vLLM's 4-bit kernels compute in float16 or bfloat16; serve with "
                         "`vllm serve --dtype bfloat16`, or quantize with --target cuda to record a 16-bit dtype")
     return problems
+
+
+def _quantized_experts(path: Path) -> int:
+    """How many quantized fused expert tensors the output's anyquant.json plan keeps in
+    anyquant's own fused layout (0 without one; int4 experts written one Linear per expert are
+    in the standard layout)."""
+    try:
+        manifest = json.loads((path / "anyquant.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return 0
+    decisions = (manifest.get("plan") or {}).get("decisions") or []
+    return fused_layout_experts(decisions)
+
+
+def fused_layout_experts(decisions: list[dict]) -> int:
+    """Quantized fused expert tensors among plan `decisions` (dicts) not written one Linear per expert."""
+    return sum(1 for d in decisions if d.get("kind") == "fused_experts" and d.get("action") == "quantize"
+               and (d.get("options") or {}).get("layout") != "per_expert")
+
+
+def experts_problem(n: int) -> str:
+    return (f"{n} quantized fused MoE expert tensor(s) in anyquant's own layout (runtime/experts.py), which "
+            "vLLM's loaders do not read: load the output with anyquant.load")

@@ -11,6 +11,7 @@ from torch import nn
 from anyquant.config import BnB4bitConfig, Int8Config
 from anyquant.methods.registry import Method, register
 from anyquant.model.modelmap import ModuleInfo
+from anyquant.runtime.experts import Bnb4Experts, Int8Experts
 
 # transformers' bitsandbytes loader converts exactly these module types when it reads a saved
 # checkpoint; a quantized subclass (FalconLinear, ...) could be saved but never loaded again.
@@ -117,6 +118,20 @@ class BnB4bit(Method):
             return 4 + 8 / config.block_size + 32 / (config.block_size * 256)
         return 4 + 32 / config.block_size
 
+    # Fused MoE experts: bitsandbytes' blockwise 4-bit codes of each expert, dequantized per expert
+    # in forward (runtime/experts.py Bnb4Experts; absmax in float32, not double-quantized).
+    def fit_experts(self, shape, config: BnB4bitConfig):
+        if (shape[-2] * shape[-1]) % config.block_size:
+            return (False, {}, "shape_unsupported", f"{shape[-2]} x {shape[-1]} weights per expert is not a whole "
+                    f"number of {config.block_size}-weight blocks")
+        return True, {}, "quantize", f"{self.name} per expert, block size {config.block_size}"
+
+    def quantize_experts(self, weight, options, config: BnB4bitConfig, compute_dtype) -> nn.Module:
+        return Bnb4Experts.quantize(weight, config.quant_type, config.block_size, compute_dtype)
+
+    def experts_bits_per_weight(self, shape, options, config: BnB4bitConfig) -> float:
+        return 4 + 32 / config.block_size
+
 
 class BnBInt8(Method):
     name = "int8"
@@ -144,6 +159,17 @@ class BnBInt8(Method):
 
     def bits_per_weight(self, info: ModuleInfo, options, config) -> float:
         return 8 + 32 / max(1, info.in_features or 1)
+
+    # Fused MoE experts: LLM.int8's row-wise int8 weights per expert, dequantized per expert in
+    # forward (runtime/experts.py Int8Experts): weight-only, without the outlier decomposition.
+    def fit_experts(self, shape, config: Int8Config):
+        return True, {}, "quantize", "int8 row-wise per expert (weight-only: no outlier decomposition)"
+
+    def quantize_experts(self, weight, options, config: Int8Config, compute_dtype) -> nn.Module:
+        return Int8Experts.quantize(weight, compute_dtype)
+
+    def experts_bits_per_weight(self, shape, options, config) -> float:
+        return 8 + 32 / max(1, shape[-1])
 
 
 register(BnB4bit("nf4"))

@@ -88,5 +88,16 @@ class HQQ(Int4RTN):
         )
         return Int4Linear.from_codes(codes, scale, zero, g, linear.bias, False, compute_dtype)
 
+    def fit_experts(self, shape, config: HQQConfig):
+        ok, options, code, reason = super().fit_experts(shape, config)
+        if ok:
+            reason = f"hqq per expert, group size {options['group_size']}"
+        return ok, options, code, reason
+
+    def experts_grid(self, w2d, group_size, config: HQQConfig, compute_dtype):
+        grid, _ = guarded("experts", w2d, group_size, False, compute_dtype,
+                          lambda: hqq_grid(w2d, group_size, config.iters, config.lp_norm, scale_dtype=compute_dtype))
+        return grid
+
 
 register(HQQ())

@@ -47,6 +47,19 @@ class Method:
     def bits_per_weight(self, info: ModuleInfo, options: dict[str, Any], config: MethodConfig) -> float:
         raise NotImplementedError(f"{self.name}: bits_per_weight is not implemented")
 
+    # Fused MoE experts (a 3-D parameter [experts, out, in], runtime/experts.py)
+    def fit_experts(self, shape: list[int], config: MethodConfig) -> Fit:
+        """Can this method take a fused expert tensor of `shape`? Default: no."""
+        return False, {}, "method_unsupported", f"{self.name} does not quantize fused MoE experts"
+
+    def quantize_experts(self, weight: torch.Tensor, options: dict[str, Any], config: MethodConfig,
+                         compute_dtype: torch.dtype) -> nn.Module:
+        """The QuantizedExperts (runtime/experts.py) replacing the 3-D parameter `weight`."""
+        raise NotImplementedError(f"{self.name}: quantize_experts is not implemented")
+
+    def experts_bits_per_weight(self, shape: list[int], options: dict[str, Any], config: MethodConfig) -> float:
+        raise NotImplementedError(f"{self.name}: experts_bits_per_weight is not implemented")
+
 
 _HANDLERS: dict[type[MethodConfig], Method] = {}
 

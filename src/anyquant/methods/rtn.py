@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from anyquant import primitives as P
 from anyquant.calib.runner import quantize_model_blockwise
 from anyquant.config import Int4Config
 from anyquant.errors import AnyquantError
 from anyquant.methods.registry import Method, register
 from anyquant.model.modelmap import ModuleInfo
+from anyquant.runtime.experts import Int4Experts
 from anyquant.runtime.int4_linear import Int4Linear
 
 MIN_GROUP = 32
@@ -96,16 +99,19 @@ class Int4RTN(Method):
         largest group size (see fit_group_size) that divides every quantized layer is used,
         and the plan says so."""
         todo = [d for d in plan.to_quantize() if d.reason_code != USER_GROUP_SIZE]
-        if not todo:
+        experts = plan.experts_to_quantize()  # fused MoE experts share the checkpoint's group size
+        if not todo and not experts:
             check_user_group_sizes(plan, config)
             return
-        g = fit_group_size([model_map.modules[d.name].in_features or 0 for d in todo], config.group_size)
+        widths = [model_map.modules[d.name].in_features or 0 for d in todo] + [
+            d.shape[1] if d.options.get("transposed") else d.shape[2] for d in experts]  # experts' in_features
+        g = fit_group_size(widths, config.group_size)
         if g is None:  # cannot happen: fit() only admits layers that 32 divides
             raise AssertionError("no common group size")
         if g != config.group_size:
-            odd = sum(1 for d in todo if (model_map.modules[d.name].in_features or 0) % config.group_size)
+            odd = sum(1 for w in widths if w % config.group_size)
             plan.notes.append(
-                f"int4: group size {g} instead of {config.group_size}: {odd} of {len(todo)} layers have "
+                f"int4: group size {g} instead of {config.group_size}: {odd} of {len(widths)} layers have "
                 f"in_features not divisible by {config.group_size}; one group size per checkpoint "
                 "keeps it loadable by transformers and vLLM"
             )
@@ -114,6 +120,10 @@ class Int4RTN(Method):
             if g != config.group_size:
                 d.reason_code = "group_size_fallback"
                 d.reason = f"int4 round-to-nearest, group size {g} (model-wide: see plan notes)"
+        for d in experts:
+            d.options = {**d.options, "group_size": g}
+            if g != config.group_size:
+                d.reason = f"{self.name}: int4 round-to-nearest per expert, group size {g} (model-wide: see plan notes)"
         check_user_group_sizes(plan, config)
 
     def quantize_linear(self, linear: nn.Linear, options, config: Int4Config, compute_dtype) -> nn.Module:
@@ -123,6 +133,35 @@ class Int4RTN(Method):
     def bits_per_weight(self, info: ModuleInfo, options, config: Int4Config, scale_bits: int = 16) -> float:
         g = options.get("group_size", config.group_size)
         return 4 + scale_bits / g + (0 if config.symmetric else 4 / g)
+
+    # Fused MoE experts: each expert's [out, in] matrix on the same int4 grid as a Linear (groups
+    # of the plan's group size along in_features); calibrated methods round experts to nearest
+    # (their calibration runs on Linear layers; planning/experts.py says so in the plan).
+    def fit_experts(self, shape, config: Int4Config):
+        in_f = shape[-1]
+        g = fit_group_size(in_f, config.group_size)
+        if g is None:
+            return (False, {}, "shape_unsupported",
+                    f"in_features={in_f} is not divisible by group size {config.group_size} "
+                    f"or any multiple of {MIN_GROUP} below it")
+        return True, {"group_size": g}, "quantize", f"{self.name}: int4 round-to-nearest per expert, group size {g}"
+
+    def experts_grid(self, w2d: torch.Tensor, group_size: int, config: Int4Config, compute_dtype):
+        """(codes, scale, zero) of the experts' rows stacked as one [experts * out, in] matrix
+        (every group lies within one row, so this is each expert quantized on its own)."""
+        scale, zero = P.compute_qparams(w2d, 4, group_size, config.symmetric)
+        scale = P.round_scale(scale, compute_dtype)
+        return P.quantize(w2d, scale, zero, 4, group_size), scale, zero
+
+    def quantize_experts(self, weight: torch.Tensor, options, config: Int4Config, compute_dtype) -> nn.Module:
+        g = options.get("group_size", config.group_size)
+        n, out_f, in_f = weight.shape
+        codes, scale, zero = self.experts_grid(weight.detach().reshape(n * out_f, in_f), g, config, compute_dtype)
+        return Int4Experts.from_codes(codes.reshape(n, out_f, in_f), scale.reshape(n, out_f, -1),
+                                      zero.reshape(n, out_f, -1), g, config.symmetric, compute_dtype)
+
+    def experts_bits_per_weight(self, shape, options, config: Int4Config) -> float:
+        return self.bits_per_weight(None, options, config)
 
 
 class CalibratedInt4(Int4RTN):

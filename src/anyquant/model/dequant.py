@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from anyquant.model.tree import set_submodule
+from anyquant.runtime.experts import QuantizedExperts
 from anyquant.runtime.int4_linear import Int4Linear
 
 
@@ -41,6 +42,12 @@ def dequantize_linear(module: nn.Module) -> nn.Linear | None:
 
 def dequantize_modules(model: nn.Module) -> nn.Module:
     for name, mod in list(model.named_modules()):
+        if isinstance(mod, QuantizedExperts):  # back to the fused 3-D parameter it replaced
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            del owner._modules[attr]
+            owner.register_parameter(attr, nn.Parameter(mod.dequantized(mod.dtype), requires_grad=False))
+            continue
         lin = dequantize_linear(mod)
         if lin is not None:
             set_submodule(model, name, lin)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anyquant.runtime.experts import QuantizedExperts
 from anyquant.runtime.int4_linear import Int4Linear
 
 LINEAR, CONV, EMBEDDING, NORM, OTHER = "linear", "conv", "embedding", "norm", "other"
@@ -383,6 +384,13 @@ def build_model_map(model: nn.Module) -> ModelMap:
     qtypes = quantized_linear_types()
     for name, mod in model.named_modules():
         if not name:
+            continue
+        if isinstance(mod, QuantizedExperts):  # quantized fused MoE experts (F5): buffers, no parameters
+            packed = getattr(mod, "weight_packed", None)
+            if packed is None:
+                packed = mod.weight
+            quantized_tensors.append(f"{name}.{'weight_packed' if hasattr(mod, 'weight_packed') else 'weight'} "
+                                     f"({str(packed.dtype).replace('torch.', '')})")
             continue
         kind = module_kind(mod)
         own = own_parameters(mod)

@@ -7,6 +7,7 @@ from anyquant.errors import AnyquantError
 from anyquant.methods import handler_for
 from anyquant.model.modelmap import LINEAR, ModelMap
 from anyquant.planning.plan import (
+    FUSED_EXPERTS,
     KEEP,
     QUANTIZE,
     Decision,
@@ -20,7 +21,7 @@ __all__ = ["build_plan", "Plan", "Decision", "QUANTIZE", "KEEP", "PlanContext"]
 
 # Rules whose "keep" protects correctness: an override may not force these modules to quantize.
 SAFETY_CODES = {"already_quantized", "not_linear", "weight_read_outside_forward", "keep_in_fp32_modules",
-                "not_probed"}
+                "not_probed", "experts_layout"}
 
 
 def build_plan(
@@ -33,12 +34,15 @@ def build_plan(
     include_vision: bool = False,
     only: list[str] | None = None,
     float32_regions: list[str] | None = None,
+    experts: list[Decision] | None = None,
 ) -> Plan:
     """Rules (first that decides wins) -> --only -> overrides (plan file, then --keep; later
     wins). Safety rules (SAFETY_CODES) are never overridden towards quantizing.
 
     `facts` is the probe's ProbeFacts (anyquant.numerics.probe); without it, weights read
-    outside their module's forward cannot be detected and the plan says so in its notes."""
+    outside their module's forward cannot be detected and the plan says so in its notes.
+    `experts`: the decisions for fused MoE expert tensors (planning/experts.py), which --only
+    and the overrides then treat like the Linear layers'."""
     ctx = PlanContext(facts=facts, include_vision=include_vision, only=list(only or []),
                       float32_regions=list(float32_regions or []))
     absmax = getattr(facts, "input_absmax", None) or {}
@@ -55,7 +59,7 @@ def build_plan(
                     d.shape = [m.out_features, m.in_features]
                 decisions.append(d)
                 break
-    plan = Plan(config.method, config.to_dict(), compute_dtype, decisions)
+    plan = Plan(config.method, config.to_dict(), compute_dtype, decisions + list(experts or []))
     if facts is None:
         plan.notes.append("no probe forward ran: weights read outside their module's forward were not checked")
     if ctx.only:
@@ -73,7 +77,7 @@ def apply_only(plan: Plan, patterns: list[str]) -> None:
     """--only: quantize only Linear layers matching a pattern; keep the others. Restricts what
     the rules chose; never forces a module the rules kept (use a plan file for that)."""
     check_patterns([(p, "only") for p in patterns], [d.name for d in plan.decisions])
-    for d in plan.to_quantize():
+    for d in plan.to_quantize() + plan.experts_to_quantize():
         if not any(matches(p, d.name) for p in patterns):
             d.action, d.method, d.options = KEEP, None, {}
             d.reason_code, d.reason = "not_selected", "not selected by --only"
@@ -93,6 +97,21 @@ def apply_overrides(plan: Plan, model_map: ModelMap, config: MethodConfig, overr
             if action == KEEP:
                 d.action, d.method, d.options = KEEP, None, {}
                 d.reason_code, d.reason = "user_keep", f"kept by override {pattern!r}"
+                continue
+            if d.kind == FUSED_EXPERTS:
+                if d.reason_code in SAFETY_CODES:
+                    if not pattern.startswith("re:"):
+                        raise AnyquantError(f"plan override {pattern!r} asks to quantize {name}, which must stay "
+                                            f"in float: {d.reason}")
+                    continue
+                ok, options, code, reason = handler_for(config.method).fit_experts(d.shape, config)
+                if not ok:
+                    raise AnyquantError(f"plan override {pattern!r} asks to quantize {name}, but {reason}")
+                d.action, d.method, d.options = QUANTIZE, config.method, options
+                d.reason_code, d.reason = "user_quantize", f"quantized by override {pattern!r}"
+                if group_size is not None:
+                    raise AnyquantError(f"plan override {pattern!r}: per-tensor group sizes are not available for "
+                                        f"fused experts ({name}); they take the checkpoint's group size")
                 continue
             if d.reason_code in SAFETY_CODES or d.kind != LINEAR:
                 if not pattern.startswith("re:") and d.kind == LINEAR:

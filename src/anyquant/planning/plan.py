@@ -12,6 +12,9 @@ from anyquant.errors import AnyquantError
 from anyquant.model.files import check_pattern, read_json_file
 
 QUANTIZE, KEEP = "quantize", "keep"
+# A fused MoE expert tensor (a 3-D parameter [experts, out, in]): its decision is named by the
+# parameter, not a module, and its quantized form is a runtime.experts.QuantizedExperts.
+FUSED_EXPERTS = "fused_experts"
 PLAN_VERSION = 1
 
 
@@ -26,7 +29,7 @@ class Decision:
     reason_code: str
     reason: str
     options: dict[str, Any] = field(default_factory=dict)
-    shape: list[int] | None = None  # [out_features, in_features] for Linear layers
+    shape: list[int] | None = None  # [out_features, in_features] for Linear layers; [experts, out, in] for experts
 
 
 @dataclass
@@ -38,7 +41,12 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
     def to_quantize(self) -> list[Decision]:
-        return [d for d in self.decisions if d.action == QUANTIZE]
+        """The modules to quantize (Linear layers); fused experts: experts_to_quantize."""
+        return [d for d in self.decisions if d.action == QUANTIZE and d.kind != FUSED_EXPERTS]
+
+    def experts_to_quantize(self) -> list[Decision]:
+        """The fused MoE expert tensors to quantize."""
+        return [d for d in self.decisions if d.action == QUANTIZE and d.kind == FUSED_EXPERTS]
 
     def kept(self) -> list[Decision]:
         return [d for d in self.decisions if d.action == KEEP]

@@ -5,29 +5,28 @@ decisions) is what `quantize` does on the same device."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import dataclasses
-
 import torch
 from torch import nn
 
-from anyquant.errors import AnyquantError
-from anyquant.numerics.declared import declared_dtype
-
 from anyquant.config import MethodConfig
+from anyquant.errors import AnyquantError
+from anyquant.methods import handler_for
 from anyquant.model.modelmap import ModelMap, build_model_map
-from anyquant.model.tree import device_of, fused_expert_tensors
+from anyquant.model.tree import device_of
 from anyquant.numerics.capabilities import DeviceCapabilities, detect_capabilities
+from anyquant.numerics.declared import declared_dtype
 from anyquant.numerics.dtype import dtype_name
 from anyquant.numerics.inputs import probe_inputs
 from anyquant.numerics.policy import DtypePolicy, choose_policy
 from anyquant.numerics.probe import ProbeFacts, run_probe
 from anyquant.planning import build_plan
+from anyquant.planning.experts import expert_decisions, experts_note
 from anyquant.planning.plan import Plan, load_overrides
-
 
 TARGETS = ("auto", "cpu", "cuda")
 
@@ -114,19 +113,14 @@ def prepare(
         ov = (load_overrides(plan) if plan is not None else []) + list(overrides or [])
         the_plan = build_plan(mmap, config, dtype_name(policy.compute_dtype), ov, facts,
                               include_vision=include_vision, only=only,
-                              float32_regions=list(policy.fp32_modules))
+                              float32_regions=list(policy.fp32_modules),
+                              experts=expert_decisions(model, mmap, config, dtype_name(policy.compute_dtype)))
     if target_note is not None:
         notes = [f"{target_note}: compute dtype {dtype_name(policy.compute_dtype)} ({policy.reason})"] + notes
     the_plan.notes = notes + the_plan.notes
-    fused = fused_expert_tensors(model)
-    if fused:
-        n = sum(fused.values())
-        total = sum(p.numel() for p in model.parameters()) or 1
-        the_plan.notes.append(
-            f"{len(fused)} fused MoE expert tensor(s) ({n:,} parameters, {n / total:.0%} of the model; first: "
-            f"{next(iter(fused))}) stay in float ({dtype_name(policy.compute_dtype)}): transformers keeps these "
-            "experts as 3-D parameters, not nn.Linear layers, and anyquant's methods quantize Linear layers only "
-            "(fused-expert quantization is not implemented yet); the report counts them as float")
+    note = experts_note(the_plan, handler_for(config.method).calibrated)
+    if note and note not in the_plan.notes:
+        the_plan.notes.append(note)
     if policy.fp32_modules and policy.compute_dtype != torch.float32:
         the_plan.notes.append(
             f"float32 regions ({', '.join(policy.fp32_modules)}) inside a {dtype_name(policy.compute_dtype)} model: "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 
-from anyquant.planning.plan import QUANTIZE, Decision, Plan
+from anyquant.planning.plan import FUSED_EXPERTS, QUANTIZE, Decision, Plan
 
 _INDEXED = re.compile(r"^(?P<list>.*?)\.(?P<i>\d+)\.(?P<rest>.+)$")
 
@@ -59,8 +59,9 @@ def collapse_notes(notes: list[str]) -> list[str]:
 
 
 def summarize(plan: Plan) -> list[str]:
-    linear = [d for d in plan.decisions if d.shape is not None or d.action == QUANTIZE]
-    others = [d for d in plan.decisions if d not in linear]
+    experts = [d for d in plan.decisions if d.kind == FUSED_EXPERTS]
+    linear = [d for d in plan.decisions if d.kind != FUSED_EXPERTS and (d.shape is not None or d.action == QUANTIZE)]
+    others = [d for d in plan.decisions if d not in linear and d not in experts]
     groups: dict[tuple[str, str], dict[int, list[Decision]]] = defaultdict(lambda: defaultdict(list))
     single: list[Decision] = []
     for d in linear:
@@ -97,6 +98,10 @@ def summarize(plan: Plan) -> list[str]:
     if others:
         kinds = Counter(d.kind for d in others)
         lines.append("not quantized (not Linear layers): " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
-    lines.append(f"{len(plan.to_quantize())} quantized, {len(plan.kept())} kept")
+    if experts:
+        whats = Counter(_what(d) for d in experts)
+        lines.append("fused MoE expert tensors: " + ", ".join(f"{n} {w}" for w, n in whats.most_common()))
+    lines.append(f"{len(plan.to_quantize())} quantized, {len(plan.kept())} kept"
+                 + (f" (fused expert tensors: {len(plan.experts_to_quantize())} quantized)" if experts else ""))
     lines += [f"note: {n}" for n in collapse_notes(plan.notes)]
     return lines
