@@ -43,7 +43,13 @@ from anyquant.formats.registry import format_for
 from anyquant.formats.shards import ShardWriter, parse_size
 from anyquant.methods import handler_for
 from anyquant.model.files import estimate_output_bytes
-from anyquant.model.load import SourceInfo, inspect_files, load_tokenizer, refuse_if_quantized, resolve_source
+from anyquant.model.load import (
+    SourceInfo,
+    inspect_files,
+    load_tokenizer,
+    refuse_if_quantized,
+    resolve_source,
+)
 from anyquant.model.modelmap import build_model_map, quantized_linear_types
 from anyquant.model.tree import probe_logits
 from anyquant.numerics.casts import check_consistency

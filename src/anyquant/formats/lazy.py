@@ -322,6 +322,7 @@ class LazyModel:
 
         class _Held:
             def __enter__(self):
+                lazy._release_hook_held(keep=(unit,))   # what a forward outside the model's left in
                 lazy.acquire(unit)
                 return unit
 
@@ -349,7 +350,10 @@ class LazyModel:
             return None
 
         def root_post(mod, args, kwargs, out):
-            if self._in_forward and not self._running:
+            # (also after an exception: a pre-hook that stops the forward, calibration's capture
+            # of the first block's inputs, leaves its block on the running stack)
+            if self._in_forward:
+                self._running.clear()
                 self._in_forward = False
                 self._release_hook_held(keep=())
                 held = {id(p) for u in self.units if u.holds > 0 for p in u.params.values()}
