@@ -77,6 +77,13 @@ def test_each_public_function_twice(tiny_llama, tmp_path):
     for m in loaded:
         torch.testing.assert_close(m(ids).logits, results[0].model(ids).logits, rtol=0, atol=1e-5)
 
+    # streamed, from the single-file checkpoint: the same model as the in-memory path's, reloaded
+    streamed = [anyquant.quantize_to_disk(str(tiny_llama), "int4", tmp_path / f"st{i}", progress=False)
+                for i in range(2)]
+    for r in streamed:
+        torch.testing.assert_close(anyquant.load(r.output)(ids).logits, results[0].model(ids).logits,
+                                   rtol=0, atol=1e-5)
+
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     scores = [anyquant.evaluate(loaded[0], base, TEXT, tokenizer=WordTokenizer(), max_tokens=256, progress=False)
               for _ in range(2)]

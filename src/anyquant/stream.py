@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from anyquant.calib.data import calibration_data
+from anyquant.calib.memory import pin_mmap_threshold, release_freed_memory
 from anyquant.config import MethodConfig, make_config
 from anyquant.errors import AlreadyQuantizedError, AnyquantError
 from anyquant.eval.memory import peak_rss_bytes
@@ -236,6 +237,7 @@ def quantize_to_disk(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     rss_start = peak_rss_bytes()
+    pin_mmap_threshold()   # unit-sized tensors map and unmap their own pages (calib/memory.py)
     lazy = LazyModel.open(path, dev, trust_remote_code=trust_remote_code)
     model = lazy.model
     budget = parse_size(max_memory) if max_memory is not None else None
@@ -293,6 +295,7 @@ def quantize_to_disk(
             emitted.add(u.name)
             if u.block or by_unit[u.name]:
                 _shell(model.get_submodule(u.name) if u.name else model)
+            release_freed_memory()
 
         if handler.calibrated:
             data, data_notes = calibration_data(model, config, calib, compute_dtype, tokenizer=tokenizer,
@@ -341,7 +344,7 @@ def quantize_to_disk(
         avail = budget if budget is not None else available_memory_bytes()
         fits = avail is not None and writer.total <= RELOAD_SHARE * avail
         q_logits = None
-        if fits:
+        if verify and fits:
             # (as load_quantized reads it, from the parts of the manifest a load needs: it is
             # written once the report is complete)
             regions = {} if compute_dtype == torch.float32 else dict(policy.to_dict().get("float32_modules") or {})
@@ -360,25 +363,27 @@ def quantize_to_disk(
             "bytes_written": writer.total,
             "source_bytes_read": lazy.reads,
             "units": len(lazy.units),
-            "peak_host_rss_bytes": peak_rss_bytes(),
-            "host_rss_at_start_bytes": rss_start,
+            # the process's lifetime peak (ru_maxrss) now and when this run began: a run in a fresh
+            # process has its own peak here (benchmarks/scale.py measures above a baseline)
+            "process_peak_rss_bytes": peak_rss_bytes(),
+            "process_peak_rss_before_bytes": rss_start,
             "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
         }
         why = None
-        if not fits:
+        if not verify:
+            why = ("not reloaded (verify=False / --no-verify-save): the probe logits of the quantized model were not "
+                   "measured (anyquant eval measures the output)")
+        elif not fits:
             why = (f"not reloaded: the output ({writer.total / 1e9:.2f} GB) is over {RELOAD_SHARE:.0%} of the memory "
                    f"budget ({'unknown' if avail is None else f'{avail / 1e9:.2f} GB'}); the probe logits of the "
                    "quantized model were not measured (anyquant eval measures the output)")
+        if why:
             notes.append(why)
         result = QuantizeResult(model, the_plan, config, report, info, tokenizer, mmap, notes,
-                                probe_inputs=inputs if fits else None,
+                                probe_inputs=inputs if q_logits is not None else None,
                                 probe_logits=q_logits.detach().cpu() if q_logits is not None else None,
                                 trust_remote_code=trust_remote_code)
-        verification = None
-        if not verify:
-            verification = None
-        elif not fits:
-            verification = {"skipped": why}
+        verification = {"skipped": why} if verify and not fits else None
         extra = {"per_layer_weight_error": per_layer, **(extra_metrics or {})}
         result.output = finish_output(tmp, outp, result, force=force, extra_metrics=extra,
                                       verify=verify and fits, verification=verification)

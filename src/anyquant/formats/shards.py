@@ -82,7 +82,7 @@ class ShardWriter:
             if self._data is None:
                 self._open()
             raw = t.reshape(-1).contiguous().cpu().view(torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
-            self._data.write(raw.numpy().tobytes() if raw.numel() else b"")
+            self._data.write(raw.numpy())   # the tensor's own bytes: no copy
             self._header[name] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape),
                                   "data_offsets": [self._size, self._size + nbytes]}
             self._size += nbytes
