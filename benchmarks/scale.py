@@ -127,7 +127,8 @@ def child(spec: dict) -> dict:
                                                          device_map=str(dev))
             r = anyquant.quantize(model, spec["method"], **opts)
             anyquant.save(r, out, force=True, verify=spec["verify"])
-        return r.report["probe_logits_relative_error"]
+        return r.report["probe_logits_relative_error"], (r.report.get("stream") or {}).get(
+            "inspect_and_fingerprint_seconds")
 
     # The baseline is the process with everything imported and initialised: the same run once on a
     # one-layer model of width 64 first (imports of transformers' model code, bitsandbytes,
@@ -143,7 +144,7 @@ def child(spec: dict) -> dict:
     out = Path(spec["out"])
     t0 = time.perf_counter()
     with track_peak_memory() as mem:
-        probe_err = one(spec["source"], out, spec["vocab"])
+        probe_err, fingerprint_s = one(spec["source"], out, spec["vocab"])
         if dev.type == "cuda":
             torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -154,6 +155,9 @@ def child(spec: dict) -> dict:
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
         "output_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
         "probe_logits_relative_error": probe_err,
+        # streamed runs hash the source (its fingerprint, for the manifest and resumable
+        # checkpoints); the in-memory runs here quantize a loaded nn.Module, which has none
+        "fingerprint_seconds": fingerprint_s,
         "sampled": mem.sampled,
     }
 

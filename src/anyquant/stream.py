@@ -221,7 +221,9 @@ def quantize_to_disk(
     config = method if isinstance(method, MethodConfig) else make_config(method, **options)
     handler = handler_for(config.method)
     path = resolve_source(source)
-    info: SourceInfo = inspect_files(path)
+    t_inspect = time.perf_counter()
+    info: SourceInfo = inspect_files(path)   # headers, and the fingerprint: a sha256 of every weight byte
+    t_inspect = time.perf_counter() - t_inspect
     if info.quantized_tensors or info.quantization_config:
         refuse_if_quantized(info)
         raise AlreadyQuantizedError(f"{path}: already quantized; streamed quantization does not dequantize "
@@ -358,6 +360,7 @@ def quantize_to_disk(
                                   q_logits, notes, time.perf_counter() - t0, calibration)
         report["stream"] = {
             "device": str(dev),
+            "inspect_and_fingerprint_seconds": round(t_inspect, 3),
             "max_shard_size": writer.limit,
             "shards": shards,
             "bytes_written": writer.total,
