@@ -43,7 +43,8 @@ def every_submodule_imported():
 def test_public_names_are_the_api_functions():
     from anyquant import api
 
-    for name in ("inspect", "plan", "quantize", "save", "load", "evaluate", "doctor", "known_methods"):
+    for name in ("inspect", "plan", "quantize", "quantize_to_disk", "save", "load", "evaluate", "doctor",
+                 "known_methods"):
         assert getattr(anyquant, name) is getattr(api, name), name
         assert callable(getattr(anyquant, name)), name
     with pytest.raises(AttributeError):
@@ -75,6 +76,13 @@ def test_each_public_function_twice(tiny_llama, tmp_path):
     loaded = [anyquant.load(o) for o in outs for _ in range(2)]
     for m in loaded:
         torch.testing.assert_close(m(ids).logits, results[0].model(ids).logits, rtol=0, atol=1e-5)
+
+    # streamed, from the single-file checkpoint: the same model as the in-memory path's, reloaded
+    streamed = [anyquant.quantize_to_disk(str(tiny_llama), "int4", tmp_path / f"st{i}", progress=False)
+                for i in range(2)]
+    for r in streamed:
+        torch.testing.assert_close(anyquant.load(r.output)(ids).logits, results[0].model(ids).logits,
+                                   rtol=0, atol=1e-5)
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     scores = [anyquant.evaluate(loaded[0], base, TEXT, tokenizer=WordTokenizer(), max_tokens=256, progress=False)

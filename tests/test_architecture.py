@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"planning"},
     {"formats"},
     {"eval"},
-    {"pipeline", "diagnosis", "inspection", "demo"},
+    {"pipeline", "stream", "diagnosis", "inspection", "demo"},
     {"api"},
     {"cli"},
 ]

@@ -25,8 +25,9 @@ from anyquant.pipeline import QuantizeResult
 from anyquant.pipeline import quantize as _quantize
 from anyquant.planning.plan import Plan
 from anyquant.planning.prepare import prepare
+from anyquant.stream import quantize_to_disk as _quantize_to_disk
 
-__all__ = ["inspect", "plan", "quantize", "save", "load", "evaluate", "doctor", "known_methods"]
+__all__ = ["inspect", "plan", "quantize", "quantize_to_disk", "save", "load", "evaluate", "doctor", "known_methods"]
 
 
 def _as_model(model: nn.Module | str | Path, trust_remote_code: bool) -> nn.Module:
@@ -62,6 +63,24 @@ def quantize(model: nn.Module | str | Path, method: str | MethodConfig = "nf4", 
     Returns a QuantizeResult (.model, .plan, .report); see anyquant.pipeline.quantize for the
     options (dtype, plan, overrides, calib, method config fields such as group_size)."""
     return _quantize(model, method, **options)
+
+
+def quantize_to_disk(source: str | Path, method: str | MethodConfig = "nf4", out: str | Path | None = None, *,
+                     force: bool = False, max_shard_size: int | str = "5GB", max_memory: int | str | None = None,
+                     verify: bool = True, command: str | None = None, **options: Any) -> QuantizeResult:
+    """Quantize the model directory `source` into `out` with one block in memory at a time: each
+    block read from the safetensors files when its turn comes, quantized, written to the output's
+    shards (at most `max_shard_size` each, with model.safetensors.index.json) and freed; the
+    output appears atomically when complete and equals what quantize() + save() write. For models
+    larger than memory (docs/streaming.md). Returns the QuantizeResult (`.output`: the directory;
+    `.model`: the skeleton on the meta device). Options as quantize(); `max_memory` and `verify`:
+    see anyquant.stream.quantize_to_disk."""
+    extra: dict[str, Any] = {}
+    if command is not None:
+        extra["command"] = command
+    result = _quantize_to_disk(source, method, out, force=force, max_shard_size=max_shard_size,
+                               max_memory=max_memory, verify=verify, extra_metrics=extra or None, **options)
+    return result
 
 
 def save(result: QuantizeResult, out_dir: str | Path, *, force: bool = False, verify: bool = True,

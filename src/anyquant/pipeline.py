@@ -57,6 +57,8 @@ class QuantizeResult:
     probe_inputs: dict[str, Any] | None = None
     probe_logits: torch.Tensor | None = None
     trust_remote_code: bool = False
+    # the output directory, where the quantization wrote it itself (stream.quantize_to_disk)
+    output: Path | None = None
 
 
 def quantize(
@@ -143,10 +145,10 @@ def quantize(
     todo_loop = todo
     if handler.calibrated:  # block by block over the whole model
         data, data_notes = calibration_data(model, config, calib, compute_dtype, tokenizer=tokenizer,
-                                            model_dir=info.path, vlm=_is_vlm(mmap, the_plan),
+                                            model_dir=info.path, vlm=is_vlm(mmap, the_plan),
                                             trust_remote_code=trust_remote_code)
         notes += data_notes
-        calibration = _quantize_calibrated(handler, model, the_plan, config, compute_dtype, data, info,
+        calibration = quantize_calibrated(handler, model, the_plan, config, compute_dtype, data, info,
                                            checkpoint_dir, progress, notes)
         per_layer = calibration.pop("per_layer_weight_error")
         for d in todo:
@@ -156,16 +158,9 @@ def quantize(
         todo_loop = []
     with progress_bar(f"quantizing ({config.method})", total=len(todo_loop), enabled=progress) as advance:
         for d in todo_loop:
-            linear = model.get_submodule(d.name)
-            if not isinstance(linear, nn.Linear):
-                raise AnyquantError(f"plan says quantize {d.name}, but it is a {type(linear).__name__}, not nn.Linear")
-            q = handler.quantize_linear(linear, d.options, config, policy.dtype_for(d.name))
-            deq = dequantize_linear(q)
-            per_layer[d.name] = P.relative_error(linear.weight.detach(), deq.weight.to(linear.weight.device))
-            n = linear.weight.numel()
-            bits += handler.bits_per_weight(mmap.modules[d.name], d.options, config) * n
+            b, n = quantize_linear_at(model, d, handler, config, policy, mmap, per_layer)
+            bits += b
             qparams += n
-            set_submodule(model, d.name, q)
             advance()
 
     # fused MoE experts (3-D tensors, planning/experts.py): after the Linear layers, every method
@@ -174,6 +169,52 @@ def quantize(
     qparams += experts["params"]
     per_layer.update(experts["per_layer_weight_error"])
 
+    q_logits = probe_logits(model, inputs)
+    refuse_non_finite(config.method, q_logits)
+    policy.consistency = check_consistency(model, inputs)  # every boundary agrees, or names the module
+    report = quantized_report(model, config, the_plan, mmap, prep, per_layer, bits, qparams, float_logits, q_logits,
+                              notes, time.perf_counter() - t0, calibration, experts)
+    model.eval()
+    # the logits save() verifies against: the model as it now stands, in eval mode (bitsandbytes'
+    # LLM.int8 layers compute their first call differently, before their int8 state is set up)
+    final_logits = probe_logits(model, inputs).detach().cpu()
+    return QuantizeResult(model, the_plan, config, report, info, tokenizer, mmap, notes,
+                          probe_inputs=inputs, probe_logits=final_logits,
+                          trust_remote_code=trust_remote_code)
+
+
+def quantize_linear_at(model: nn.Module, d, handler, config: MethodConfig, policy, mmap: ModelMap,
+                       per_layer: dict[str, float]) -> tuple[float, int]:
+    """Planned decision `d`'s Linear replaced by the handler's quantized module; its weight error
+    into `per_layer`. Returns (bits it stores, weights it had)."""
+    linear = model.get_submodule(d.name)
+    if not isinstance(linear, nn.Linear):
+        raise AnyquantError(f"plan says quantize {d.name}, but it is a {type(linear).__name__}, not nn.Linear")
+    q = handler.quantize_linear(linear, d.options, config, policy.dtype_for(d.name))
+    deq = dequantize_linear(q)
+    per_layer[d.name] = P.relative_error(linear.weight.detach(), deq.weight.to(linear.weight.device))
+    n = linear.weight.numel()
+    set_submodule(model, d.name, q)
+    return handler.bits_per_weight(mmap.modules[d.name], d.options, config) * n, n
+
+
+def refuse_non_finite(method: str, q_logits: torch.Tensor) -> None:
+    if not torch.isfinite(q_logits).all():
+        raise AnyquantError(
+            f"{method}: the quantized model's outputs on probe inputs are not finite; "
+            "nothing was saved (try --dtype float32 or keep the offending modules)"
+        )
+
+
+def quantized_report(model: nn.Module, config: MethodConfig, the_plan: Plan, mmap: ModelMap, prep, per_layer,
+                     bits: float, qparams: int, float_logits: torch.Tensor, q_logits: torch.Tensor | None,
+                     notes: list[str], seconds: float, calibration: dict[str, Any] | None,
+                     experts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report of a quantized model (in memory, or the streamed skeleton: only shapes and
+    dtypes are read): totals, probe logits error, per-layer error, the dtype policy;
+    appends error_warning's warning to `notes`. `experts`: what quantize_planned_experts did."""
+    policy = prep.policy
+    todo = the_plan.to_quantize()
     fused = fused_expert_tensors(model)  # what is still float
     quantized_types = quantized_linear_types()
     float_params = 0
@@ -188,17 +229,10 @@ def quantize(
             seen.add(id(p))
             float_params += p.numel()
             float_bits += p.numel() * p.element_size() * 8
-    q_logits = probe_logits(model, inputs)
-    if not torch.isfinite(q_logits).all():
-        raise AnyquantError(
-            f"{config.method}: the quantized model's outputs on probe inputs are not finite; "
-            "nothing was saved (try --dtype float32 or keep the offending modules)"
-        )
-    policy.consistency = check_consistency(model, inputs)  # every boundary agrees, or names the module
     report = {
         "method": config.method,
         "config": config.to_dict(),
-        "compute_dtype": dtype_name(compute_dtype),
+        "compute_dtype": dtype_name(policy.compute_dtype),
         "dtype_policy": policy.to_dict(),
         "modules_quantized": len(todo),
         "modules_kept": len(the_plan.kept()),
@@ -210,26 +244,21 @@ def quantize(
         "params_quantized_share": qparams / max(1, mmap.total_params),
         "bits_per_weight_overall": (bits + float_bits) / max(1, qparams + float_params),
         "fused_experts_float": {"tensors": len(fused), "params": sum(fused.values())},
-        "fused_experts_quantized": {"tensors": experts["tensors"], "params": experts["params"]},
-        "probe_logits_relative_error": P.relative_error(float_logits, q_logits),
+        "fused_experts_quantized": {"tensors": (experts or {}).get("tensors", 0), "params": (experts or {}).get("params", 0)},
+        "probe_logits_relative_error": None if q_logits is None else P.relative_error(float_logits, q_logits),
         "per_layer_weight_error": per_layer,
-        "quantize_seconds": time.perf_counter() - t0,
+        "quantize_seconds": seconds,
         "notes": notes,
         "probe": prep.facts.to_dict(),
     }
     if calibration is not None:
         report["calibration"] = calibration
-    warning = error_warning(config.method, report["probe_logits_relative_error"], per_layer, prep.facts.input_absmax)
+    error = report["probe_logits_relative_error"]
+    warning = None if error is None else error_warning(config.method, error, per_layer, prep.facts.input_absmax)
     if warning:
         log.warning("%s", warning)
         notes.append(warning)
-    model.eval()
-    # the logits save() verifies against: the model as it now stands, in eval mode (bitsandbytes'
-    # LLM.int8 layers compute their first call differently, before their int8 state is set up)
-    final_logits = probe_logits(model, inputs).detach().cpu()
-    return QuantizeResult(model, the_plan, config, report, info, tokenizer, mmap, notes,
-                          probe_inputs=inputs, probe_logits=final_logits,
-                          trust_remote_code=trust_remote_code)
+    return report
 
 
 # The probe logits error a method usually reaches (the bounds tests/test_pipeline.py holds tiny
@@ -255,7 +284,7 @@ def error_warning(method: str, error: float, per_layer: dict[str, float], input_
             "higher-precision method")
 
 
-def _is_vlm(model_map: ModelMap | None, plan: Plan) -> bool:
+def is_vlm(model_map: ModelMap | None, plan: Plan) -> bool:
     """A vision tower found by inspect (ModelMap.component_roots), or planned modules in one."""
 
     if model_map is not None and model_map.component_roots.get(VISION) is not None:
@@ -263,18 +292,18 @@ def _is_vlm(model_map: ModelMap | None, plan: Plan) -> bool:
     return any(d.component == VISION for d in plan.decisions)
 
 
-def _quantize_calibrated(handler, model, plan, config, compute_dtype, data, info, checkpoint_dir, progress,
-                         notes) -> dict[str, Any]:
+def quantize_calibrated(handler, model, plan, config, compute_dtype, data, info, checkpoint_dir, progress,
+                        notes, **kw: Any) -> dict[str, Any]:
     """The handler's block-by-block `quantize_model` on calibration `data`. Checkpoints ("auto")
     live under the cache, keyed by source fingerprint + config + plan + calibration data, and
     are removed once the run completes; an in-memory model has no stable identity to resume
-    against, so it gets none."""
+    against, so it gets none. `kw` goes to the handler (stream.py's block_scope)."""
     auto = checkpoint_dir == "auto"
     if auto:
         checkpoint_dir = None if info.path is None else cache_dir() / "calib-checkpoints"
     creport = handler.quantize_model(model, plan, config, compute_dtype, data, progress=progress,
                                      checkpoint_dir=checkpoint_dir,
-                                     fingerprint=info.fingerprint if info.path is not None else None)
+                                     fingerprint=info.fingerprint if info.path is not None else None, **kw)
     if creport.get("resumed_blocks"):
         notes.append(f"{config.method}: resumed {creport['resumed_blocks']} finished block(s) from "
                      f"{creport['checkpoint_dir']}")

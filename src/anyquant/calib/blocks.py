@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from anyquant.errors import AnyquantError
+from anyquant.model.tree import device_of
 
 Batch = tuple[tuple, dict]  # (args, kwargs) of one block call
 
@@ -150,7 +151,7 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, calib_ids, batch_si
 
     h = first_block.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
-        device = next(model.parameters()).device
+        device = device_of(model)
         for i, inputs in enumerate(calib_batches(calib_ids, batch_size)):
             kw = {k: _to_device(v, device) for k, v in inputs.items()}
             kw.setdefault("use_cache", False)

@@ -20,6 +20,7 @@ nn.Linear modules with Int4Linear themselves, through calib.guard.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
@@ -122,10 +123,13 @@ def run(
     checkpoint_dir: str | Path | None = None,
     fingerprint: str | None = None,
     batch_size: int = 8,
+    block_scope: Callable[[int, str, nn.Module], Any] | None = None,
 ) -> dict[str, Any]:
     """Quantize every planned linear inside the decoder blocks; return the report section.
     Planned linears outside the blocks are left to the caller (returned as `outside`).
-    `calib_ids`: token ids [n, seq] or a list of forward-input dicts (see capture_inputs)."""
+    `calib_ids`: token ids [n, seq] or a list of forward-input dicts (see capture_inputs).
+    `block_scope(i, name, block)`: a context entered around each block's turn (the streamed
+    quantization reads the block's weights from disk on entry, writes and frees it on exit)."""
 
     planned = plan.to_quantize()
     lm = [d.name for d in planned if getattr(d, "component", None) == LANGUAGE]
@@ -159,59 +163,12 @@ def run(
     with progress_bar(f"{config.method}: block by block", total=len(blocks), enabled=progress) as advance:
         for i, block in enumerate(blocks):
             bname = f"{blocks_name}.{i}" if blocks_name else str(i)
-            linears = per_block[i]
-            # The float model's outputs of this block, taken while it is still float, also when
-            # it is about to be resumed from a checkpoint: later blocks then get the same targets
-            # as in an uninterrupted run.
-            float_outs = block_outputs(block, float_batches) if float_batches is not None else None
-            entry = None
-            if ckdir is not None:
-                try:
-                    entry = load_block(ckdir, i, block, linears, config, compute_dtype)
-                except DamagedCheckpoint as e:
-                    msg = f"{bname}: checkpoint in {ckdir} was damaged ({e}); block recomputed"
-                    log.warning("%s", msg)
-                    notes.append(msg)
-            if entry is not None:
-                resumed += 1
-                entry["resumed"] = True
-                outs = block_outputs(block, batches)
-            else:
-                ref = block_outputs(block, batches)
-                tuned_outs = None
-                if linears:
-                    rtn = copy.deepcopy(block)
-                    rtn_block(rtn, linears, config.group_size, config.symmetric, compute_dtype)
-                    before = relative_error(ref, block_outputs(rtn, batches))
-                    del rtn
-                    ctx = BlockContext(block, bname, linears, batches, config, compute_dtype,
-                                       float_batches=float_batches)
-                    quantize_block(ctx)
-                    left = [r for r in linears if isinstance(block.get_submodule(r), nn.Linear)]
-                    if left:
-                        raise AssertionError(f"{config.method} left {left} of {bname} unquantized")
-                    entry = {"block": bname, "linears": len(linears), "output_error_rtn": before,
-                             "fallbacks": [f.as_dict() for f in ctx.fallbacks], "notes": ctx.notes,
-                             "weight_errors": ctx.weight_errors}
-                    if config.tune_steps > 0:
-                        entry["tune"], tuned_outs = tune_block(
-                            block, [r for r in linears if isinstance(block.get_submodule(r), Int4Linear)],
-                            batches, float_outs if model_targets and float_outs is not None else ref,
-                            steps=config.tune_steps, lr=config.tune_lr,
-                            rounding=config.tune_rounding, sequences_per_step=config.tune_sequences,
-                            compute_dtype=compute_dtype, seed=i)
-                else:
-                    entry = {"block": bname, "linears": 0, "output_error_rtn": 0.0, "fallbacks": [],
-                             "notes": [], "weight_errors": {}}
-                # the tuning step already ran the kept block on these batches
-                outs = tuned_outs if tuned_outs is not None else block_outputs(block, batches)
-                entry["output_error"] = relative_error(ref, outs)
-                del ref
-                if ckdir is not None:
-                    save_block(ckdir, i, block, entry)
-                entry["resumed"] = False
-            log.info("%s: output error rtn %.4g -> %s %.4g%s", bname, entry["output_error_rtn"], config.method,
-                     entry["output_error"], " (from checkpoint)" if entry["resumed"] else "")
+            scope = block_scope(i, bname, block) if block_scope is not None else contextlib.nullcontext()
+            with scope:
+                outs, float_outs, entry = _one_block(
+                    i, bname, block, per_block[i], batches, float_batches, ckdir, config, compute_dtype,
+                    model_targets, notes, quantize_block)
+                resumed += bool(entry["resumed"])
             fallbacks += entry["fallbacks"]
             notes += [f"{bname}: {n}" for n in entry["notes"]]
             weight_errors.update(entry["weight_errors"])
@@ -234,6 +191,64 @@ def run(
     }
 
 
+def _one_block(i, bname, block, linears, batches, float_batches, ckdir, config, compute_dtype, model_targets,
+               notes, quantize_block):
+    """One block's turn: float outputs, the method (or the block's checkpoint), quantized outputs.
+    Returns (quantized outputs, float model's outputs or None, report entry)."""
+    # The float model's outputs of this block, taken while it is still float, also when
+    # it is about to be resumed from a checkpoint: later blocks then get the same targets
+    # as in an uninterrupted run.
+    float_outs = block_outputs(block, float_batches) if float_batches is not None else None
+    entry = None
+    if ckdir is not None:
+        try:
+            entry = load_block(ckdir, i, block, linears, config, compute_dtype)
+        except DamagedCheckpoint as e:
+            msg = f"{bname}: checkpoint in {ckdir} was damaged ({e}); block recomputed"
+            log.warning("%s", msg)
+            notes.append(msg)
+    if entry is not None:
+        entry["resumed"] = True
+        outs = block_outputs(block, batches)
+    else:
+        ref = block_outputs(block, batches)
+        tuned_outs = None
+        if linears:
+            rtn = copy.deepcopy(block)
+            rtn_block(rtn, linears, config.group_size, config.symmetric, compute_dtype)
+            before = relative_error(ref, block_outputs(rtn, batches))
+            del rtn
+            ctx = BlockContext(block, bname, linears, batches, config, compute_dtype,
+                               float_batches=float_batches)
+            quantize_block(ctx)
+            left = [r for r in linears if isinstance(block.get_submodule(r), nn.Linear)]
+            if left:
+                raise AssertionError(f"{config.method} left {left} of {bname} unquantized")
+            entry = {"block": bname, "linears": len(linears), "output_error_rtn": before,
+                     "fallbacks": [f.as_dict() for f in ctx.fallbacks], "notes": ctx.notes,
+                     "weight_errors": ctx.weight_errors}
+            if config.tune_steps > 0:
+                entry["tune"], tuned_outs = tune_block(
+                    block, [r for r in linears if isinstance(block.get_submodule(r), Int4Linear)],
+                    batches, float_outs if model_targets and float_outs is not None else ref,
+                    steps=config.tune_steps, lr=config.tune_lr,
+                    rounding=config.tune_rounding, sequences_per_step=config.tune_sequences,
+                    compute_dtype=compute_dtype, seed=i)
+        else:
+            entry = {"block": bname, "linears": 0, "output_error_rtn": 0.0, "fallbacks": [],
+                     "notes": [], "weight_errors": {}}
+        # the tuning step already ran the kept block on these batches
+        outs = tuned_outs if tuned_outs is not None else block_outputs(block, batches)
+        entry["output_error"] = relative_error(ref, outs)
+        del ref
+        if ckdir is not None:
+            save_block(ckdir, i, block, entry)
+        entry["resumed"] = False
+    log.info("%s: output error rtn %.4g -> %s %.4g%s", bname, entry["output_error_rtn"], config.method,
+             entry["output_error"], " (from checkpoint)" if entry["resumed"] else "")
+    return outs, float_outs, entry
+
+
 def calibration_ids(tokenizer, text: str, n_samples: int, seq_len: int) -> torch.Tensor:
     """n_samples rows of seq_len tokens (BOS first where the tokenizer has one) from `text`."""
 
@@ -245,11 +260,13 @@ def calibration_ids(tokenizer, text: str, n_samples: int, seq_len: int) -> torch
 
 
 def quantize_model_blockwise(model, plan, config, compute_dtype, calib_ids, quantize_block, progress=True,
-                             checkpoint_dir=None, fingerprint=None, batch_size: int = 8) -> dict[str, Any]:
+                             checkpoint_dir=None, fingerprint=None, batch_size: int = 8,
+                             block_scope=None) -> dict[str, Any]:
     """The calibrated methods' `quantize_model`: blocks through `run`, then planned linears
     outside the blocks (rare: the plan keeps heads and embeddings) by round-to-nearest, noted."""
     report = run(model, plan, config, compute_dtype, calib_ids, quantize_block, progress=progress,
-                 checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, batch_size=batch_size)
+                 checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, batch_size=batch_size,
+                 block_scope=block_scope)
     outside = {n: d.options for n, d in ((d.name, d) for d in plan.to_quantize()) if n in set(report["outside_blocks"])}
     if outside:
         rtn_block(model, outside, config.group_size, config.symmetric, compute_dtype)

@@ -48,6 +48,9 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
              force: bool = typer.Option(False, "--force", help="replace an existing output directory"),
              verify_save: bool = typer.Option(True, "--verify-save/--no-verify-save", help="reload the written output (anyquant and stock transformers) and compare its probe logits with the in-memory model's before putting it in place"),
              report: bool = typer.Option(False, "--report", help="also write OUT/report.html (headline, per-layer error, size, sample generations)"),
+             stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="read the model block by block from its safetensors files and write the output shard by shard (models larger than memory); default: stream when the checkpoint's weights exceed --max-memory or 80% of the memory available"),
+             max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="streamed output: largest safetensors shard (e.g. 5GB, 500MB)"),
+             max_memory: Optional[str] = typer.Option(None, "--max-memory", help="host memory budget (e.g. 20GB): streaming is chosen when the checkpoint exceeds it, and refused when two blocks do not fit it"),
              verbose: bool = typer.Option(False, "--verbose", "-v")):
     """Quantize SOURCE with METHOD and write a loadable model directory to OUT."""
     opts = method_options(method, group_size, symmetric=symmetric, n_samples=n_samples, seq_len=seq_len, act_order=act_order,
@@ -80,16 +83,36 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
     for n in clean_leftovers(out):
         typer.echo(f"note: {n}", err=False)
     check_output_dir(out, src, force, estimated_bytes=estimate_output_bytes(src, bits))
+    from anyquant.formats.shards import parse_size
+    from anyquant.stream import should_stream
+
+    parse_size(max_shard_size)
+    if max_memory is not None:
+        parse_size(max_memory)
+    if stream is None:
+        stream, why = should_stream(src, max_memory)
+        if stream:
+            typer.echo(f"note: streaming block by block: {why} (--no-stream loads it whole)")
+    if stream and requantize:
+        raise AnyquantError("--stream with --requantize: streamed quantization does not dequantize a quantized "
+                            "source; drop --stream (or --requantize)")
     ov = [(k, "keep") for k in keep]
-    result = run(src, method, dtype=dtype, plan=plan_file, overrides=ov, only=only, include_vision=include_vision,
-                 trust_remote_code=trust_remote_code, requantize=requantize, calib=calib, tokenizer=tokenizer,
-                 target=target, **opts)
-    path = save(result, out, force=force, verify=verify_save, command=command_line())
+    common = dict(dtype=dtype, plan=plan_file, overrides=ov, only=only, include_vision=include_vision,
+                  trust_remote_code=trust_remote_code, calib=calib, tokenizer=tokenizer, target=target, **opts)
+    if stream:
+        from anyquant.api import quantize_to_disk
+
+        result = quantize_to_disk(src, method, out, force=force, max_shard_size=max_shard_size,
+                                  max_memory=max_memory, verify=verify_save, command=command_line(), **common)
+        path = result.output
+    else:
+        result = run(src, method, requantize=requantize, **common)
+        path = save(result, out, force=force, verify=verify_save, command=command_line())
     r = result.report
     typer.echo(
         f"{method}: quantized {r['modules_quantized']} modules ({r['params_quantized_share']:.0%} of the parameters), "
         f"kept {r['modules_kept']}; "
-        f"probe logits error {r['probe_logits_relative_error']:.4f}; wrote {path}"
+        f"probe logits error {_error_text(r['probe_logits_relative_error'])}; wrote {path}"
     )
     typer.echo(f"compute dtype {result.plan.compute_dtype} (--target {target}): "
                f"{result.report['dtype_policy']['reason']}")
@@ -98,3 +121,7 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
     if report:
         del result  # the report loads the output and the source one at a time
         typer.echo(f"report: {build_report([path])} (quality not measured yet: `anyquant eval {path} --report` adds it)")
+
+
+def _error_text(error) -> str:
+    return "not measured" if error is None else f"{error:.4f}"

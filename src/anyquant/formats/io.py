@@ -266,13 +266,29 @@ def save(result, out_dir: str | Path, *, force: bool = False, extra_metrics: dic
     `verify` (default): before the output is put in place, it is reloaded (anyquant.load and,
     for the stock formats, transformers) and its probe logits compared with the in-memory
     model's (formats/verify.py); a mismatch raises and nothing is left behind."""
+    with staged_output(out_dir, result.source.path, force, estimated_bytes=state_bytes(result.model),
+                       notes=result.notes) as (tmp, out):
+        handler = handler_for(result.config.method)
+        compute_dtype = DTYPES[result.plan.compute_dtype]
+        qc = format_for(handler.format).quantization_config(result.model, result.plan, compute_dtype)
+        _save_pretrained_with(result.model, tmp, qc)
+        write_experts(tmp, result.model, result.plan)  # quantized MoE experts, left out of save_pretrained
+        return finish_output(tmp, out, result, force=force, extra_metrics=extra_metrics, verify=verify)
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: str | Path, source: Path | None, force: bool, *, estimated_bytes: int | None = None,
+                  notes: list[str] | None = None):
+    """Context yielding (temporary sibling directory, final path) for an output written piece by
+    piece (save(), and the streamed quantization, which writes shards while it quantizes); the
+    temporary directory is removed on any failure, and write errors become one AnyquantError.
+    `finish_output` puts it in place."""
     out = Path(out_dir).expanduser()
     for n in clean_leftovers(out):
-        if n not in result.notes:
-            result.notes.append(n)
-    out = check_output_dir(out, result.source.path, force, estimated_bytes=state_bytes(result.model))
+        if notes is not None and n not in notes:
+            notes.append(n)
+    out = check_output_dir(out, source, force, estimated_bytes=estimated_bytes)
     out.parent.mkdir(parents=True, exist_ok=True)
-    handler = handler_for(result.config.method)
     tmp: Path | None = None
     lock_fd: int | None = None
     try:
@@ -280,31 +296,7 @@ def save(result, out_dir: str | Path, *, force: bool = False, extra_metrics: dic
             with _dir_lock(out.parent):  # created and locked at once: another run's clean-up leaves it alone
                 tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
                 lock_fd = _try_lock(tmp)
-            model = result.model
-            compute_dtype = DTYPES[result.plan.compute_dtype]
-            qc = format_for(handler.format).quantization_config(model, result.plan, compute_dtype)
-            _save_pretrained_with(model, tmp, qc)
-            write_experts(tmp, model, result.plan)  # quantized MoE experts, left out of save_pretrained
-            if result.tokenizer is not None:
-                result.tokenizer.save_pretrained(tmp)
-            elif result.source.path is not None:
-                _copy_tokenizer_files(Path(result.source.path), tmp)
-            if result.source.path is not None:
-                _copy_remote_code(Path(result.source.path), tmp)
-            manifest = build_manifest(result, handler.format)
-            if extra_metrics:
-                manifest["metrics"].update(extra_metrics)
-            write_card(tmp, manifest)  # README.md: method, plan, measured quality, how to load
-            sealed = seal_manifest(tmp, manifest)
-            write_manifest(tmp, sealed)  # last: hashes every other file
-            _finish_files(tmp)
-            if verify:  # what is put in place is what was verified
-                sealed["verification"] = verify_saved(tmp, result, load_quantized, handler.format)
-                sealed[SELF_HASH] = canonical_sha256(sealed)
-                write_manifest(tmp, sealed)
-                _finish_files(tmp)
-            with _signals_deferred(), _dir_lock(out.parent):
-                _swap_into_place(tmp, out, force)
+            yield tmp, out
     except OSError as e:
         raise AnyquantError(
             f"writing {out} failed: {e.strerror or e} ({getattr(e, 'filename', None) or out}); nothing was "
@@ -317,6 +309,35 @@ def save(result, out_dir: str | Path, *, force: bool = False, extra_metrics: dic
             shutil.rmtree(tmp, ignore_errors=True)
         if lock_fd is not None:
             os.close(lock_fd)
+
+
+def finish_output(tmp: Path, out: Path, result, *, force: bool = False, extra_metrics: dict[str, Any] | None = None,
+                  verify: bool = True, verification: dict[str, Any] | None = None) -> Path:
+    """The weights and config.json are in `tmp`: add the tokenizer, remote code, model card and
+    the sealed manifest, reload and compare (`verify`; `verification` instead records a check
+    the caller made, or why none was), and rename it into place."""
+    handler = handler_for(result.config.method)
+    if result.tokenizer is not None:
+        result.tokenizer.save_pretrained(tmp)
+    elif result.source.path is not None:
+        _copy_tokenizer_files(Path(result.source.path), tmp)
+    if result.source.path is not None:
+        _copy_remote_code(Path(result.source.path), tmp)
+    manifest = build_manifest(result, handler.format)
+    if extra_metrics:
+        manifest["metrics"].update(extra_metrics)
+    write_card(tmp, manifest)  # README.md: method, plan, measured quality, how to load
+    sealed = seal_manifest(tmp, manifest)
+    write_manifest(tmp, sealed)  # last: hashes every other file
+    _finish_files(tmp)
+    if verify or verification is not None:  # what is put in place is what was verified
+        sealed["verification"] = (verify_saved(tmp, result, load_quantized, handler.format) if verify
+                                  else verification)
+        sealed[SELF_HASH] = canonical_sha256(sealed)
+        write_manifest(tmp, sealed)
+        _finish_files(tmp)
+    with _signals_deferred(), _dir_lock(out.parent):
+        _swap_into_place(tmp, out, force)
     return out
 
 

@@ -16,7 +16,12 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def device_of(model: nn.Module) -> torch.device:
-    """The device of the first materialised parameter (meta parameters are skipped); CPU if none."""
+    """The device of the first materialised parameter (meta parameters are skipped); CPU if none.
+    A model whose weights are read on demand (formats/lazy.py) names its compute device in
+    `anyquant_device`."""
+    dev = getattr(model, "anyquant_device", None)
+    if dev is not None:
+        return torch.device(dev)
     for p in model.parameters():
         if p.device.type != "meta":
             return p.device

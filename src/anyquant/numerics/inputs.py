@@ -233,7 +233,7 @@ def _feature_count(out: Any) -> int | None:
 
 def _on_model(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
-    device = p.device if p is not None else torch.device("cpu")
+    device = device_of(model)
     dtype = p.dtype if p is not None else torch.float32
     return {k: ((v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
                 if torch.is_tensor(v) else v) for k, v in inputs.items()}
