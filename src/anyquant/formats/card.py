@@ -1,11 +1,15 @@
 """README.md model card for every output: what was done (method, plan summary, dtype), what it
-measured (the manifest's metrics), and how to load it in transformers, vLLM and anyquant."""
+measured (the manifest's metrics), and how to load it in transformers, vLLM, anyquant and
+llama.cpp (through `anyquant export DIR --to gguf`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+from anyquant.errors import AnyquantError
+from anyquant.formats.gguf import SUPPORTED_ARCHITECTURES, weight_type
 from anyquant.formats.vllm import vllm_compatible
 
 CARD = "README.md"
@@ -66,7 +70,25 @@ def model_card(directory: Path, manifest: dict[str, Any]) -> str:
         lines += [f"- {p}" for p in problems]
     else:
         lines.append("Meets vLLM's documented constraints for this format (checked without vLLM installed).")
+    lines += ["", "llama.cpp:", ""] + _gguf_lines(directory, manifest)
     return "\n".join(lines) + "\n"
+
+
+def _gguf_lines(directory: Path, manifest: dict[str, Any]) -> list[str]:
+    try:
+        arch = json.loads((Path(directory) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        arch = None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        return [f"No GGUF export for a {arch!r} model (anyquant exports {', '.join(SUPPORTED_ARCHITECTURES)}); "
+                "convert the float source with llama.cpp's own converter."]
+    try:
+        _, why = weight_type(manifest.get("method"), manifest.get("config"))
+    except AnyquantError as e:
+        return [str(e)]
+    name = Path(directory).name
+    return ["```", f"anyquant export {directory} --to gguf      # writes {name}.gguf beside it",
+            f"llama-cli -m {name}.gguf", "```", "", f"GGUF types: {why}."]
 
 
 def write_card(directory: Path, manifest: dict[str, Any]) -> Path:
