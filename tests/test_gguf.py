@@ -236,7 +236,9 @@ def test_llama_cpp_loads_the_file_and_agrees(output, tmp_path, method):
     with torch.no_grad():
         ref = anyquant.load(out, device="cpu")(ids).logits[0].float()
     rel = float((got - ref).norm() / ref.norm())
-    # llama.cpp quantizes activations to 8 bits for its Q4/Q8 dot products and keeps the
-    # embedding in fp16; measured on this model: about 1e-3 (int4) and 3e-3 (int8)
-    assert rel < 2e-2, rel
-    assert bool((got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9)
+    # Measured on this random tiny Llama (logits std 0.33): int4 9.0e-3, int8 1.5e-2. The
+    # weights are not the cause: the same int4 file with --type F32 gives 4.7e-4 (fp16 embedding);
+    # llama.cpp quantizes activations to 8 bits for its Q4_1 / Q8_0 dot products, and anyquant's
+    # int8 (bitsandbytes LLM.int8) quantizes them too, its own way. Bounds: twice the measurement.
+    assert rel < {"int4": 0.02, "int8": 0.03}[method], rel
+    assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.9

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from anyquant.errors import AnyquantError
-from anyquant.formats.gguf import SUPPORTED_ARCHITECTURES, weight_type
+from anyquant.formats.gguf import SUPPORTED_ARCHITECTURES, plan_group_sizes, weight_type
 from anyquant.formats.vllm import vllm_compatible
 
 CARD = "README.md"
@@ -83,7 +83,7 @@ def _gguf_lines(directory: Path, manifest: dict[str, Any]) -> list[str]:
         return [f"No GGUF export for a {arch!r} model (anyquant exports {', '.join(SUPPORTED_ARCHITECTURES)}); "
                 "convert the float source with llama.cpp's own converter."]
     try:
-        _, why = weight_type(manifest.get("method"), manifest.get("config"))
+        _, why = weight_type(manifest.get("method"), manifest.get("config"), plan_group_sizes(manifest))
     except AnyquantError as e:
         return [str(e)]
     name = Path(directory).name

@@ -70,16 +70,19 @@ class GGUFExport:
                 "notes": self.notes}
 
 
-def weight_type(method: str | None, config: dict[str, Any] | None) -> tuple[str, str]:
-    """(GGUF type, why) for the quantized Linears of an output of `method`."""
+def weight_type(method: str | None, config: dict[str, Any] | None,
+                group_sizes: list[int] | None = None) -> tuple[str, str]:
+    """(GGUF type, why) for the quantized Linears of an output of `method`; `group_sizes`: those the
+    plan used (the method's finalize may change the config's: e.g. 64 for SmolLM2's widths)."""
     config = config or {}
     if method in INT4_METHODS:
-        g = config.get("group_size")
+        gs = sorted(set(group_sizes or [config.get("group_size")]))
         sym = bool(config.get("symmetric"))
         t = "Q4_0" if sym else "Q4_1"
-        if isinstance(g, int) and g > 0 and g % 32 == 0:
-            return t, f"{method} codes copied into {t} (group size {g}, a multiple of 32): nearly lossless"
-        return t, f"{method} group size {g} is not a multiple of 32: weights re-quantized to {t}"
+        shown = ", ".join(map(str, gs))
+        if all(isinstance(g, int) and g > 0 and g % 32 == 0 for g in gs):
+            return t, f"{method} codes copied into {t} (group size {shown}, a multiple of 32): nearly lossless"
+        return t, f"{method} group size {shown} is not a multiple of 32: weights re-quantized to {t}"
     if method == "int8":
         return "Q8_0", "int8 codes copied into Q8_0 (row scale in every block): nearly lossless"
     if method in ("nf4", "fp4"):
@@ -87,6 +90,12 @@ def weight_type(method: str | None, config: dict[str, Any] | None) -> tuple[str,
                           "(adds error; see docs/formats.md#gguf)")
     raise AnyquantError(f"GGUF export: method {method!r} is not one anyquant writes; expected one of "
                         f"{', '.join(INT4_METHODS + ('int8', 'nf4', 'fp4'))}")
+
+
+def plan_group_sizes(manifest: dict[str, Any]) -> list[int]:
+    """The group sizes the saved plan quantized with."""
+    return sorted({d["options"]["group_size"] for d in manifest.get("plan", {}).get("decisions", [])
+                   if d.get("action") == "quantize" and isinstance(d.get("options", {}).get("group_size"), int)})
 
 
 def check_exportable(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -368,7 +377,7 @@ def export_gguf(directory: str | Path, load: Callable[[Path], nn.Module], out: s
     if not target.parent.is_dir():
         raise AnyquantError(f"GGUF export: {target.parent}: no such directory")
     method = manifest.get("method")
-    wtype, why = weight_type(method, manifest.get("config"))
+    wtype, why = weight_type(method, manifest.get("config"), plan_group_sizes(manifest))
     result = GGUFExport(path=target, notes=[why if qtype is None else f"{method} weights as {qtype} (requested)"])
     model = load(directory)
     n_blocks = config["num_hidden_layers"]
