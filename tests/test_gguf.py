@@ -242,3 +242,54 @@ def test_llama_cpp_loads_the_file_and_agrees(output, tmp_path, method):
     # int8 (bitsandbytes LLM.int8) quantizes them too, its own way. Bounds: twice the measurement.
     assert rel < {"int4": 0.02, "int8": 0.03}[method], rel
     assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.9
+
+
+def _vocab_fields(directory: Path, vocab_size: int) -> tuple[dict, list[str]]:
+    import gguf
+
+    from anyquant.formats.gguf import add_vocab
+
+    w = gguf.GGUFWriter(directory / "vocab.gguf", "llama")
+    notes: list[str] = []
+    add_vocab(w, directory, vocab_size, notes)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return read(directory / "vocab.gguf")[2], notes
+
+
+def test_sentencepiece_style_vocabulary(tmp_path):
+    """A Llama-2 style tokenizer (BPE with byte fallback, ▁ for spaces) goes through
+    gguf.vocab.LlamaHfVocab: tokenizer model "llama", byte tokens typed BYTE, scores written."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 20],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(tmp_path)
+    fields, notes = _vocab_fields(tmp_path, 320)
+    assert fields["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.pre" not in fields and not notes
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(types) == len(fields["tokenizer.ggml.scores"]) == 320
+    assert tokens[:4] == ["<unk>", "<s>", "</s>", "<0x00>"] and types[:4] == [3, 3, 3, 6]
+    assert set(types[3:259]) == {6} and tokens[-1] == "[PAD319]" and types[-1] == 5
+    assert fields["tokenizer.ggml.bos_token_id"] == 1 and fields["tokenizer.ggml.eos_token_id"] == 2
+
+
+def test_pre_tokenizer_names():
+    from anyquant.formats.gguf import LLAMA3_REGEX, pre_tokenizer_name
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    assert pre_tokenizer_name({"pre_tokenizer": byte_level}) == "gpt-2"
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, byte_level]}}) == "smollm"
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}}, dict(byte_level, use_regex=False)]}}) == "llama-bpe"
+    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}}) is None
