@@ -79,7 +79,8 @@ def row(method: str, target: str, work: Path, windows: torch.Tensor, llama_py: P
         stock(ids)
     after_forward = mb(stock)
     del stock
-    model = get_peft_model(anyquant.load(out), lora_config(r=8, target_modules=["q_proj", "v_proj"]))
+    # fuse=False: adapters name the source's q_proj / v_proj; the fused inference layout merges them (docs/formats.md#lora)
+    model = get_peft_model(anyquant.load(out, fuse=False), lora_config(r=8, target_modules=["q_proj", "v_proj"]))
     loss = model(ids, labels=ids).loss
     loss.backward()
     lora_ok = all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -114,6 +115,10 @@ def main() -> None:
             method, _, target = spec.partition(":")
             rows.append(row(method, target or "auto", Path(d), windows, llama_py))
             print(json.dumps(rows[-1]), flush=True)
+            write(rows, windows)  # after every row: a long run stopped midway keeps what it measured
+
+
+def write(rows: list[dict], windows: torch.Tensor) -> None:
     RESULTS.write_text(json.dumps({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                                    "model": "SmolLM2-135M-Instruct (float32 source)", "device": "cpu",
                                    "rows": rows,
@@ -122,10 +127,12 @@ def main() -> None:
                                              "int4 is dequantized at load (dequantize: true)",
                                              "vLLM itself is not installed (needs a GPU): constraints checked against "
                                              "its documentation by anyquant.formats.vllm.vllm_compatible",
+                                             "LoRA: int4 outputs through anyquant.load(DIR, fuse=False) (adapters name "
+                                             "q_proj / v_proj), nf4 through transformers + bitsandbytes",
                                              f"gguf: anyquant.export(DIR, to='gguf'); llama.cpp perplexity on the first "
                                              f"{int(windows.shape[0])} evaluation windows of {int(windows.shape[1])} tokens "
                                              "(token ids fed as they are), against anyquant's on the same windows; "
-                                             "all 32 windows: benchmarks/results/gguf.json"]}, indent=2) + "\n")
+                                             "more windows: benchmarks/results/gguf.json"]}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -420,7 +420,7 @@ def export_gguf(directory: str | Path, load: Callable[[Path], nn.Module], out: s
                 heads = n_head if ".attn_q." in gname else n_kv if ".attn_k." in gname else None
                 if kind == "module":
                     mod = modules[name]
-                    quantized = not type(mod) is nn.Linear
+                    quantized = type(mod) is not nn.Linear
                     want = qtype if quantized and qtype else (wtype if quantized else float_2d)
                     data, t, how, w = encode_linear(mod, want, heads)
                     if quantized:
@@ -452,6 +452,10 @@ def export_gguf(directory: str | Path, load: Callable[[Path], nn.Module], out: s
                     writer.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType.BF16 if t == "BF16" else None)
                     result.tensor_types[gname] = t
                 advance(1)
+        bad = [n for n, e in result.weight_errors.items() if not math.isfinite(e["max_abs_error_rel"])]
+        if bad:
+            raise AnyquantError(f"GGUF export: {directory}: re-encoded weights are not finite ({', '.join(bad[:3])}); "
+                                "nothing was written: check the output with `anyquant eval` and report it")
         writer.add_file_type(_file_type(quantized_types))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -461,7 +465,4 @@ def export_gguf(directory: str | Path, load: Callable[[Path], nn.Module], out: s
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    worst = max((e["max_abs_error_rel"] for e in result.weight_errors.values()), default=0.0)
-    if not math.isfinite(worst):
-        raise AnyquantError(f"GGUF export: a re-encoded weight is not finite ({target}); report this with the output")
     return result
