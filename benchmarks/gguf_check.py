@@ -101,6 +101,24 @@ def nf4_requant_table(out: Path, float_model) -> list[dict]:
     return rows
 
 
+def write(path: Path, rows: list, tokenization: dict, nf4_table, windows: torch.Tensor, llama_version: str) -> None:
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": "SmolLM2-135M-Instruct (float32 source, the dequantized Q4_1 GGUF: docs/data.md)",
+        "device": "cpu (llama.cpp: 2 threads)",
+        "windows": list(windows.shape), "tokens_scored": int(windows.shape[0] * (windows.shape[1] - 1)),
+        "versions": {p: md.version(p) for p in ("torch", "transformers", "gguf", "bitsandbytes")} |
+        {"llama-cpp-python": llama_version, "anyquant": anyquant.__version__},
+        "rows": rows, "tokenization": tokenization, "nf4_requantization": nf4_table,
+        "notes": ["token ids fed to llama.cpp as they are (BOS first in every window, as anyquant's evaluation)",
+                  "llama.cpp quantizes activations to 8 bits (Q8_1 / Q8_0) in its Q4_0 / Q4_1 / Q5_1 / Q8_0 dot "
+                  "products; the float row's difference is that effect alone (same weights)",
+                  "weights_vs_anyquant: the GGUF tensors dequantized by gguf.quants against anyquant's dequantized "
+                  "weights, relative to each weight's largest magnitude (max) and RMS (rms)"],
+    }
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", default="int4,W4A16,int8,nf4")
@@ -168,24 +186,12 @@ def main() -> None:
                                          "export_positions_equal": same})
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                # after every row: a long run stopped midway keeps what it measured
+                write(a.out, rows, tokenization, nf4_table, windows, lf["llama_cpp_version"])
             if method == "nf4":
                 nf4_table = nf4_requant_table(out, float_model)
                 print(json.dumps(nf4_table), flush=True)
-    result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": "SmolLM2-135M-Instruct (float32 source, the dequantized Q4_1 GGUF: docs/data.md)",
-        "device": "cpu (llama.cpp: 2 threads)",
-        "windows": list(windows.shape), "tokens_scored": int(windows.shape[0] * (windows.shape[1] - 1)),
-        "versions": {p: md.version(p) for p in ("torch", "transformers", "gguf", "bitsandbytes")} |
-        {"llama-cpp-python": lf["llama_cpp_version"], "anyquant": anyquant.__version__},
-        "rows": rows, "tokenization": tokenization, "nf4_requantization": nf4_table,
-        "notes": ["token ids fed to llama.cpp as they are (BOS first in every window, as anyquant's evaluation)",
-                  "llama.cpp quantizes activations to 8 bits (Q8_1 / Q8_0) in its Q4_0 / Q4_1 / Q5_1 / Q8_0 dot "
-                  "products; the float row's difference is that effect alone (same weights)",
-                  "weights_vs_anyquant: the GGUF tensors dequantized by gguf.quants against anyquant's dequantized "
-                  "weights, relative to each weight's largest magnitude (max) and RMS (rms)"],
-    }
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    write(a.out, rows, tokenization, nf4_table, windows, lf["llama_cpp_version"])
     print(f"{'model':34s} {'gguf':10s} {'anyquant ppl':>12s} {'llama.cpp ppl':>13s} {'ratio':>7s}")
     for r in rows:
         t = ",".join(r.get("gguf_type", ["source"]))
