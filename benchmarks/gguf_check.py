@@ -41,6 +41,7 @@ from anyquant.model.default import GGUF_FILE, default_model_dir  # noqa: E402
 from anyquant.model.dequant import dequantize_linear  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "gguf.json"
+NF4_RESULTS = ROOT / "benchmarks" / "results" / "gguf_nf4.json"
 LLAMA_SCRIPT = ROOT / "benchmarks" / "llama_cpp_logits.py"
 TOKENIZER_CHARS = 20000  # evaluation text compared token by token (about 4,500 tokens)
 
@@ -126,8 +127,24 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--llama-venv", type=Path, default=ROOT / ".venv-llama")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--nf4-table-only", action="store_true",
+                    help="only the nf4 re-quantization table (no llama.cpp), into results/gguf_nf4.json")
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if a.nf4_table_only:
+        float_model = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
+        with tempfile.TemporaryDirectory() as d:
+            out = anyquant.save(anyquant.quantize("default", "nf4", progress=False), Path(d) / "nf4")
+            table = nf4_requant_table(out, float_model)
+        NF4_RESULTS.write_text(json.dumps({
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": "SmolLM2-135M-Instruct (float32 source)", "versions": {p: md.version(p) for p in ("gguf", "bitsandbytes")},
+            "what": "RMS error each GGUF type (gguf.quants.quantize) adds to nf4's dequantized weights, over every "
+                    "quantized Linear, as a fraction of nf4's own RMS error against the float weights",
+            "nf4_requantization": table}, indent=2) + "\n")
+        print(json.dumps(table, indent=1))
+        return
 
     py = llama_python(a.llama_venv)
     src = default_model_dir()

@@ -44,8 +44,9 @@ from anyquant.runtime.int4_linear import Int4Linear
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM"}
 INT4_METHODS = ("int4", "hqq", "awq", "gptq")
 # nf4/fp4 re-quantized: of the types gguf.quants can quantize (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; its
-# Q4_K is dequantize-only), Q5_1 adds about a fifth of nf4's own error on SmolLM2 where Q4_1
-# would roughly double it (docs/formats.md#gguf: the measured table), at 6 bits per weight.
+# Q4_K is dequantize-only), Q5_1 adds 0.40 of nf4's own RMS weight error on SmolLM2 (total 1.08x)
+# at 6 bits per weight, where Q4_1 adds 0.85 (1.31x) at 5 and Q8_0 0.06 at 8.5
+# (benchmarks/results/gguf_nf4.json; docs/formats.md#gguf).
 NF4_TYPE = "Q5_1"
 # llama.cpp's pre-tokenizer names for the Hugging Face pre-tokenizers they reproduce
 # (src/llama-vocab.cpp regexes): GPT-2's ByteLevel regex; the same with every digit split
