@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 GEMMA_GGUF := 1.0.0
 
-.PHONY: setup demo test test-fast bench-deps llmc-venv clean
+.PHONY: setup demo test test-fast bench-deps llmc-venv llama-venv clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,17 @@ llmc-venv:
 	$(LLMC)/bin/pip install -q llmcompressor==0.14.0.1 $(TORCH)
 	$(LLMC)/bin/pip install -q --no-deps gensim==4.4.0
 	$(LLMC)/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'torch was upgraded')"
+
+# llama.cpp's own reader (llama-cpp-python, built from its sdist: cmake and a C++ compiler; about
+# half an hour on 2 cores) in its own venv, for the GGUF check (benchmarks/gguf_check.py and the
+# optional test in tests/test_gguf.py). No torch there: the check feeds it token ids and reads logits.
+LLAMA_VENV ?= .venv-llama
+LLAMA_CPP  := 0.3.36
+llama-venv:
+	test -x $(LLAMA_VENV)/bin/python || python3 -m venv $(LLAMA_VENV)
+	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF" \
+		nice $(LLAMA_VENV)/bin/pip install -q llama-cpp-python==$(LLAMA_CPP) numpy
+	$(LLAMA_VENV)/bin/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

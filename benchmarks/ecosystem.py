@@ -1,12 +1,18 @@
 """Issue 19's table: per output format of the default model (SmolLM2-135M-Instruct), whether
 stock transformers loads it packed and its memory after from_pretrained (and after one
 forward), whether vLLM's documented constraints are met (anyquant.formats.vllm), whether a
-LoRA forward/backward step runs on it, and GGUF export (not implemented: see the notes).
+LoRA forward/backward step runs on it, and its GGUF export: the types written, the weights'
+difference from anyquant's, and (where the llama-cpp-python venv exists, `make llama-venv`)
+llama.cpp's perplexity of the file against anyquant's of the output on the same token windows
+(the first --gguf-windows of the held-out evaluation; benchmarks/gguf_check.py scores all 32).
 
-    PYTHONPATH=src python benchmarks/ecosystem.py  ->  benchmarks/results/ecosystem.json"""
+    PYTHONPATH=src python benchmarks/ecosystem.py [METHOD[:TARGET] ...] [--llama-venv DIR] [--gguf-windows 8]
+      ->  benchmarks/results/ecosystem.json"""
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import sys
 import tempfile
@@ -17,7 +23,12 @@ from pathlib import Path
 import torch
 
 warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from gguf_check import run_llama, weight_error_summary  # noqa: E402  (benchmarks/gguf_check.py)
+
 import anyquant  # noqa: E402
+from anyquant.calib.text import evaluation_text, token_windows  # noqa: E402
+from anyquant.eval.metrics import compare  # noqa: E402
 from anyquant.formats.lora import lora_config  # noqa: E402
 from anyquant.formats.vllm import vllm_compatible  # noqa: E402
 
@@ -33,7 +44,26 @@ def mb(model) -> float:
     return round(total / 2**20, 1)
 
 
-def row(method: str, target: str, work: Path) -> dict:
+def gguf_column(out: Path, work: Path, windows: torch.Tensor, llama_py: Path | None) -> dict:
+    exp = anyquant.export(out, out=work / f"{out.name}.gguf", progress=False)
+    col = {"written": True, "MiB": round(exp.path.stat().st_size / 2**20, 1),
+           "weights_vs_anyquant": weight_error_summary(exp.weight_errors)}
+    if llama_py is None:
+        col["llama_cpp"] = "not run: no llama-cpp-python venv (make llama-venv)"
+        return col
+    import numpy as np
+
+    np.save(work / "windows.npy", windows.numpy())
+    lr = run_llama(llama_py, exp.path, work / "windows.npy", work)
+    with torch.no_grad():
+        ours = compare(anyquant.load(out, device="cpu"), None, windows, progress=False)["perplexity"]
+    col.update({"llama_cpp_loads": True, "llama_cpp_perplexity": lr["perplexity"], "anyquant_perplexity": ours,
+                "ratio": lr["perplexity"] / ours, "tokens": lr["tokens"]})
+    exp.path.unlink()
+    return col
+
+
+def row(method: str, target: str, work: Path, windows: torch.Tensor, llama_py: Path | None) -> dict:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -49,36 +79,61 @@ def row(method: str, target: str, work: Path) -> dict:
         stock(ids)
     after_forward = mb(stock)
     del stock
-    model = get_peft_model(anyquant.load(out), lora_config(r=8, target_modules=["q_proj", "v_proj"]))
+    # fuse=False: adapters name the source's q_proj / v_proj; the fused inference layout merges them (docs/formats.md#lora)
+    model = get_peft_model(anyquant.load(out, fuse=False), lora_config(r=8, target_modules=["q_proj", "v_proj"]))
     loss = model(ids, labels=ids).loss
     loss.backward()
     lora_ok = all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    del model
+    gguf = gguf_column(out, work, windows, llama_py)
     return {"method": method, "target": target, "group_sizes": sorted({d.options.get("group_size") for d in
                                                                       r.plan.to_quantize()} - {None}),
             "compute_dtype": r.plan.compute_dtype,
             "stock_transformers_packed_at_load": packed, "stock_transformers_MiB_at_load": at_load,
             "stock_transformers_MiB_after_first_forward": after_forward,
             "anyquant_load_MiB": mb(anyquant.load(out)),
-            "vllm_problems": vllm_compatible(out), "lora_step_runs": lora_ok, "gguf": "not implemented",
+            "vllm_problems": vllm_compatible(out), "lora_step_runs": lora_ok, "gguf": gguf,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def main(methods: list[str]) -> None:
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("methods", nargs="*", default=["W4A16:cuda", "int4", "nf4"])
+    ap.add_argument("--llama-venv", type=Path, default=Path(__file__).resolve().parents[1] / ".venv-llama")
+    ap.add_argument("--gguf-windows", type=int, default=8)
+    a = ap.parse_args()
+    from transformers import AutoTokenizer
+
+    from anyquant.model.default import default_model_dir
+
+    py = a.llama_venv / "bin" / "python"
+    llama_py = py if py.exists() else None
+    windows = token_windows(AutoTokenizer.from_pretrained(default_model_dir()), evaluation_text())[: a.gguf_windows]
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for spec in methods:
+        for spec in a.methods:
             method, _, target = spec.partition(":")
-            rows.append(row(method, target or "auto", Path(d)))
-            print(json.dumps(rows[-1]))
-    RESULTS.write_text(json.dumps({"model": "SmolLM2-135M-Instruct (float32 source)", "device": "cpu",
+            rows.append(row(method, target or "auto", Path(d), windows, llama_py))
+            print(json.dumps(rows[-1]), flush=True)
+            write(rows, windows)  # after every row: a long run stopped midway keeps what it measured
+
+
+def write(rows: list[dict], windows: torch.Tensor) -> None:
+    RESULTS.write_text(json.dumps({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                                   "model": "SmolLM2-135M-Instruct (float32 source)", "device": "cpu",
                                    "rows": rows,
                                    "notes": ["stock transformers 5.25 + compressed-tensors 0.20: symmetric int4 loads "
                                              "packed, then decompresses each layer at its first forward; asymmetric "
                                              "int4 is dequantized at load (dequantize: true)",
                                              "vLLM itself is not installed (needs a GPU): constraints checked against "
                                              "its documentation by anyquant.formats.vllm.vllm_compatible",
-                                             "GGUF export (item 8) not implemented"]}, indent=2) + "\n")
+                                             "LoRA: int4 outputs through anyquant.load(DIR, fuse=False) (adapters name "
+                                             "q_proj / v_proj), nf4 through transformers + bitsandbytes",
+                                             f"gguf: anyquant.export(DIR, to='gguf'); llama.cpp perplexity on the first "
+                                             f"{int(windows.shape[0])} evaluation windows of {int(windows.shape[1])} tokens "
+                                             "(token ids fed as they are), against anyquant's on the same windows; "
+                                             "more windows: benchmarks/results/gguf.json"]}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["W4A16:cuda", "int4", "nf4"])
+    main()

@@ -43,7 +43,7 @@ def every_submodule_imported():
 def test_public_names_are_the_api_functions():
     from anyquant import api
 
-    for name in ("inspect", "plan", "quantize", "quantize_to_disk", "save", "load", "evaluate", "doctor",
+    for name in ("inspect", "plan", "quantize", "quantize_to_disk", "save", "load", "evaluate", "export", "doctor",
                  "known_methods"):
         assert getattr(anyquant, name) is getattr(api, name), name
         assert callable(getattr(anyquant, name)), name

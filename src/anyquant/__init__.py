@@ -1,6 +1,6 @@
 """anyquant: quantize PyTorch / Hugging Face models to 8 and 4 bits, and say what it cost.
 
-Public API (anyquant.api): inspect, plan, quantize, quantize_to_disk, save, load, evaluate, doctor, known_methods.
+Public API (anyquant.api): inspect, plan, quantize, quantize_to_disk, save, load, evaluate, export, doctor, known_methods.
 They are resolved on first use, so `import anyquant` (and the command line's argument checks)
 does not pay for torch and transformers until a function is called."""
 
@@ -10,7 +10,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["inspect", "plan", "quantize", "quantize_to_disk", "save", "load", "evaluate", "doctor", "known_methods", "__version__"]
+__all__ = ["inspect", "plan", "quantize", "quantize_to_disk", "save", "load", "evaluate", "export", "doctor", "known_methods",
+           "__version__"]
 
 
 def __getattr__(name: str) -> Any:

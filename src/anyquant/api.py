@@ -1,4 +1,4 @@
-"""The public API: inspect, plan, quantize, save, load, evaluate, doctor.
+"""The public API: inspect, plan, quantize, save, load, evaluate, export, doctor.
 
 The command line is a thin layer over these functions; `anyquant/__init__.py` re-exports them.
 No submodule of the package carries one of these names, so `anyquant.evaluate` stays the
@@ -15,8 +15,10 @@ from torch import nn
 from anyquant.config import MethodConfig, make_config
 from anyquant.config import known_methods as _known_methods
 from anyquant.diagnosis import diagnose
+from anyquant.errors import AnyquantError
 from anyquant.eval.metrics import DEFAULT_MAX_TOKENS
 from anyquant.eval.metrics import evaluate as _evaluate
+from anyquant.formats.gguf import GGUFExport, export_gguf
 from anyquant.formats.io import load_quantized, load_source
 from anyquant.formats.io import save as _save
 from anyquant.inspection import inspect_source
@@ -27,7 +29,8 @@ from anyquant.planning.plan import Plan
 from anyquant.planning.prepare import prepare
 from anyquant.stream import quantize_to_disk as _quantize_to_disk
 
-__all__ = ["inspect", "plan", "quantize", "quantize_to_disk", "save", "load", "evaluate", "doctor", "known_methods"]
+__all__ = ["inspect", "plan", "quantize", "quantize_to_disk", "save", "load", "evaluate", "export", "doctor",
+           "known_methods"]
 
 
 def _as_model(model: nn.Module | str | Path, trust_remote_code: bool) -> nn.Module:
@@ -124,6 +127,19 @@ def doctor(source: str | Path, bnb_config: dict[str, Any] | None = None, *,
            trust_remote_code: bool = False) -> dict[str, Any]:
     """Which failure class a transformers + bitsandbytes config hits on this device, and a fixed config."""
     return diagnose(source, bnb_config, trust_remote_code=trust_remote_code)
+
+
+def export(directory: str | Path, *, to: str = "gguf", out: str | Path | None = None, gguf_type: str | None = None,
+           force: bool = False, verify: bool = True, progress: bool = True) -> GGUFExport:
+    """A saved anyquant output in another runtime's format: `to="gguf"`, one file for llama.cpp
+    (default DIR.gguf beside DIR; llama architecture). Quantized Linears keep their codes where the
+    GGUF type holds them (int4-family: Q4_1, or Q4_0 symmetric; int8: Q8_0); nf4 / fp4 are
+    re-quantized to Q5_1; `gguf_type` asks for another type. Returns what was written, each
+    tensor's type and each quantized weight's difference from anyquant's (docs/formats.md#gguf)."""
+    if to != "gguf":
+        raise AnyquantError(f"export: to={to!r}: expected 'gguf'")
+    return export_gguf(directory, lambda d: load_quantized(d, verify=verify, device="cpu", fuse=False), out,
+                       qtype=gguf_type, force=force, progress=progress)
 
 
 def known_methods() -> list[str]:

@@ -10,6 +10,10 @@ from typing import Any, ClassVar
 from anyquant.errors import AnyquantError
 
 CONFIG_VERSION = 1
+# GGUF types `anyquant export --to gguf --type` may ask for (formats/gguf.py): those the gguf
+# package's Python quantizer writes and llama.cpp's CPU reads; here, not there, so the command
+# line checks --type before torch loads.
+GGUF_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16", "F32")
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,15 @@
 """README.md model card for every output: what was done (method, plan summary, dtype), what it
-measured (the manifest's metrics), and how to load it in transformers, vLLM and anyquant."""
+measured (the manifest's metrics), and how to load it in transformers, vLLM, anyquant and
+llama.cpp (through `anyquant export DIR --to gguf`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+from anyquant.errors import AnyquantError
+from anyquant.formats.gguf import SUPPORTED_ARCHITECTURES, plan_group_sizes, weight_type
 from anyquant.formats.vllm import experts_problem, fused_layout_experts, vllm_compatible
 from anyquant.planning.experts import stock_experts_refusal
 from anyquant.planning.plan import Plan
@@ -78,7 +82,25 @@ def model_card(directory: Path, manifest: dict[str, Any]) -> str:
         lines += [f"- {p}" for p in problems]
     else:
         lines.append("Meets vLLM's documented constraints for this format (checked without vLLM installed).")
+    lines += ["", "llama.cpp:", ""] + _gguf_lines(directory, manifest)
     return "\n".join(lines) + "\n"
+
+
+def _gguf_lines(directory: Path, manifest: dict[str, Any]) -> list[str]:
+    try:
+        arch = json.loads((Path(directory) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        arch = None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        return [f"No GGUF export for a {arch!r} model (anyquant exports {', '.join(SUPPORTED_ARCHITECTURES)}); "
+                "convert the float source with llama.cpp's own converter."]
+    try:
+        _, why = weight_type(manifest.get("method"), manifest.get("config"), plan_group_sizes(manifest))
+    except AnyquantError as e:
+        return [str(e)]
+    name = Path(directory).name
+    return ["```", f"anyquant export {directory} --to gguf      # writes {name}.gguf beside it",
+            f"llama-cli -m {name}.gguf", "```", "", f"GGUF types: {why}."]
 
 
 def write_card(directory: Path, manifest: dict[str, Any]) -> Path:
