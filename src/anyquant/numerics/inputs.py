@@ -132,10 +132,21 @@ def _processor_class(model_type: str | None):
     return None
 
 
+def _cfg_value(cfgs: tuple[Any, ...], key: str) -> Any:
+    for c in cfgs:
+        v = cfg_get(c, key) if c is not None else None
+        if v is not None:
+            return v
+    return None
+
+
 def image_processor_for(model: nn.Module):
-    """The model type's own image processor class (the PIL one: no torchvision here), with
-    patch/merge sizes and square image sizes taken from the vision config. None if the model
-    type has none registered."""
+    """The model type's own image processor class (the PIL one: no torchvision here), set up
+    for the tower the config describes: patch/merge sizes from the vision config, every other
+    processor setting the config also names (`image_grid_pinpoints`, `max_image_tiles`, ...),
+    square image sizes from the vision config, and no tiling of the image (the probe image is
+    already the tower's size; the processor's default split sizes are the full model's, which a
+    small config does not share). None if the model type has none registered."""
     cfg = model.config
     cls = _processor_class(getattr(cfg, "model_type", None))
     if cls is None:
@@ -146,22 +157,32 @@ def image_processor_for(model: nn.Module):
         log.info("%s(): %s; preprocessing images by hand", cls.__name__, e)
         return None
     vcfg = sub_config(cfg, ("vision", "visual"))
+    cfgs = (vcfg, cfg)
     kw: dict[str, Any] = {}
     for key, cfg_keys in (("patch_size", ("patch_size",)), ("temporal_patch_size", ("temporal_patch_size",)),
                           ("merge_size", ("spatial_merge_size", "merge_size"))):
         v = cfg_get(vcfg, *cfg_keys) if vcfg is not None else None
         if key in defaults and isinstance(v, int):
             kw[key] = v
-    size = cfg_get(vcfg, "image_size", "img_size") if vcfg is not None else None
+    for key, d in defaults.items():  # settings the processor and the config share: the config's
+        v = _cfg_value(cfgs, key)
+        if key not in kw and v is not None and type(v) is type(d) and isinstance(v, (int, list)) \
+                and not isinstance(v, bool) and key not in ("size", "crop_size"):
+            kw[key] = v
+    if defaults.get("do_image_splitting"):
+        kw["do_image_splitting"] = False
+    size = _cfg_value(cfgs, "image_size") or _cfg_value(cfgs, "img_size")
     if isinstance(size, (list, tuple)):
         size = size[0]
     if isinstance(size, int):
-        for key in ("size", "crop_size"):
+        for key in ("size", "crop_size", "max_image_size"):
             d = defaults.get(key)
             if isinstance(d, dict) and {"height", "width"} <= set(d):
                 kw[key] = {"height": size, "width": size}
             elif isinstance(d, dict) and set(d) == {"shortest_edge"}:
                 kw[key] = {"shortest_edge": size}
+            elif isinstance(d, dict) and set(d) == {"longest_edge"}:
+                kw[key] = {"longest_edge": size}
     try:
         return cls(**kw)
     except Exception as e:  # noqa: BLE001 — same as above
@@ -269,9 +290,9 @@ def count_image_tokens(model: nn.Module, image_inputs: dict[str, torch.Tensor], 
         # some messages count feature elements, not rows (LLaVA: rows x hidden): try both
         hidden = getattr(model.get_input_embeddings(), "embedding_dim", None)
         for k in [n] + ([n // hidden] if hidden and n % hidden == 0 and n // hidden else []):
-            ids = torch.cat([torch.full((1, k), img_id, dtype=torch.long), text_ids], dim=1).to(device)
+            b = _on_model(model, image_text_sample(model, image_inputs, text_ids[0].tolist(), k))
             try:
-                model(input_ids=ids, **inp)
+                model(**b)
                 return k
             except Exception:  # noqa: BLE001, S112 — the next candidate; all failing raises below
                 continue
@@ -299,6 +320,47 @@ def image_text_sample(model: nn.Module, image: dict[str, torch.Tensor], text_ids
     if "mm_token_type_ids" in params:  # transformers' modality ids: 1 marks image positions (M-RoPE)
         b["mm_token_type_ids"] = (ids == img_id).long()
     return b
+
+
+def _first_int(v: Any) -> int | None:
+    if isinstance(v, (list, tuple)) and v:
+        v = v[0]
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def patch_sequence_candidates(model: nn.Module, seed: int = 0):
+    """(label, image inputs) for a patch-sequence tower (Qwen2-VL-like: the forward takes
+    `image_grid_thw` or `image_grid_hw` and `pixel_values` is one row per patch), built from the
+    vision config alone where no image processor runs here (torchvision-only processors): a
+    synthetic image of 2 x merge patches a side, cut into patches, as a grid of 1 x h x w. The
+    row layout is not in the config, so each layout such towers use is a candidate, most
+    common first; the forward decides."""
+    params = forward_params(model)
+    grid_key = next((k for k in ("image_grid_thw", "image_grid_hw") if k in params), None)
+    if grid_key is None or "pixel_values" not in params:
+        return
+    cfg = model.config
+    vcfg = sub_config(cfg, ("vision", "visual"))
+    cfgs = (vcfg, cfg)
+    p = _first_int(_cfg_value(cfgs, "patch_size")) or 14
+    merge = (_first_int(_cfg_value(cfgs, "spatial_merge_size")) or _first_int(_cfg_value(cfgs, "merge_size"))
+             or _first_int(_cfg_value(cfgs, "merge_kernel_size")) or 1)
+    t = _first_int(_cfg_value(cfgs, "temporal_patch_size")) or _first_int(_cfg_value(cfgs, "patch_temporal")) or 1
+    c = _first_int(_cfg_value(cfgs, "in_channels")) or _first_int(_cfg_value(cfgs, "num_channels")) or 3
+    side = 2 * merge
+    img = synthetic_image(seed, side * p)
+    x = (torch.from_numpy(img).float().permute(2, 0, 1) / 255.0 - 0.5) / 0.5  # (3, H, W)
+    x = x[:1].expand(c, -1, -1) if c != 3 else x
+    patches = x.reshape(c, side, p, side, p).permute(1, 3, 0, 2, 4).reshape(side * side, c, p, p)
+    n = side * side
+    grid = torch.tensor([[1, side, side]] if grid_key.endswith("thw") else [[side, side]], dtype=torch.long)
+    layouts = {
+        f"(patches, {c}x{t}x{p}x{p})": patches.unsqueeze(2).expand(-1, -1, t, -1, -1).reshape(n, c * t * p * p),
+        f"(patches, {c}, {p}, {p})": patches,
+        f"(patches, {c}x{p}x{p})": patches.reshape(n, c * p * p),
+    }
+    for label, pv in layouts.items():
+        yield f"patch sequence {label} from the vision config", {"pixel_values": pv.contiguous(), grid_key: grid}
 
 
 # --------------------------------------------------------------------------- the probe's inputs
@@ -343,6 +405,8 @@ def _vlm_candidates(model: nn.Module, seq_len: int, seed: int):
             b = {"input_ids": ids, **img}
             if "attention_mask" in params:
                 b["attention_mask"] = torch.ones_like(ids)
+            if "mm_token_type_ids" in params and img_id is not None:
+                b["mm_token_type_ids"] = (ids == img_id).long()
             err = _runs(model, b)
             if err is None:
                 return b
@@ -356,6 +420,15 @@ def _vlm_candidates(model: nn.Module, seq_len: int, seed: int):
     if img_id is not None:
         yield "image placeholders counted from the vision features", with_placeholders
     yield "image placeholders counted from the forward's error", error_count
+    if img_id is None:
+        return
+    for label, img in patch_sequence_candidates(model, seed):
+        def from_patches(img=img):
+            k = count_image_tokens(model, img, torch.tensor([text], dtype=torch.long))
+            if k == 0:
+                raise AnyquantError("the vision path gives no features for the probe patches")
+            return image_text_sample(model, img, text, k)
+        yield f"{label}, placeholders counted from the vision features", from_patches
 
 
 def probe_inputs_and_notes(model: nn.Module, seq_len: int = 32, seed: int = 0
