@@ -183,6 +183,11 @@ def image_processor_for(model: nn.Module):
                 kw[key] = {"shortest_edge": size}
             elif isinstance(d, dict) and set(d) == {"longest_edge"}:
                 kw[key] = {"longest_edge": size}
+    for key, d in defaults.items():  # a second tower's input ("high_res_size" <- high_res_vision_config)
+        other = getattr(cfg, key[: -len("_size")] + "_vision_config", None) if key.endswith("_size") else None
+        side = _first_int(cfg_get(other, "image_size")) if other is not None else None
+        if side and isinstance(d, dict) and {"height", "width"} <= set(d):
+            kw[key] = {"height": side, "width": side}
     try:
         return cls(**kw)
     except Exception as e:  # noqa: BLE001 — same as above
@@ -201,8 +206,8 @@ def config_image_size(spec) -> int:
     patches x merge (patch-sequence models such as Qwen2-VL size themselves from the image)."""
     if spec.size:
         return spec.size
-    unit = int(cfg_get(spec.vision_config, "patch_size") or 14) * int(
-        cfg_get(spec.vision_config, "spatial_merge_size", "merge_size") or 1)
+    unit = (_first_int(cfg_get(spec.vision_config, "patch_size")) or 14) * (
+        _first_int(cfg_get(spec.vision_config, "spatial_merge_size", "merge_size")) or 1)
     return max(unit, 224 // unit * unit)
 
 
