@@ -335,13 +335,14 @@ def _first_int(v: Any) -> int | None:
 
 def patch_sequence_candidates(model: nn.Module, seed: int = 0):
     """(label, image inputs) for a patch-sequence tower (Qwen2-VL-like: the forward takes
-    `image_grid_thw` or `image_grid_hw` and `pixel_values` is one row per patch), built from the
+    `image_grid_thw` or `image_grid_hw` and `pixel_values` is one row per patch; NaViT-like:
+    `spatial_shapes` and a patch mask), built from the
     vision config alone where no image processor runs here (torchvision-only processors): a
     synthetic image of 2 x merge patches a side, cut into patches, as a grid of 1 x h x w. The
     row layout is not in the config, so each layout such towers use is a candidate, most
     common first; the forward decides."""
     params = forward_params(model)
-    grid_key = next((k for k in ("image_grid_thw", "image_grid_hw") if k in params), None)
+    grid_key = next((k for k in ("image_grid_thw", "image_grid_hw", "spatial_shapes") if k in params), None)
     if grid_key is None or "pixel_values" not in params:
         return
     cfg = model.config
@@ -349,7 +350,8 @@ def patch_sequence_candidates(model: nn.Module, seed: int = 0):
     cfgs = (vcfg, cfg)
     p = _first_int(_cfg_value(cfgs, "patch_size")) or 14
     merge = (_first_int(_cfg_value(cfgs, "spatial_merge_size")) or _first_int(_cfg_value(cfgs, "merge_size"))
-             or _first_int(_cfg_value(cfgs, "merge_kernel_size")) or 1)
+             or _first_int(_cfg_value(cfgs, "merge_kernel_size")) or _first_int(_cfg_value(cfgs, "downsample_factor"))
+             or 1)
     t = _first_int(_cfg_value(cfgs, "temporal_patch_size")) or _first_int(_cfg_value(cfgs, "patch_temporal")) or 1
     c = _first_int(_cfg_value(cfgs, "in_channels")) or _first_int(_cfg_value(cfgs, "num_channels")) or 3
     side = 2 * merge
@@ -364,6 +366,11 @@ def patch_sequence_candidates(model: nn.Module, seed: int = 0):
         f"(patches, {c}, {p}, {p})": patches,
         f"(patches, {c}x{p}x{p})": patches.reshape(n, c * p * p),
     }
+    if grid_key == "spatial_shapes":  # NaViT-style (Siglip2): a batch of padded patch rows, a mask, (h, w)
+        yield (f"patch rows (1, patches, {c}x{p}x{p}) from the vision config",
+               {"pixel_values": patches.reshape(1, n, c * p * p), "spatial_shapes": torch.tensor([[side, side]]),
+                "pixel_attention_mask": torch.ones(1, n, dtype=torch.long)})
+        return
     for label, pv in layouts.items():
         yield f"patch sequence {label} from the vision config", {"pixel_values": pv.contiguous(), grid_key: grid}
 
