@@ -32,7 +32,12 @@ from torch import nn
 from anyquant.errors import AnyquantError
 from anyquant.model.modelmap import cfg_get, sub_config
 from anyquant.model.tree import device_of
-from anyquant.numerics.probe import vision_input_spec, vision_probe_inputs
+from anyquant.numerics.probe import (
+    has_image_input,
+    takes_images,
+    vision_input_spec,
+    vision_probe_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -336,17 +341,20 @@ def _first_int(v: Any) -> int | None:
 def patch_sequence_candidates(model: nn.Module, seed: int = 0):
     """(label, image inputs) for a patch-sequence tower (Qwen2-VL-like: the forward takes
     `image_grid_thw` or `image_grid_hw` and `pixel_values` is one row per patch; NaViT-like:
-    `spatial_shapes` and a patch mask), built from the
+    `spatial_shapes` and a patch mask; MiniCPM-V-like: `target_sizes` and the patches side by
+    side; Fuyu-like, no vision tower: patch rows the model embeds itself), built from the
     vision config alone where no image processor runs here (torchvision-only processors): a
     synthetic image of 2 x merge patches a side, cut into patches, as a grid of 1 x h x w. The
     row layout is not in the config, so each layout such towers use is a candidate, most
     common first; the forward decides."""
     params = forward_params(model)
-    grid_key = next((k for k in ("image_grid_thw", "image_grid_hw", "spatial_shapes") if k in params), None)
-    if grid_key is None or "pixel_values" not in params:
-        return
+    grid_key = next((k for k in ("image_grid_thw", "image_grid_hw", "spatial_shapes", "target_sizes")
+                     if k in params), None)
     cfg = model.config
     vcfg = sub_config(cfg, ("vision", "visual"))
+    rows_only = grid_key is None and vcfg is None  # no tower: the model embeds patch rows itself (Fuyu)
+    if (grid_key is None and not rows_only) or "pixel_values" not in params:
+        return
     cfgs = (vcfg, cfg)
     p = _first_int(_cfg_value(cfgs, "patch_size")) or 14
     merge = (_first_int(_cfg_value(cfgs, "spatial_merge_size")) or _first_int(_cfg_value(cfgs, "merge_size"))
@@ -360,12 +368,21 @@ def patch_sequence_candidates(model: nn.Module, seed: int = 0):
     x = x[:1].expand(c, -1, -1) if c != 3 else x
     patches = x.reshape(c, side, p, side, p).permute(1, 3, 0, 2, 4).reshape(side * side, c, p, p)
     n = side * side
-    grid = torch.tensor([[1, side, side]] if grid_key.endswith("thw") else [[side, side]], dtype=torch.long)
+    grid = torch.tensor([[1, side, side]] if (grid_key or "").endswith("thw") else [[side, side]], dtype=torch.long)
     layouts = {
         f"(patches, {c}x{t}x{p}x{p})": patches.unsqueeze(2).expand(-1, -1, t, -1, -1).reshape(n, c * t * p * p),
         f"(patches, {c}, {p}, {p})": patches,
         f"(patches, {c}x{p}x{p})": patches.reshape(n, c * p * p),
     }
+    if rows_only:
+        yield (f"patch rows (1, patches, {c}x{p}x{p}) from the config",
+               {"pixel_values": patches.permute(0, 2, 3, 1).reshape(1, n, p * p * c).contiguous()})
+        return
+    if grid_key == "target_sizes":  # MiniCPM-V: the patches side by side in one row, (h, w) in patches
+        yield (f"patch strip (1, {c}, {p}, patches x {p}) from the vision config",
+               {"pixel_values": patches.permute(1, 2, 0, 3).reshape(1, c, p, n * p).contiguous(),
+                "target_sizes": torch.tensor([[side, side]], dtype=torch.int32)})
+        return
     if grid_key == "spatial_shapes":  # NaViT-style (Siglip2): a batch of padded patch rows, a mask, (h, w)
         yield (f"patch rows (1, patches, {c}x{p}x{p}) from the vision config",
                {"pixel_values": patches.reshape(1, n, c * p * p), "spatial_shapes": torch.tensor([[side, side]]),
@@ -455,7 +472,7 @@ def probe_inputs_and_notes(model: nn.Module, seq_len: int = 32, seed: int = 0
     ids = torch.randint(0, int(vocab), (1, seq_len), generator=g)
     device = device_of(model)
     legacy = {"input_ids": ids.to(device), **vision_probe_inputs(model, g)}
-    if "pixel_values" not in legacy or (image_token_id(model) is None and not _has_processor(model)):
+    if not takes_images(model) or (image_token_id(model) is None and not _has_processor(model)):
         # no image placeholders to place and no image processor: ids + pixel_values as they are
         return legacy, []
     tried = []
@@ -492,7 +509,7 @@ def runnable_probe_inputs(model: nn.Module, seq_len: int = 32, seed: int = 0
     where the image forward fails, the text-only inputs and a note saying the image path (the
     vision tower and projector) was not probed. Raises when even the text forward fails."""
     inputs, notes = probe_inputs_and_notes(model, seq_len, seed)
-    if "pixel_values" not in inputs:
+    if not has_image_input(inputs):
         return inputs, notes
     err = _runs(model, inputs)
     if err is None or _DTYPE_ERROR.search(err):
