@@ -353,9 +353,11 @@ def patch_sequence_candidates(model: nn.Module, seed: int = 0):
     cfg = model.config
     vcfg = sub_config(cfg, ("vision", "visual"))
     rows_only = grid_key is None and vcfg is None  # no tower: the model embeds patch rows itself (Fuyu)
-    if (grid_key is None and not rows_only) or "pixel_values" not in params:
-        return
     cfgs = (vcfg, cfg)
+    video_patches = grid_key is None and vcfg is not None and (_first_int(_cfg_value(cfgs, "temporal_patch_size"))
+                                                                or 1) > 1
+    if (grid_key is None and not rows_only and not video_patches) or "pixel_values" not in params:
+        return
     p = _first_int(_cfg_value(cfgs, "patch_size")) or 14
     merge = (_first_int(_cfg_value(cfgs, "spatial_merge_size")) or _first_int(_cfg_value(cfgs, "merge_size"))
              or _first_int(_cfg_value(cfgs, "merge_kernel_size")) or _first_int(_cfg_value(cfgs, "downsample_factor"))
@@ -374,6 +376,12 @@ def patch_sequence_candidates(model: nn.Module, seed: int = 0):
         f"(patches, {c}, {p}, {p})": patches,
         f"(patches, {c}x{p}x{p})": patches.reshape(n, c * p * p),
     }
+    if video_patches:  # a tower of space-time patches and no grid input (Inkling): one frame repeated
+        frames = patches.unsqueeze(2).expand(-1, -1, t, -1, -1)  # (n, c, t, p, p)
+        yield f"patch cubes (patches, {t}, {p}, {p}, {c}) from the vision config", {
+            "pixel_values": frames.permute(0, 2, 3, 4, 1).contiguous()}
+        yield f"patch cubes (patches, {c}, {t}, {p}, {p}) from the vision config", {"pixel_values": frames.contiguous()}
+        return
     if rows_only:
         yield (f"patch rows (1, patches, {c}x{p}x{p}) from the config",
                {"pixel_values": patches.permute(0, 2, 3, 1).reshape(1, n, p * p * c).contiguous()})
@@ -487,8 +495,8 @@ def probe_inputs_and_notes(model: nn.Module, seq_len: int = 32, seed: int = 0
             log.info("probe inputs of %s: %s", type(model).__name__, label)
             return _on_model(model, b), []
         tried.append(f"{label}: {err}")
-    note = (f"probe image inputs could not be built from the config ({'; '.join(tried)}); "
-            "probing with ids + pixel_values as they are")
+    note = (f"probe image inputs could not be built from the config ({'; '.join(tried)}); probing with "
+            + ("ids + pixel_values of the vision config's shape" if has_image_input(legacy) else "ids only"))
     log.info(note)
     return legacy, [note]
 
