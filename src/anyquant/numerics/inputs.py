@@ -203,7 +203,7 @@ def image_processor_for(model: nn.Module):
 def _square(img: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+    return np.array(Image.fromarray(img).resize((size, size), Image.BICUBIC))  # writable: torch.from_numpy
 
 
 def config_image_size(spec) -> int:
@@ -404,16 +404,23 @@ def patch_sequence_candidates(model: nn.Module, seed: int = 0):
 
 
 @torch.no_grad()
-def _runs(model: nn.Module, inputs: dict[str, Any]) -> str | None:
-    """None if `model(**inputs)` runs, else the error in one line."""
+def _runs(model: nn.Module, inputs: dict[str, Any], called: set[str] | None = None) -> str | None:
+    """None if `model(**inputs)` runs, else the error in one line. `called`, if given, receives
+    the names of the modules whose forward ran."""
     was = model.training
     model.eval()
+    handles = []
+    if called is not None:
+        for name, mod in model.named_modules():
+            handles.append(mod.register_forward_pre_hook(lambda _m, _a, name=name: called.add(name)))
     try:
         model(**_on_model(model, inputs))
         return None
     except Exception as e:  # noqa: BLE001 — user/remote code; the caller tries the next candidate
         return f"{type(e).__name__}: {str(e)[:160]}"
     finally:
+        for h in handles:
+            h.remove()
         model.train(was)
 
 
@@ -484,13 +491,20 @@ def probe_inputs_and_notes(model: nn.Module, seq_len: int = 32, seed: int = 0
         # no image placeholders to place and no image processor: ids + pixel_values as they are
         return legacy, []
     tried = []
+    text_called: set[str] = set()
+    _runs(model, {"input_ids": ids}, text_called)
     for label, build in _vlm_candidates(model, seq_len, seed):
         try:
             b = build()
         except Exception as e:  # noqa: BLE001 — user/remote code; the next candidate, reported below
             tried.append(f"{label}: {type(e).__name__}: {str(e)[:160]}")
             continue
-        err = _runs(model, b)
+        called: set[str] = set()
+        err = _runs(model, b, called)
+        if err is None and not called - text_called:
+            # a forward that runs but ignores the image (an input it needs to use it is missing)
+            # probes nothing more than the text forward: not an image probe
+            err = "runs, but no module beyond the text-only forward's ran: the image was ignored"
         if err is None:
             log.info("probe inputs of %s: %s", type(model).__name__, label)
             return _on_model(model, b), []
