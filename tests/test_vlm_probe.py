@@ -11,7 +11,7 @@ from anyquant.config import make_config as config_for
 from anyquant.errors import AnyquantError
 from anyquant.model.modelmap import build_model_map
 from anyquant.numerics.inputs import probe_inputs_and_notes
-from anyquant.numerics.probe import ProbeFacts, probe_weight_reads, run_probe
+from anyquant.numerics.probe import probe_weight_reads, run_probe
 from anyquant.planning import build_plan
 from anyquant.planning.prepare import prepare
 from tests.conftest import make_tiny_llama
@@ -140,7 +140,8 @@ def test_far_above_usual_error_names_the_worst_modules():
 # Integer config fields shrunk (never grown) wherever they appear, sub-configs included: a
 # transformers default config made small enough to build in well under a second.
 _SMALL = {"hidden_size": 64, "d_model": 64, "embed_dim": 64, "out_hidden_size": 64, "projection_dim": 64,
-          "intermediate_size": 128, "num_hidden_layers": 2, "num_layers": 2, "n_layers": 2, "depth": 2, "num_attention_heads": 4,
+          "intermediate_size": 128, "num_hidden_layers": 2, "num_layers": 2, "n_layers": 2, "depth": 2, "encoder_layers": 2,
+          "num_attention_heads": 4, "encoder_attention_heads": 4,
           "num_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256, "max_position_embeddings": 256,
           "moe_intermediate_size": 64, "num_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
           "mlp_dim": 128}
@@ -223,3 +224,37 @@ def test_image_path_probed_on_transformers_vlm(model_type):
     assert vision and len(ran_vision) >= len(vision) * 2 / 3, sorted(set(vision) - ran_vision)
     plan = build_plan(mmap, config_for("int8"), "float32", None, facts, include_vision=True)
     assert not [d for d in plan.decisions if d.reason_code == "not_probed"]
+
+
+# Types whose image path cannot run from their default config in stock transformers either:
+# Qwen2.5-Omni's thinker reads config.vision_start_token_id, which its config class does not
+# define (a full checkpoint's config.json carries it); Kosmos-2.5 places its image through an
+# `image_embeds_position_mask` that nothing in the config sizes, so no image input is built at all.
+def _assert_unprobed_kept(facts, mmap, plan):
+    assert facts.image_failure and "image_path_not_probed" in facts.to_dict()
+    vis = {x.name for x in mmap.linears() if x.component in ("vision tower", "projector")}
+    unprobed = [n for n in vis if n not in facts.called]
+    decisions = {d.name: d for d in plan.decisions}
+    # --include-vision asks for the tower to be quantized; what the probe did not run stays float
+    assert unprobed and all(decisions[n].action == "keep" and decisions[n].reason_code == "not_probed"
+                            and "not probed" in decisions[n].reason for n in unprobed)
+
+
+def test_unprobed_image_path_kept_in_float_qwen_omni():
+    """Through prepare (what quantize runs): the plan's notes and each vision decision say why."""
+    p = prepare(tiny_vlm("qwen2_5_omni_thinker"), config_for("int8"), include_vision=True)
+    _assert_unprobed_kept(p.facts, p.model_map, p.plan)
+    assert "vision_start_token_id" in p.facts.image_failure
+    assert any("not checked" in note for note in p.plan.notes)
+
+
+def test_no_image_input_built_is_recorded_kosmos25():
+    """No image input at all (not even config-shaped pixel_values): the probe still records that
+    the image path did not run, instead of probing text only in silence."""
+    m = tiny_vlm("kosmos-2.5")
+    inputs, notes = probe_inputs_and_notes(m)
+    facts, ran, run_notes = run_probe(m, inputs, "; ".join(notes))
+    assert "flattened_patches" not in ran and notes and run_notes
+    _assert_unprobed_kept(facts, build_model_map(m),
+                          build_plan(build_model_map(m), config_for("int8"), "float32", None, facts,
+                                     include_vision=True))

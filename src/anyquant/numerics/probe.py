@@ -254,7 +254,8 @@ def run_probe(model: nn.Module, inputs: dict[str, Any], image_note: str = ""
         log.warning(note)
         try:
             facts = probe_weight_reads(model, text_only)
-            facts.image_failure = f"{type(e).__name__}: {str(e)[:200]}"
+            facts.image_failure = f"{type(e).__name__}: {str(e)[:200]}" + (
+                f" (building image inputs from the config: {image_note[:400]})" if image_note else "")
             return facts, text_only, [note]
         except Exception as e2:  # noqa: BLE001
             raise AnyquantError(
