@@ -11,11 +11,17 @@ placeholders raises — and is shared with the image calibration data (calib/ima
 feeds it real photos. The probe feeds it a deterministic synthetic image.
 
 `probe_inputs_and_notes` tries, for a VLM, (1) that image+text sample, (2) synthetic ids +
-the processed image with as many placeholders as a forward's error names, (3) the bare
-`pixel_values` + ids of a model that reads images without placeholders; the first whose
-forward runs is the probe's input. Where none runs, the inputs are ids + `pixel_values` as
-before, and the probe forward (numerics/probe.py `run_probe`) falls back to text only and says
-so: the modules the image path would have run stay in float with that reason in the plan.
+the processed image with as many placeholders as a forward's error names (0 for a model that
+reads images without placeholders), (3) where no PIL image processor runs here (several are
+torchvision-only), image inputs shaped from the vision config by the kind of tower the
+forward's arguments name (`patch_sequence_candidates`: patch sequences with `image_grid_thw`,
+NaViT patch rows with `spatial_shapes`, MiniCPM-V patch strips with `target_sizes`, patch rows
+of a model without a tower, space-time patch cubes); the first whose forward runs *and* calls
+a module the text-only forward does not (a forward that ignores the image is no image probe)
+is the probe's input. Where none does, the inputs are ids + config-shaped `pixel_values` (or
+ids only), and the probe forward (numerics/probe.py `run_probe`) probes text only and records
+why in `ProbeFacts.image_failure`: the modules the image path would have run stay in float
+with that reason in the plan.
 """
 
 from __future__ import annotations
