@@ -11,7 +11,7 @@ from anyquant.config import make_config as config_for
 from anyquant.errors import AnyquantError
 from anyquant.model.modelmap import build_model_map
 from anyquant.numerics.inputs import probe_inputs_and_notes
-from anyquant.numerics.probe import ProbeFacts, probe_weight_reads, run_probe
+from anyquant.numerics.probe import probe_weight_reads, run_probe
 from anyquant.planning import build_plan
 from anyquant.planning.prepare import prepare
 from tests.conftest import make_tiny_llama
@@ -133,3 +133,128 @@ def test_far_above_usual_error_names_the_worst_modules():
     assert w is not None and w.index("a.down_proj") < w.index("b.up_proj") and "--keep" in w
     assert error_warning("int4", 0.5, per_layer, absmax) is None
     assert error_warning("gptq", 1.05, per_layer, absmax) is not None
+
+
+# ------------------------------------------------------------------ transformers' VLM classes, tiny
+
+# Integer config fields shrunk (never grown) wherever they appear, sub-configs included: a
+# transformers default config made small enough to build in well under a second.
+_SMALL = {"hidden_size": 64, "d_model": 64, "embed_dim": 64, "out_hidden_size": 64, "projection_dim": 64,
+          "intermediate_size": 128, "num_hidden_layers": 2, "num_layers": 2, "n_layers": 2, "depth": 2, "encoder_layers": 2,
+          "num_attention_heads": 4, "encoder_attention_heads": 4,
+          "num_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256, "max_position_embeddings": 256,
+          "moe_intermediate_size": 64, "num_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
+          "mlp_dim": 128}
+_VOCAB = 256
+
+
+def _small_dict(d: dict, layers: int | None = None, ids: dict | None = None) -> dict:
+    import re
+
+    ids = {} if ids is None else ids  # special token ids past the vocabulary -> distinct ids at its top
+    n = next((d[k] for k in ("num_hidden_layers", "num_layers", "n_layers", "depth") if isinstance(d.get(k), int)),
+             layers)
+    for k, v in list(d.items()):
+        if isinstance(v, dict) and k not in ("id2label", "label2id", "rope_parameters", "rope_scaling"):
+            _small_dict(v, n, ids)
+        elif k in _SMALL and isinstance(v, int) and not isinstance(v, bool) and v > _SMALL[k]:
+            d[k] = _SMALL[k]
+        elif isinstance(v, list) and n and len(v) == n and n > 2:  # per-layer lists: one of each kind
+            other = next((x for x in v if x != v[0]), None)
+            d[k] = [v[0], other if other is not None else v[0]]
+        elif re.search(r"(_token_id|_token_index)$", k) and isinstance(v, int) and v >= _VOCAB:
+            d[k] = ids.setdefault(v, _VOCAB - 1 - len(ids))
+    for k, v in list(d.items()):  # layer indices into the shrunk stacks
+        if re.search(r"(feature_layers?|layer_idx|indices|indexes)$", k) and isinstance(v, list) and all(
+                isinstance(x, int) for x in v):
+            d[k] = [max(-2, min(x, 1)) for x in v]
+    text_rope = d.get("text_config", {}).get("rope_parameters") if isinstance(d.get("text_config"), dict) else None
+    if isinstance(text_rope, dict) and "vision_config" in d and "mrope_section" not in text_rope:
+        text_rope["mrope_section"] = [16, 24, 24]  # the code's default sections are the full head_dim's
+        _small_dict(d["text_config"], n, ids)
+    for k in ("image_token_id", "image_token_index"):  # declared but unset: give it an id
+        if k in d and d[k] is None:
+            d[k] = ids.setdefault(k, _VOCAB - 1 - len(ids))
+    rope = d.get("rope_parameters")
+    if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list):  # sums to head_dim / 2
+        sec, half = rope["mrope_section"], (d.get("head_dim") or 16) // 2
+        rope["mrope_section"] = [max(1, round(x * half / sum(sec))) for x in sec]
+        rope["mrope_section"][0] += half - sum(rope["mrope_section"])
+    ps = d.get("patch_size")
+    if isinstance(d.get("image_size"), int) and isinstance(ps, int):
+        d["image_size"] = ps * 4 * max(1, int(d.get("spatial_merge_size", 1) or 1) // 2)
+    return d
+
+
+def tiny_vlm(model_type: str):
+    """transformers' image-text-to-text class for `model_type`, from its default config shrunk
+    (2 layers, width 64, vocab 256, images of 4x4 patches), random weights, eval mode."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    cfg = AutoConfig.for_model(model_type)
+    d = _small_dict(cfg.to_dict())
+    d.pop("model_type", None)
+    torch.manual_seed(0)
+    return AutoModelForImageTextToText.from_config(type(cfg).from_dict(d)).eval()
+
+
+# Each class stands for one way the image inputs are built from the config where the PIL image
+# processor alone does not do it: patch sequences with image_grid_thw (GLM-OCR: torchvision-only
+# processor), NaViT patch rows with spatial_shapes (LFM2-VL), MiniCPM-V patch strips with
+# target_sizes, Fuyu's patch rows (no vision tower), Inkling's space-time patch cubes, and a PIL
+# processor set up from the config (Idefics3: no tiling; DeepSeek-VL hybrid: the high-res tower's size).
+NEWLY_PROBED = ["glm_ocr", "lfm2_vl", "minicpm_ocr", "fuyu", "inkling_mm_model", "idefics3", "deepseek_vl_hybrid"]
+
+
+@pytest.mark.parametrize("model_type", NEWLY_PROBED)
+def test_image_path_probed_on_transformers_vlm(model_type):
+    from anyquant.numerics.probe import IMAGE_INPUT_KEYS
+
+    m = tiny_vlm(model_type)
+    inputs, notes = probe_inputs_and_notes(m)
+    facts, ran, run_notes = run_probe(m, inputs)
+    assert any(k in ran for k in IMAGE_INPUT_KEYS), (notes, run_notes)
+    assert not notes and not run_notes and not facts.image_failure
+    mmap = build_model_map(m)
+    vision = [x.name for x in mmap.linears() if x.component in ("vision tower", "projector")]
+    # the image path's Linear layers ran in the probe (or were read by their parent, as
+    # nn.MultiheadAttention reads out_proj): all of them but MiniCPM-V's vit_merger (12 of 18),
+    # which its default downsample mode skips
+    ran_vision = set(vision) & (facts.called | set(facts.outside_reads))
+    assert vision and len(ran_vision) >= len(vision) * 2 / 3, sorted(set(vision) - ran_vision)
+    plan = build_plan(mmap, config_for("int8"), "float32", None, facts, include_vision=True)
+    assert not [d for d in plan.decisions if d.reason_code == "not_probed"]
+
+
+# Types whose image path cannot run from their default config in stock transformers either:
+# Qwen2.5-Omni's thinker reads config.vision_start_token_id, which its config class does not
+# define (a full checkpoint's config.json carries it); Kosmos-2.5 places its image through an
+# `image_embeds_position_mask` that nothing in the config sizes, so no image input is built at all.
+def _assert_unprobed_kept(facts, mmap, plan):
+    assert facts.image_failure and "image_path_not_probed" in facts.to_dict()
+    vis = {x.name for x in mmap.linears() if x.component in ("vision tower", "projector")}
+    unprobed = [n for n in vis if n not in facts.called]
+    decisions = {d.name: d for d in plan.decisions}
+    # --include-vision asks for the tower to be quantized; what the probe did not run stays float
+    assert unprobed and all(decisions[n].action == "keep" and decisions[n].reason_code == "not_probed"
+                            and "not probed" in decisions[n].reason for n in unprobed)
+
+
+def test_unprobed_image_path_kept_in_float_qwen_omni():
+    """Through prepare (what quantize runs): the plan's notes and each vision decision say why."""
+    p = prepare(tiny_vlm("qwen2_5_omni_thinker"), config_for("int8"), include_vision=True)
+    _assert_unprobed_kept(p.facts, p.model_map, p.plan)
+    assert "vision_start_token_id" in p.facts.image_failure
+    assert any("not checked" in note for note in p.plan.notes)
+
+
+def test_no_image_input_built_is_recorded_kosmos25():
+    """No image input at all (not even config-shaped pixel_values): the probe still records that
+    the image path did not run, instead of probing text only in silence."""
+    m = tiny_vlm("kosmos-2.5")
+    inputs, notes = probe_inputs_and_notes(m)
+    facts, ran, run_notes = run_probe(m, inputs, "; ".join(notes))
+    assert "flattened_patches" not in ran and notes and run_notes
+    _assert_unprobed_kept(facts, build_model_map(m),
+                          build_plan(build_model_map(m), config_for("int8"), "float32", None, facts,
+                                     include_vision=True))

@@ -11,11 +11,17 @@ placeholders raises — and is shared with the image calibration data (calib/ima
 feeds it real photos. The probe feeds it a deterministic synthetic image.
 
 `probe_inputs_and_notes` tries, for a VLM, (1) that image+text sample, (2) synthetic ids +
-the processed image with as many placeholders as a forward's error names, (3) the bare
-`pixel_values` + ids of a model that reads images without placeholders; the first whose
-forward runs is the probe's input. Where none runs, the inputs are ids + `pixel_values` as
-before, and the probe forward (numerics/probe.py `run_probe`) falls back to text only and says
-so: the modules the image path would have run stay in float with that reason in the plan.
+the processed image with as many placeholders as a forward's error names (0 for a model that
+reads images without placeholders), (3) where no PIL image processor runs here (several are
+torchvision-only), image inputs shaped from the vision config by the kind of tower the
+forward's arguments name (`patch_sequence_candidates`: patch sequences with `image_grid_thw`,
+NaViT patch rows with `spatial_shapes`, MiniCPM-V patch strips with `target_sizes`, patch rows
+of a model without a tower, space-time patch cubes); the first whose forward runs *and* calls
+a module the text-only forward does not (a forward that ignores the image is no image probe)
+is the probe's input. Where none does, the inputs are ids + config-shaped `pixel_values` (or
+ids only), and the probe forward (numerics/probe.py `run_probe`) probes text only and records
+why in `ProbeFacts.image_failure`: the modules the image path would have run stay in float
+with that reason in the plan.
 """
 
 from __future__ import annotations
@@ -32,7 +38,12 @@ from torch import nn
 from anyquant.errors import AnyquantError
 from anyquant.model.modelmap import cfg_get, sub_config
 from anyquant.model.tree import device_of
-from anyquant.numerics.probe import vision_input_spec, vision_probe_inputs
+from anyquant.numerics.probe import (
+    has_image_input,
+    takes_images,
+    vision_input_spec,
+    vision_probe_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +143,21 @@ def _processor_class(model_type: str | None):
     return None
 
 
+def _cfg_value(cfgs: tuple[Any, ...], key: str) -> Any:
+    for c in cfgs:
+        v = cfg_get(c, key) if c is not None else None
+        if v is not None:
+            return v
+    return None
+
+
 def image_processor_for(model: nn.Module):
-    """The model type's own image processor class (the PIL one: no torchvision here), with
-    patch/merge sizes and square image sizes taken from the vision config. None if the model
-    type has none registered."""
+    """The model type's own image processor class (the PIL one: no torchvision here), set up
+    for the tower the config describes: patch/merge sizes from the vision config, every other
+    processor setting the config also names (`image_grid_pinpoints`, `max_image_tiles`, ...),
+    square image sizes from the vision config, and no tiling of the image (the probe image is
+    already the tower's size; the processor's default split sizes are the full model's, which a
+    small config does not share). None if the model type has none registered."""
     cfg = model.config
     cls = _processor_class(getattr(cfg, "model_type", None))
     if cls is None:
@@ -146,22 +168,37 @@ def image_processor_for(model: nn.Module):
         log.info("%s(): %s; preprocessing images by hand", cls.__name__, e)
         return None
     vcfg = sub_config(cfg, ("vision", "visual"))
+    cfgs = (vcfg, cfg)
     kw: dict[str, Any] = {}
     for key, cfg_keys in (("patch_size", ("patch_size",)), ("temporal_patch_size", ("temporal_patch_size",)),
                           ("merge_size", ("spatial_merge_size", "merge_size"))):
         v = cfg_get(vcfg, *cfg_keys) if vcfg is not None else None
         if key in defaults and isinstance(v, int):
             kw[key] = v
-    size = cfg_get(vcfg, "image_size", "img_size") if vcfg is not None else None
+    for key, d in defaults.items():  # settings the processor and the config share: the config's
+        v = _cfg_value(cfgs, key)
+        if key not in kw and v is not None and type(v) is type(d) and isinstance(v, (int, list)) \
+                and not isinstance(v, bool) and key not in ("size", "crop_size"):
+            kw[key] = v
+    if defaults.get("do_image_splitting"):
+        kw["do_image_splitting"] = False
+    size = _cfg_value(cfgs, "image_size") or _cfg_value(cfgs, "img_size")
     if isinstance(size, (list, tuple)):
         size = size[0]
     if isinstance(size, int):
-        for key in ("size", "crop_size"):
+        for key in ("size", "crop_size", "max_image_size"):
             d = defaults.get(key)
             if isinstance(d, dict) and {"height", "width"} <= set(d):
                 kw[key] = {"height": size, "width": size}
             elif isinstance(d, dict) and set(d) == {"shortest_edge"}:
                 kw[key] = {"shortest_edge": size}
+            elif isinstance(d, dict) and set(d) == {"longest_edge"}:
+                kw[key] = {"longest_edge": size}
+    for key, d in defaults.items():  # a second tower's input ("high_res_size" <- high_res_vision_config)
+        other = getattr(cfg, key[: -len("_size")] + "_vision_config", None) if key.endswith("_size") else None
+        side = _first_int(cfg_get(other, "image_size")) if other is not None else None
+        if side and isinstance(d, dict) and {"height", "width"} <= set(d):
+            kw[key] = {"height": side, "width": side}
     try:
         return cls(**kw)
     except Exception as e:  # noqa: BLE001 — same as above
@@ -172,7 +209,7 @@ def image_processor_for(model: nn.Module):
 def _square(img: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+    return np.array(Image.fromarray(img).resize((size, size), Image.BICUBIC))  # writable: torch.from_numpy
 
 
 def config_image_size(spec) -> int:
@@ -180,8 +217,8 @@ def config_image_size(spec) -> int:
     patches x merge (patch-sequence models such as Qwen2-VL size themselves from the image)."""
     if spec.size:
         return spec.size
-    unit = int(cfg_get(spec.vision_config, "patch_size") or 14) * int(
-        cfg_get(spec.vision_config, "spatial_merge_size", "merge_size") or 1)
+    unit = (_first_int(cfg_get(spec.vision_config, "patch_size")) or 14) * (
+        _first_int(cfg_get(spec.vision_config, "spatial_merge_size", "merge_size")) or 1)
     return max(unit, 224 // unit * unit)
 
 
@@ -269,9 +306,9 @@ def count_image_tokens(model: nn.Module, image_inputs: dict[str, torch.Tensor], 
         # some messages count feature elements, not rows (LLaVA: rows x hidden): try both
         hidden = getattr(model.get_input_embeddings(), "embedding_dim", None)
         for k in [n] + ([n // hidden] if hidden and n % hidden == 0 and n // hidden else []):
-            ids = torch.cat([torch.full((1, k), img_id, dtype=torch.long), text_ids], dim=1).to(device)
+            b = _on_model(model, image_text_sample(model, image_inputs, text_ids[0].tolist(), k))
             try:
-                model(input_ids=ids, **inp)
+                model(**b)
                 return k
             except Exception:  # noqa: BLE001, S112 — the next candidate; all failing raises below
                 continue
@@ -301,20 +338,95 @@ def image_text_sample(model: nn.Module, image: dict[str, torch.Tensor], text_ids
     return b
 
 
+def _first_int(v: Any) -> int | None:
+    if isinstance(v, (list, tuple)) and v:
+        v = v[0]
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def patch_sequence_candidates(model: nn.Module, seed: int = 0):
+    """(label, image inputs) for a patch-sequence tower (Qwen2-VL-like: the forward takes
+    `image_grid_thw` or `image_grid_hw` and `pixel_values` is one row per patch; NaViT-like:
+    `spatial_shapes` and a patch mask; MiniCPM-V-like: `target_sizes` and the patches side by
+    side; Fuyu-like, no vision tower: patch rows the model embeds itself), built from the
+    vision config alone where no image processor runs here (torchvision-only processors): a
+    synthetic image of 2 x merge patches a side, cut into patches, as a grid of 1 x h x w. The
+    row layout is not in the config, so each layout such towers use is a candidate, most
+    common first; the forward decides."""
+    params = forward_params(model)
+    grid_key = next((k for k in ("image_grid_thw", "image_grid_hw", "spatial_shapes", "target_sizes")
+                     if k in params), None)
+    cfg = model.config
+    vcfg = sub_config(cfg, ("vision", "visual"))
+    rows_only = grid_key is None and vcfg is None  # no tower: the model embeds patch rows itself (Fuyu)
+    cfgs = (vcfg, cfg)
+    video_patches = grid_key is None and vcfg is not None and (_first_int(_cfg_value(cfgs, "temporal_patch_size"))
+                                                                or 1) > 1
+    if (grid_key is None and not rows_only and not video_patches) or "pixel_values" not in params:
+        return
+    p = _first_int(_cfg_value(cfgs, "patch_size")) or 14
+    merge = (_first_int(_cfg_value(cfgs, "spatial_merge_size")) or _first_int(_cfg_value(cfgs, "merge_size"))
+             or _first_int(_cfg_value(cfgs, "merge_kernel_size")) or _first_int(_cfg_value(cfgs, "downsample_factor"))
+             or 1)
+    t = _first_int(_cfg_value(cfgs, "temporal_patch_size")) or _first_int(_cfg_value(cfgs, "patch_temporal")) or 1
+    c = _first_int(_cfg_value(cfgs, "in_channels")) or _first_int(_cfg_value(cfgs, "num_channels")) or 3
+    side = 2 * merge
+    img = synthetic_image(seed, side * p)
+    x = (torch.from_numpy(img).float().permute(2, 0, 1) / 255.0 - 0.5) / 0.5  # (3, H, W)
+    x = x[:1].expand(c, -1, -1) if c != 3 else x
+    patches = x.reshape(c, side, p, side, p).permute(1, 3, 0, 2, 4).reshape(side * side, c, p, p)
+    n = side * side
+    grid = torch.tensor([[1, side, side]] if (grid_key or "").endswith("thw") else [[side, side]], dtype=torch.long)
+    layouts = {
+        f"(patches, {c}x{t}x{p}x{p})": patches.unsqueeze(2).expand(-1, -1, t, -1, -1).reshape(n, c * t * p * p),
+        f"(patches, {c}, {p}, {p})": patches,
+        f"(patches, {c}x{p}x{p})": patches.reshape(n, c * p * p),
+    }
+    if video_patches:  # a tower of space-time patches and no grid input (Inkling): one frame repeated
+        frames = patches.unsqueeze(2).expand(-1, -1, t, -1, -1)  # (n, c, t, p, p)
+        yield f"patch cubes (patches, {t}, {p}, {p}, {c}) from the vision config", {
+            "pixel_values": frames.permute(0, 2, 3, 4, 1).contiguous()}
+        yield f"patch cubes (patches, {c}, {t}, {p}, {p}) from the vision config", {"pixel_values": frames.contiguous()}
+        return
+    if rows_only:
+        yield (f"patch rows (1, patches, {c}x{p}x{p}) from the config",
+               {"pixel_values": patches.permute(0, 2, 3, 1).reshape(1, n, p * p * c).contiguous()})
+        return
+    if grid_key == "target_sizes":  # MiniCPM-V: the patches side by side in one row, (h, w) in patches
+        yield (f"patch strip (1, {c}, {p}, patches x {p}) from the vision config",
+               {"pixel_values": patches.permute(1, 2, 0, 3).reshape(1, c, p, n * p).contiguous(),
+                "target_sizes": torch.tensor([[side, side]], dtype=torch.int32)})
+        return
+    if grid_key == "spatial_shapes":  # NaViT-style (Siglip2): a batch of padded patch rows, a mask, (h, w)
+        yield (f"patch rows (1, patches, {c}x{p}x{p}) from the vision config",
+               {"pixel_values": patches.reshape(1, n, c * p * p), "spatial_shapes": torch.tensor([[side, side]]),
+                "pixel_attention_mask": torch.ones(1, n, dtype=torch.long)})
+        return
+    for label, pv in layouts.items():
+        yield f"patch sequence {label} from the vision config", {"pixel_values": pv.contiguous(), grid_key: grid}
+
+
 # --------------------------------------------------------------------------- the probe's inputs
 
 
 @torch.no_grad()
-def _runs(model: nn.Module, inputs: dict[str, Any]) -> str | None:
-    """None if `model(**inputs)` runs, else the error in one line."""
+def _runs(model: nn.Module, inputs: dict[str, Any], called: set[str] | None = None) -> str | None:
+    """None if `model(**inputs)` runs, else the error in one line. `called`, if given, receives
+    the names of the modules whose forward ran."""
     was = model.training
     model.eval()
+    handles = []
+    if called is not None:
+        for name, mod in model.named_modules():
+            handles.append(mod.register_forward_pre_hook(lambda _m, _a, name=name: called.add(name)))
     try:
         model(**_on_model(model, inputs))
         return None
     except Exception as e:  # noqa: BLE001 — user/remote code; the caller tries the next candidate
         return f"{type(e).__name__}: {str(e)[:160]}"
     finally:
+        for h in handles:
+            h.remove()
         model.train(was)
 
 
@@ -343,6 +455,8 @@ def _vlm_candidates(model: nn.Module, seq_len: int, seed: int):
             b = {"input_ids": ids, **img}
             if "attention_mask" in params:
                 b["attention_mask"] = torch.ones_like(ids)
+            if "mm_token_type_ids" in params and img_id is not None:
+                b["mm_token_type_ids"] = (ids == img_id).long()
             err = _runs(model, b)
             if err is None:
                 return b
@@ -356,6 +470,15 @@ def _vlm_candidates(model: nn.Module, seq_len: int, seed: int):
     if img_id is not None:
         yield "image placeholders counted from the vision features", with_placeholders
     yield "image placeholders counted from the forward's error", error_count
+    if img_id is None:
+        return
+    for label, img in patch_sequence_candidates(model, seed):
+        def from_patches(img=img):
+            k = count_image_tokens(model, img, torch.tensor([text], dtype=torch.long))
+            if k == 0:
+                raise AnyquantError("the vision path gives no features for the probe patches")
+            return image_text_sample(model, img, text, k)
+        yield f"{label}, placeholders counted from the vision features", from_patches
 
 
 def probe_inputs_and_notes(model: nn.Module, seq_len: int = 32, seed: int = 0
@@ -370,23 +493,30 @@ def probe_inputs_and_notes(model: nn.Module, seq_len: int = 32, seed: int = 0
     ids = torch.randint(0, int(vocab), (1, seq_len), generator=g)
     device = device_of(model)
     legacy = {"input_ids": ids.to(device), **vision_probe_inputs(model, g)}
-    if "pixel_values" not in legacy or (image_token_id(model) is None and not _has_processor(model)):
+    if not takes_images(model) or (image_token_id(model) is None and not _has_processor(model)):
         # no image placeholders to place and no image processor: ids + pixel_values as they are
         return legacy, []
     tried = []
+    text_called: set[str] = set()
+    _runs(model, {"input_ids": ids}, text_called)
     for label, build in _vlm_candidates(model, seq_len, seed):
         try:
             b = build()
         except Exception as e:  # noqa: BLE001 — user/remote code; the next candidate, reported below
             tried.append(f"{label}: {type(e).__name__}: {str(e)[:160]}")
             continue
-        err = _runs(model, b)
+        called: set[str] = set()
+        err = _runs(model, b, called)
+        if err is None and not called - text_called:
+            # a forward that runs but ignores the image (an input it needs to use it is missing)
+            # probes nothing more than the text forward: not an image probe
+            err = "runs, but no module beyond the text-only forward's ran: the image was ignored"
         if err is None:
             log.info("probe inputs of %s: %s", type(model).__name__, label)
             return _on_model(model, b), []
         tried.append(f"{label}: {err}")
-    note = (f"probe image inputs could not be built from the config ({'; '.join(tried)}); "
-            "probing with ids + pixel_values as they are")
+    note = (f"probe image inputs could not be built from the config ({'; '.join(tried)}); probing with "
+            + ("ids + pixel_values of the vision config's shape" if has_image_input(legacy) else "ids only"))
     log.info(note)
     return legacy, [note]
 
@@ -407,7 +537,7 @@ def runnable_probe_inputs(model: nn.Module, seq_len: int = 32, seed: int = 0
     where the image forward fails, the text-only inputs and a note saying the image path (the
     vision tower and projector) was not probed. Raises when even the text forward fails."""
     inputs, notes = probe_inputs_and_notes(model, seq_len, seed)
-    if "pixel_values" not in inputs:
+    if not has_image_input(inputs):
         return inputs, notes
     err = _runs(model, inputs)
     if err is None or _DTYPE_ERROR.search(err):

@@ -195,26 +195,67 @@ def vision_probe_inputs(model: nn.Module, generator: torch.Generator, batch: int
     return {"pixel_values": x.to(device=spec.device, dtype=spec.dtype)}
 
 
-def run_probe(model: nn.Module, inputs: dict[str, Any]) -> tuple[ProbeFacts, dict[str, Any], list[str]]:
+# The forward arguments that carry an image: pixel_values for nearly every VLM; patch rows
+# under their own name for models that embed patches themselves (Fuyu: image_patches,
+# Pix2Struct / Kosmos-2.5: flattened_patches).
+IMAGE_INPUT_KEYS = ("pixel_values", "image_patches", "flattened_patches")
+
+
+def takes_images(model: nn.Module) -> bool:
+    """The forward takes an image argument and the config describes something to embed it with
+    (a vision sub-config, or patch sizes on the config itself as in Fuyu). A VLM type built
+    without a vision tower (a config whose vision_config is None) is a text model here."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    cfg = getattr(model, "config", None)
+    return any(k in params for k in IMAGE_INPUT_KEYS) and (
+        sub_config(cfg, ("vision", "visual")) is not None or cfg_get(cfg, "patch_size") is not None)
+
+
+def has_image_input(inputs: dict[str, Any]) -> bool:
+    return any(k in inputs for k in IMAGE_INPUT_KEYS)
+
+
+def run_probe(model: nn.Module, inputs: dict[str, Any], image_note: str = ""
+              ) -> tuple[ProbeFacts, dict[str, Any], list[str]]:
     """probe_weight_reads with one documented fallback: if the forward with images fails (many
     VLMs need image placeholder tokens the synthetic ids lack), probe text-only and say so.
-    Returns (facts, the inputs that ran, notes)."""
+    A model that takes images probed without any (no image input could be built) is recorded
+    the same way: `image_failure` says why (`image_note`: what building them said), and the plan
+    keeps its image path in float. Returns (facts, the inputs that ran, notes)."""
+    if takes_images(model) and not has_image_input(inputs):
+        try:
+            facts = probe_weight_reads(model, inputs)
+        except Exception as e:  # noqa: BLE001 — as below
+            raise AnyquantError(
+                f"probe forward of {type(model).__name__} failed ({type(e).__name__}: {e}) on ids without an image "
+                f"({image_note[:300] or 'no image input could be built from the config'})"
+            ) from e
+        facts.image_failure = image_note or "no image input could be built from the config"
+        note = (f"probe forward without images ({facts.image_failure[:200]}): weights read only on the image "
+                "path were not checked (the vision tower and projector stay in float)")
+        log.warning(note)
+        return facts, inputs, [note]
     try:
         return probe_weight_reads(model, inputs), inputs, []
     except Exception as e:  # noqa: BLE001 — any failure of user/remote code; reported, not hidden
-        if "pixel_values" not in inputs:
+        if not has_image_input(inputs):
             raise AnyquantError(
                 f"probe forward of {type(model).__name__} failed ({type(e).__name__}: {e}); "
                 "the planner needs one forward to find weights read outside their module"
             ) from e
-        text_only = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        # ids (and their mask) only: grids, sizes and modality ids describe images no longer there
+        text_only = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         note = (f"probe forward with images failed ({type(e).__name__}: {str(e)[:200]}); probed text-only: "
                 "weights read only on the image path were not checked (the vision tower and projector "
                 "stay in float by default)")
         log.warning(note)
         try:
             facts = probe_weight_reads(model, text_only)
-            facts.image_failure = f"{type(e).__name__}: {str(e)[:200]}"
+            facts.image_failure = f"{type(e).__name__}: {str(e)[:200]}" + (
+                f" (building image inputs from the config: {image_note[:400]})" if image_note else "")
             return facts, text_only, [note]
         except Exception as e2:  # noqa: BLE001
             raise AnyquantError(

@@ -21,7 +21,7 @@ from anyquant.model.tree import device_of
 from anyquant.numerics.capabilities import DeviceCapabilities, detect_capabilities
 from anyquant.numerics.declared import declared_dtype
 from anyquant.numerics.dtype import dtype_name
-from anyquant.numerics.inputs import probe_inputs
+from anyquant.numerics.inputs import probe_inputs_and_notes
 from anyquant.numerics.policy import DtypePolicy, choose_policy
 from anyquant.numerics.probe import ProbeFacts, run_probe
 from anyquant.planning import build_plan
@@ -99,9 +99,9 @@ def prepare(
         capabilities, target_note = target_capabilities(target, model, detect_capabilities(device_of(model)))
     caps = capabilities
     saved = {n: p.dtype for n, p in model.named_parameters()} if keep_dtypes else None
-    inputs = probe_inputs(model)
+    inputs, input_notes = probe_inputs_and_notes(model)
     policy = choose_policy(model, dtype, caps, inputs)
-    facts, inputs, notes = run_probe(model, inputs)
+    facts, inputs, notes = run_probe(model, inputs, "; ".join(input_notes))
     if saved is not None:
         with torch.no_grad():
             for n, p in model.named_parameters():
