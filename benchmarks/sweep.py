@@ -72,6 +72,8 @@ SHRINK = {
     "state_size": 16, "d_state": 16, "mamba_d_state": 16, "mamba_n_heads": 4, "mamba_head_dim": 16,
     "expand": 1, "mamba_expand": 1, "mamba_d_head": 16, "d_head": 16, "time_step_rank": 8, "conv_kernel": 4, "linear_num_key_heads": 2,
     "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+    "projection_hidden_size": WIDTH, "projector_hidden_size": WIDTH, "vision_hidden_size": WIDTH,
+    "vision_output_dim": WIDTH,
     "sliding_window": 64, "attention_window_size": 64, "mm_tokens_per_image": 4,
     "num_image_tokens": 16, "image_seq_length": 16, "rotary_dim": 8, "attn_layer_period": LAYERS,
     "expert_layer_period": LAYERS, "attn_layer_offset": 1, "expert_layer_offset": 1,
@@ -229,6 +231,7 @@ def one(model_type: str, task: str, workdir: Path) -> dict:
     from transformers import BitsAndBytesConfig
 
     import anyquant
+    from anyquant.numerics.probe import has_image_input
 
     row: dict = {"model_type": model_type, "task": task, "anyquant": {}, "transformers_bnb": {}}
     try:
@@ -275,7 +278,7 @@ def one(model_type: str, task: str, workdir: Path) -> dict:
             ok = err < BOUND[method] and drift < RELOAD_BOUND
             if task == "image-text" and "image_probe" not in row:
                 why = r.report["probe"].get("image_path_not_probed")
-                row["image_probe"] = {"ran": "pixel_values" in (r.probe_inputs or {}) and not why,
+                row["image_probe"] = {"ran": has_image_input(r.probe_inputs or {}) and not why,
                                       **({"reason": _one_line(why)[:200]} if why else {})}
             stock = json.loads((out / "anyquant.json").read_text()).get("verification", {}).get("transformers")
             res = {"ok": ok, "error": round(err, 4), "reloaded_error": round(err2, 4),
