@@ -236,3 +236,21 @@ def test_transposed_experts_quantized_and_reloaded(tmp_path):
     ver = json.loads((out / "anyquant.json").read_text())["verification"]
     assert "anyquant.load only" in ver["transformers"]["skipped"]
     torch.testing.assert_close(probe_logits(anyquant.load(out), r.probe_inputs), r.probe_logits, rtol=0, atol=0)
+
+
+def test_three_dimensional_parameters_that_are_not_experts_are_not_called_experts():
+    """XLNet's relative attention holds 3-D q/k/v/o parameters and BLIP's vision embeddings a 3-D
+    class embedding: float parameters in modules without Linears, but no MoE experts."""
+    from transformers import AutoModelForCausalLM, XLNetConfig
+
+    from anyquant.model.tree import fused_expert_tensors
+
+    cfg = XLNetConfig(vocab_size=128, d_model=64, n_layer=2, n_head=4, d_inner=128)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg)
+    assert any(p.dim() == 3 for p in m.parameters()), "the fixture must hold 3-D parameters"
+    assert fused_expert_tensors(m) == {}
+    assert fused_expert_tensors(_mixtral()), "Mixtral's experts are still found"
+    r = anyquant.quantize(m, "int4", progress=False)
+    assert r.report["fused_experts_float"] == {"tensors": 0, "params": 0}
+    assert not any("expert" in n for n in r.plan.notes)

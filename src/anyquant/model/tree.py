@@ -47,10 +47,16 @@ def fused_expert_tensors(model: nn.Module) -> dict[str, int]:
     """Floating parameters of 3 or more dimensions outside convolutions and embeddings, in a
     module holding no Linear layer: MoE experts that transformers keeps fused as [experts, out,
     in] tensors (Mixtral's and Qwen3-MoE's `mlp.experts.gate_up_proj` / `down_proj`, Jamba's),
-    not nn.Linear layers. Returns {parameter name: number of elements}."""
+    not nn.Linear layers. Returns {parameter name: number of elements}.
+
+    Only modules that say they hold experts (class or path naming "expert", as transformers'
+    experts classes all do: MixtralExperts, JetMoeParallelExperts, ...): other 3-D parameters
+    (class and position embeddings, XLNet's relative attention q/k/v) are not experts."""
     out: dict[str, int] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.modules.conv._ConvNd, nn.Embedding)):
+            continue
+        if "expert" not in type(mod).__name__.lower() and "expert" not in name.lower():
             continue
         params = [(n, p) for n, p in mod.named_parameters(recurse=False) if p.dim() >= 3 and p.is_floating_point()]
         if params and not any(isinstance(c, nn.Linear) for c in mod.modules()):
