@@ -42,6 +42,7 @@ def build(ckpt: Path, layers: int) -> dict:
 
     sys.path.insert(0, str(HERE))
     import anyquant
+    from anyquant.errors import AnyquantError
     from speed_gpu import llama_config
 
     res = {}
@@ -58,9 +59,11 @@ def build(ckpt: Path, layers: int) -> dict:
     r = anyquant.quantize(model, "int4", progress=False)
     res["quantize_s"] = round(time.time() - t, 1)
     t = time.time()
-    # random weights over 32 bf16 layers: see the JSON's verify_note
-    anyquant.save(r, ckpt / "int4", force=True, verify=False)
-    res["verify_note"] = "saved with verify=False: on this random-weight model the bf16 reload check failed (max logit difference 0.55, allowed 0.334)"
+    try:
+        anyquant.save(r, ckpt / "int4", force=True)
+    except AnyquantError as e:  # recorded, and the timings still taken on an unchecked save
+        res["verify_failed"] = str(e)[:400]
+        anyquant.save(r, ckpt / "int4", force=True, verify=False)
     res["save_int4_s"] = round(time.time() - t, 1)
     del model, r
     gc.collect()
