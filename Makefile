@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 GEMMA_GGUF := 1.0.0
 
-.PHONY: setup demo test test-fast bench-deps llmc-venv llama-venv clean
+.PHONY: setup demo test test-fast bench-deps llmc-venv llama-venv vllm-venv clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,23 @@ llama-venv:
 	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF" \
 		nice $(LLAMA_VENV)/bin/pip install -q llama-cpp-python==$(LLAMA_CPP) numpy
 	$(LLAMA_VENV)/bin/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
+
+# vLLM's own config parsing, scheme and kernel choice for benchmarks/vllm_check.py, without a GPU:
+# its wheel (--no-deps: it pins a CUDA torch) over torch 2.13.0 CPU and the pure-Python
+# packages its quantization code imports. Nothing here runs a kernel.
+VLLM_VENV ?= .vllm
+VLLM      := 0.34.0
+vllm-venv:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q $(TORCH)
+	$(VLLM_VENV)/bin/pip install -q $(TORCH) regex cachetools psutil numpy 'transformers>=5.16.1,<5.23.0' \
+		tokenizers safetensors pydantic compressed-tensors==0.17.0 pyyaml einops cloudpickle msgspec \
+		typing_extensions filelock tqdm py-cpuinfo pyzmq blake3 cbor2 pybase64 sentencepiece protobuf \
+		requests pillow openai fastapi prometheus_client aiohttp uvloop llguidance xgrammar
+	$(VLLM_VENV)/bin/pip install -q --no-deps vllm==$(VLLM)
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio 2>/dev/null || true
+	$(VLLM_VENV)/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'torch was upgraded')"
+	$(VLLM_VENV)/bin/python -c "import vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors; print('vllm ok')"
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

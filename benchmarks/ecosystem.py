@@ -1,6 +1,7 @@
 """Issue 19's table: per output format of the default model (SmolLM2-135M-Instruct), whether
 stock transformers loads it packed and its memory after from_pretrained (and after one
-forward), whether vLLM's documented constraints are met (anyquant.formats.vllm), whether a
+forward), whether vLLM's documented constraints are met (anyquant.formats.vllm) and whether vLLM's own
+code accepts it (benchmarks/vllm_check.py, where `make vllm-venv` built its venv), whether a
 LoRA forward/backward step runs on it, and its GGUF export: the types written, the weights'
 difference from anyquant's, and (where the llama-cpp-python venv exists, `make llama-venv`)
 llama.cpp's perplexity of the file against anyquant's of the output on the same token windows
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,7 +65,24 @@ def gguf_column(out: Path, work: Path, windows: torch.Tensor, llama_py: Path | N
     return col
 
 
-def row(method: str, target: str, work: Path, windows: torch.Tensor, llama_py: Path | None) -> dict:
+def vllm_column(out: Path, vllm_py: Path | None) -> dict:
+    """vLLM's own config parsing, scheme and kernel choice and tensor shapes (benchmarks/vllm_check.py)."""
+    if vllm_py is None:
+        return {"run": False, "why": "no vLLM venv (make vllm-venv)"}
+    proc = subprocess.run([str(vllm_py), str(Path(__file__).parent / "vllm_check.py"), str(out)],
+                          capture_output=True, text=True, timeout=1800)
+    text = proc.stdout[proc.stdout.find("{"):]
+    try:
+        got = json.loads(text)
+    except ValueError:
+        return {"run": False, "why": f"vllm_check.py exit {proc.returncode}: {proc.stderr.strip()[-500:]}"}
+    if "problems" in got:
+        got["problems"] = got["problems"][:5]
+    return {"run": True, **got}
+
+
+def row(method: str, target: str, work: Path, windows: torch.Tensor, llama_py: Path | None,
+        vllm_py: Path | None) -> dict:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -92,7 +111,7 @@ def row(method: str, target: str, work: Path, windows: torch.Tensor, llama_py: P
             "stock_transformers_packed_at_load": packed, "stock_transformers_MiB_at_load": at_load,
             "stock_transformers_MiB_after_first_forward": after_forward,
             "anyquant_load_MiB": mb(anyquant.load(out)),
-            "vllm_problems": vllm_compatible(out), "lora_step_runs": lora_ok, "gguf": gguf,
+            "vllm_problems": vllm_compatible(out), "vllm_own_check": vllm_column(out, vllm_py), "lora_step_runs": lora_ok, "gguf": gguf,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -100,6 +119,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("methods", nargs="*", default=["W4A16:cuda", "int4", "nf4"])
     ap.add_argument("--llama-venv", type=Path, default=Path(__file__).resolve().parents[1] / ".venv-llama")
+    ap.add_argument("--vllm-venv", type=Path, default=Path(__file__).resolve().parents[1] / ".vllm")
     ap.add_argument("--gguf-windows", type=int, default=8)
     a = ap.parse_args()
     from transformers import AutoTokenizer
@@ -108,12 +128,14 @@ def main() -> None:
 
     py = a.llama_venv / "bin" / "python"
     llama_py = py if py.exists() else None
+    vpy = a.vllm_venv / "bin" / "python"
+    vllm_py = vpy if vpy.exists() else None
     windows = token_windows(AutoTokenizer.from_pretrained(default_model_dir()), evaluation_text())[: a.gguf_windows]
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for spec in a.methods:
             method, _, target = spec.partition(":")
-            rows.append(row(method, target or "auto", Path(d), windows, llama_py))
+            rows.append(row(method, target or "auto", Path(d), windows, llama_py, vllm_py))
             print(json.dumps(rows[-1]), flush=True)
             write(rows, windows)  # after every row: a long run stopped midway keeps what it measured
 
@@ -125,8 +147,11 @@ def write(rows: list[dict], windows: torch.Tensor) -> None:
                                    "notes": ["stock transformers 5.25 + compressed-tensors 0.20: symmetric int4 loads "
                                              "packed, then decompresses each layer at its first forward; asymmetric "
                                              "int4 is dequantized at load (dequantize: true)",
-                                             "vLLM itself is not installed (needs a GPU): constraints checked against "
-                                             "its documentation by anyquant.formats.vllm.vllm_compatible",
+                                             "vllm_problems: vLLM's documented constraints "
+                                             "(anyquant.formats.vllm.vllm_compatible); vllm_own_check: vLLM's own "
+                                             "config parsing, scheme and kernel choice (capability 9.0) and tensor "
+                                             "shapes, in its own CPU venv (benchmarks/vllm_check.py); no GPU: "
+                                             "nothing was served",
                                              "LoRA: int4 outputs through anyquant.load(DIR, fuse=False) (adapters name "
                                              "q_proj / v_proj), nf4 through transformers + bitsandbytes",
                                              f"gguf: anyquant.export(DIR, to='gguf'); llama.cpp perplexity on the first "

@@ -335,3 +335,26 @@ def test_pre_tokenizer_names():
     assert pre_tokenizer_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}}, dict(byte_level, use_regex=False)]}}) == "llama-bpe"
     assert pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}}) is None
+
+
+def test_sigterm_during_export_leaves_no_partial_file(output, tmp_path, monkeypatch):
+    """A SIGTERM (a timeout, a container stop) while the file is written unwinds like Ctrl-C:
+    no GGUF and no temporary file remain."""
+    import signal
+    import time
+
+    import gguf
+
+    from anyquant.errors import Terminated
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def killed(self, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)   # the handler raises before this ends
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", killed)
+    target = tmp_path / "m.gguf"
+    with pytest.raises(Terminated):
+        anyquant.export(output("int4"), out=target, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before   # the handler is put back

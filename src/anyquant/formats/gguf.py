@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from anyquant.config import GGUF_TYPES
-from anyquant.errors import AnyquantError
+from anyquant.errors import AnyquantError, terminate_as_interrupt
 from anyquant.formats.manifest import read_manifest
 from anyquant.model.dequant import dequantize_linear
 from anyquant.progress import progress_bar
@@ -392,78 +392,80 @@ def export_gguf(directory: str | Path, load: Callable[[Path], nn.Module], out: s
 
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-        _metadata(writer, config, directory.resolve().name)
-        add_vocab(writer, directory, config["vocab_size"], result.notes)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        quantized_types: list[str] = []
-        params = dict(model.named_parameters(remove_duplicate=False))
-        entries: list[tuple[str, str]] = []  # (module name, "module") for Linears, (param name, "param") else
-        for name, mod in modules.items():
-            if isinstance(mod, linear_types):  # bitsandbytes' Linear4bit / Linear8bitLt are nn.Linear
-                entries.append((name, "module"))
-        linear_names = {n for n, _ in entries}
-        for pname in params:
-            owner = pname.rsplit(".", 1)[0]
-            if owner not in linear_names:
-                entries.append((pname, "param"))
-        with progress_bar("gguf", len(entries), progress, unit="tensors") as advance:
-            for name, kind in entries:
-                if kind == "module" and name == "lm_head" and tied:
-                    advance(1)
-                    continue  # llama.cpp reads a missing output.weight as the tied token embedding
-                key = name + ".weight" if kind == "module" else name
-                gname = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
-                if gname is None:
-                    raise AnyquantError(f"GGUF export: {directory}: tensor {key} has no llama GGUF name "
-                                        "(gguf.TensorNameMap); the model is not a plain Llama")
-                heads = n_head if ".attn_q." in gname else n_kv if ".attn_k." in gname else None
-                if kind == "module":
-                    mod = modules[name]
-                    quantized = type(mod) is not nn.Linear
-                    want = qtype if quantized and qtype else (wtype if quantized else float_2d)
-                    data, t, how, w = encode_linear(mod, want, heads)
-                    if quantized:
-                        quantized_types.append(t)
-                        back = _dequant(data, t).reshape(w.shape)
-                        scale = w.abs().max().clamp_min(1e-30)
-                        result.weight_errors[gname] = {
-                            "type": t, "how": how,
-                            "max_abs_error_rel": float((back - w).abs().max() / scale),
-                            "rms_error_rel": float((back - w).pow(2).mean().sqrt() / w.pow(2).mean().sqrt().clamp_min(1e-30)),
-                        }
-                    writer.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType[t] if t not in ("F32", "F16")
-                                      else None)
-                    result.tensor_types[gname] = t
-                    bias = getattr(mod, "bias", None)
-                    if bias is not None:
-                        b = bias.detach().float()
-                        b = _permute_rope_rows(b, heads) if heads else b
-                        bname = gname[: -len(".weight")] + ".bias"
-                        writer.add_tensor(bname, b.numpy())
-                        result.tensor_types[bname] = "F32"
-                else:
-                    p = params[name].detach().float()
-                    if p.dim() == 1:
-                        p = _permute_rope_rows(p, heads) if heads else p
-                        data, t = p.numpy(), "F32"
+    # SIGTERM (a timeout, a container stop) unwinds like Ctrl-C, so the partial file goes too
+    with terminate_as_interrupt():
+        try:
+            writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+            _metadata(writer, config, directory.resolve().name)
+            add_vocab(writer, directory, config["vocab_size"], result.notes)
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            quantized_types: list[str] = []
+            params = dict(model.named_parameters(remove_duplicate=False))
+            entries: list[tuple[str, str]] = []  # (module name, "module") for Linears, (param name, "param") else
+            for name, mod in modules.items():
+                if isinstance(mod, linear_types):  # bitsandbytes' Linear4bit / Linear8bitLt are nn.Linear
+                    entries.append((name, "module"))
+            linear_names = {n for n, _ in entries}
+            for pname in params:
+                owner = pname.rsplit(".", 1)[0]
+                if owner not in linear_names:
+                    entries.append((pname, "param"))
+            with progress_bar("gguf", len(entries), progress, unit="tensors") as advance:
+                for name, kind in entries:
+                    if kind == "module" and name == "lm_head" and tied:
+                        advance(1)
+                        continue  # llama.cpp reads a missing output.weight as the tied token embedding
+                    key = name + ".weight" if kind == "module" else name
+                    gname = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
+                    if gname is None:
+                        raise AnyquantError(f"GGUF export: {directory}: tensor {key} has no llama GGUF name "
+                                            "(gguf.TensorNameMap); the model is not a plain Llama")
+                    heads = n_head if ".attn_q." in gname else n_kv if ".attn_k." in gname else None
+                    if kind == "module":
+                        mod = modules[name]
+                        quantized = type(mod) is not nn.Linear
+                        want = qtype if quantized and qtype else (wtype if quantized else float_2d)
+                        data, t, how, w = encode_linear(mod, want, heads)
+                        if quantized:
+                            quantized_types.append(t)
+                            back = _dequant(data, t).reshape(w.shape)
+                            scale = w.abs().max().clamp_min(1e-30)
+                            result.weight_errors[gname] = {
+                                "type": t, "how": how,
+                                "max_abs_error_rel": float((back - w).abs().max() / scale),
+                                "rms_error_rel": float((back - w).pow(2).mean().sqrt() / w.pow(2).mean().sqrt().clamp_min(1e-30)),
+                            }
+                        writer.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType[t] if t not in ("F32", "F16")
+                                          else None)
+                        result.tensor_types[gname] = t
+                        bias = getattr(mod, "bias", None)
+                        if bias is not None:
+                            b = bias.detach().float()
+                            b = _permute_rope_rows(b, heads) if heads else b
+                            bname = gname[: -len(".weight")] + ".bias"
+                            writer.add_tensor(bname, b.numpy())
+                            result.tensor_types[bname] = "F32"
                     else:
-                        data, t = _quantize(p, float_2d), float_2d
-                    writer.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType.BF16 if t == "BF16" else None)
-                    result.tensor_types[gname] = t
-                advance(1)
-        bad = [n for n, e in result.weight_errors.items() if not math.isfinite(e["max_abs_error_rel"])]
-        if bad:
-            raise AnyquantError(f"GGUF export: {directory}: re-encoded weights are not finite ({', '.join(bad[:3])}); "
-                                "nothing was written: check the output with `anyquant eval` and report it")
-        writer.add_file_type(_file_type(quantized_types))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+                        p = params[name].detach().float()
+                        if p.dim() == 1:
+                            p = _permute_rope_rows(p, heads) if heads else p
+                            data, t = p.numpy(), "F32"
+                        else:
+                            data, t = _quantize(p, float_2d), float_2d
+                        writer.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType.BF16 if t == "BF16" else None)
+                        result.tensor_types[gname] = t
+                    advance(1)
+            bad = [n for n, e in result.weight_errors.items() if not math.isfinite(e["max_abs_error_rel"])]
+            if bad:
+                raise AnyquantError(f"GGUF export: {directory}: re-encoded weights are not finite ({', '.join(bad[:3])}); "
+                                    "nothing was written: check the output with `anyquant eval` and report it")
+            writer.add_file_type(_file_type(quantized_types))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return result

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from anyquant.errors import AnyquantError, Terminated
+from anyquant.errors import AnyquantError, terminate_as_interrupt
 from anyquant.formats.card import write_card
 from anyquant.formats.experts import write_experts
 from anyquant.formats.hf import checkpoint_key_renamer
@@ -187,22 +187,6 @@ def _dir_lock(directory: Path):
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
 def _signals_deferred():
     """SIGTERM / SIGINT held back while the renames run (delivered right after), so an output
     is never left moved aside by this process's own handler."""
@@ -292,7 +276,7 @@ def staged_output(out_dir: str | Path, source: Path | None, force: bool, *, esti
     tmp: Path | None = None
     lock_fd: int | None = None
     try:
-        with _terminate_as_interrupt():
+        with terminate_as_interrupt():
             with _dir_lock(out.parent):  # created and locked at once: another run's clean-up leaves it alone
                 tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
                 lock_fd = _try_lock(tmp)

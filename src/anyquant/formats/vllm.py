@@ -1,6 +1,6 @@
 """Can vLLM serve this output? `vllm_compatible(output_dir)` lists the problems, checked against
-vLLM's documented constraints for the formats anyquant writes (vLLM itself needs a GPU and is
-not imported): compressed-tensors W4A16 (`CompressedTensorsWNA16`: pack-quantized, 4 or 8 bits,
+vLLM's documented constraints for the formats anyquant writes (without importing vLLM, which
+anyquant does not depend on; benchmarks/vllm_check.py asks vLLM's own code, in its own venv): compressed-tensors W4A16 (`CompressedTensorsWNA16`: pack-quantized, 4 or 8 bits,
 int, weight-only, static, group or channel strategy, group size -1/32/64/128 for its Marlin
 kernels, symmetric or asymmetric zero points, float16/bfloat16 activations) and bitsandbytes
 (4-bit nf4/fp4, 8-bit). The config is parsed with compressed-tensors' own QuantizationConfig."""
