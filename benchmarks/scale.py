@@ -128,7 +128,7 @@ def child(spec: dict) -> dict:
             r = anyquant.quantize(model, spec["method"], **opts)
             anyquant.save(r, out, force=True, verify=spec["verify"])
         return r.report["probe_logits_relative_error"], (r.report.get("stream") or {}).get(
-            "inspect_and_fingerprint_seconds")
+            "fingerprint_seconds")
 
     # The baseline is the process with everything imported and initialised: the same run once on a
     # one-layer model of width 64 first (imports of transformers' model code, bitsandbytes,
@@ -155,7 +155,7 @@ def child(spec: dict) -> dict:
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
         "output_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
         "probe_logits_relative_error": probe_err,
-        # streamed runs hash the source (its fingerprint, for the manifest and resumable
+        # streamed runs hash the source in the background (its fingerprint, for the manifest and resumable
         # checkpoints); the in-memory runs here quantize a loaded nn.Module, which has none
         "fingerprint_seconds": fingerprint_s,
         "sampled": mem.sampled,

@@ -23,6 +23,7 @@ it); otherwise the manifest says the check was skipped and why.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -46,6 +47,7 @@ from anyquant.methods import handler_for
 from anyquant.model.files import estimate_output_bytes
 from anyquant.model.load import (
     SourceInfo,
+    fingerprint,
     inspect_files,
     load_tokenizer,
     refuse_if_quantized,
@@ -222,7 +224,7 @@ def quantize_to_disk(
     handler = handler_for(config.method)
     path = resolve_source(source)
     t_inspect = time.perf_counter()
-    info: SourceInfo = inspect_files(path)   # headers, and the fingerprint: a sha256 of every weight byte
+    info: SourceInfo = inspect_files(path, with_fingerprint=False)   # headers
     t_inspect = time.perf_counter() - t_inspect
     if info.quantized_tensors or info.quantization_config:
         refuse_if_quantized(info)
@@ -231,6 +233,40 @@ def quantize_to_disk(
     if info.config.get("auto_map") and not trust_remote_code:
         raise AnyquantError(f"{path}: the model's config.json names custom modeling code (auto_map); "
                             "pass --trust-remote-code to run it, after reading that code")
+    # The fingerprint (a sha256 of every weight byte, for the manifest and calibration resume) reads
+    # the whole checkpoint once more: hashed in a thread (hashlib and file reads release the GIL)
+    # while the probes and quantization run, and joined where it is first needed.
+    hashing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="anyquant-fingerprint")
+    hashed = hashing.submit(_timed_fingerprint, path)
+    try:
+        return _quantize_streamed(path, info, hashed, t0, t_inspect, config, handler, out, force=force,
+                                  max_shard_size=max_shard_size, max_memory=max_memory, device=device, verify=verify,
+                                  dtype=dtype, plan=plan, overrides=overrides, trust_remote_code=trust_remote_code,
+                                  progress=progress, calib=calib, checkpoint_dir=checkpoint_dir,
+                                  include_vision=include_vision, only=only, tokenizer=tokenizer, target=target,
+                                  extra_metrics=extra_metrics)
+    finally:
+        hashing.shutdown(wait=False, cancel_futures=True)
+
+
+def _timed_fingerprint(path: Path) -> tuple[str, float]:
+    t = time.perf_counter()
+    return fingerprint(path), time.perf_counter() - t
+
+
+def _quantize_streamed(path, info, hashed, t0, t_inspect, config, handler, out, *, force, max_shard_size, max_memory,
+                       device, verify, dtype, plan, overrides, trust_remote_code, progress, calib, checkpoint_dir,
+                       include_vision, only, tokenizer, target, extra_metrics) -> QuantizeResult:
+    """quantize_to_disk's work once the source's headers are checked; `hashed` is the fingerprint
+    being computed in the background."""
+    fingerprint_seconds = None
+
+    def fingerprinted() -> SourceInfo:
+        nonlocal fingerprint_seconds
+        if not info.fingerprint:
+            info.fingerprint, fingerprint_seconds = hashed.result()
+        return info
+
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(Path(tokenizer), trust_remote_code, required=True)
     elif tokenizer is None:
@@ -316,7 +352,7 @@ def quantize_to_disk(
             with contextlib.ExitStack() as stack:
                 for u in outside:   # planned Linears outside the blocks: quantized by RTN after the blocks
                     stack.enter_context(lazy.held(u))
-                calibration = quantize_calibrated(handler, model, the_plan, config, compute_dtype, data, info,
+                calibration = quantize_calibrated(handler, model, the_plan, config, compute_dtype, data, fingerprinted(),
                                                   checkpoint_dir, progress, notes, block_scope=block_scope)
                 for u in outside:
                     finish_unit(u)
@@ -360,7 +396,9 @@ def quantize_to_disk(
                                   q_logits, notes, time.perf_counter() - t0, calibration)
         report["stream"] = {
             "device": str(dev),
-            "inspect_and_fingerprint_seconds": round(t_inspect, 3),
+            "inspect_seconds": round(t_inspect, 3),
+            # hashed in the background; how long the hash itself took (None: cached or not yet joined)
+            "fingerprint_seconds": None if fingerprint_seconds is None else round(fingerprint_seconds, 3),
             "max_shard_size": writer.limit,
             "shards": shards,
             "bytes_written": writer.total,
@@ -382,7 +420,7 @@ def quantize_to_disk(
                    "quantized model were not measured (anyquant eval measures the output)")
         if why:
             notes.append(why)
-        result = QuantizeResult(model, the_plan, config, report, info, tokenizer, mmap, notes,
+        result = QuantizeResult(model, the_plan, config, report, fingerprinted(), tokenizer, mmap, notes,
                                 probe_inputs=inputs if q_logits is not None else None,
                                 probe_logits=q_logits.detach().cpu() if q_logits is not None else None,
                                 trust_remote_code=trust_remote_code)

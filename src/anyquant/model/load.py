@@ -122,9 +122,11 @@ def fingerprint(path: Path) -> str:
     return source_fingerprint(path)
 
 
-def inspect_files(path: Path) -> SourceInfo:
+def inspect_files(path: Path, *, with_fingerprint: bool = True) -> SourceInfo:
     """Read config, safetensors headers and pickled state dicts (weights_only): corrupt or
-    unsafe files, missing shards and quantized tensors, before transformers sees any of them."""
+    unsafe files, missing shards and quantized tensors, before transformers sees any of them.
+    `with_fingerprint=False`: the caller hashes the weights itself (model.integrity), e.g. in the
+    background while it works."""
     try:
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
@@ -142,7 +144,8 @@ def inspect_files(path: Path) -> SourceInfo:
         for name, dtype, is_float in tensors:
             if name.endswith(QUANTIZED_SUFFIXES) or (name.endswith(".weight") and not is_float):
                 info.quantized_tensors.append(f"{name} ({dtype}, in {f.name})")
-    info.fingerprint = fingerprint(path)
+    if with_fingerprint:
+        info.fingerprint = fingerprint(path)
     return info
 
 
