@@ -91,7 +91,9 @@ def row(method: str, target: str, work: Path, windows: torch.Tensor, llama_py: P
     out = anyquant.save(r, work / f"{method}-{target}")
     ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
     stock = AutoModelForCausalLM.from_pretrained(out)
-    packed = any(k.endswith("weight_packed") for k, _ in stock.named_buffers()) or any(
+    # transformers 5.x holds compressed-tensors' packed codes as parameters (earlier: buffers)
+    tensors = list(stock.named_parameters()) + list(stock.named_buffers())
+    packed = any(k.endswith("weight_packed") for k, _ in tensors) or any(
         type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in stock.modules())
     at_load = mb(stock)
     with torch.no_grad():
