@@ -114,7 +114,8 @@ def prepare(
         the_plan = build_plan(mmap, config, dtype_name(policy.compute_dtype), ov, facts,
                               include_vision=include_vision, only=only,
                               float32_regions=list(policy.fp32_modules),
-                              experts=expert_decisions(model, mmap, config, dtype_name(policy.compute_dtype)))
+                              experts=expert_decisions(model, mmap, config, dtype_name(policy.compute_dtype),
+                                                             facts))
     if target_note is not None:
         notes = [f"{target_note}: compute dtype {dtype_name(policy.compute_dtype)} ({policy.reason})"] + notes
     the_plan.notes = notes + the_plan.notes
