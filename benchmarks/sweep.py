@@ -65,6 +65,8 @@ SHRINK = {
     "decoder_layers": LAYERS, "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4,
     "encoder_attention_heads": 4, "decoder_attention_heads": 4, "num_key_value_heads": 2, "n_kv_heads": 2,
     "num_kv_heads": 2, "head_dim": 16, "attention_head_dim": 16, "vocab_size": VOCAB,
+    # a head narrower than the padded vocabulary (Inkling2), as in the shipped config
+    "unpadded_vocab_size": VOCAB - 16,
     "max_position_embeddings": 256, "n_positions": 256, "num_experts": 4, "num_local_experts": 4,
     "n_routed_experts": 4, "moe_num_experts": 4, "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2,
     "n_group": 1, "topk_group": 1, "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8,

@@ -201,3 +201,30 @@ def test_linear_subclass_kept_for_bitsandbytes_quantized_for_int4():
         assert d.action == "keep" and d.reason_code == "format_unsupported" and "MyLinear" in d.reason
     d = anyquant.plan(m, "int4", group_size=32).get("model.layers.0.mlp.up_proj")
     assert d.action == "quantize"
+
+
+def test_inkling2_head_converted_at_load_kept_for_bitsandbytes(tmp_path):
+    """Inkling2 pads `lm_head.weight` to the vocabulary at load (a WeightConverter); its head is
+    narrower than the vocabulary, so it is not recognised as the head and was quantized. In the
+    bitsandbytes formats the converter would pad the packed weight and drop its quantization
+    state ("quant_state is required", "'Parameter' object has no attribute 'CB'"): the plan keeps
+    it (not_reloadable, a safety code) and the output reloads with the in-memory logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        "inkling2_text", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16, rel_extent=64,
+        moe_intermediate_size=32, intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2,
+        vocab_size=256, unpadded_vocab_size=240, max_position_embeddings=64)
+    src, ids, ref = _tiny(tmp_path, cfg)
+    r = anyquant.quantize(str(src), "int8", progress=False)
+    assert r.plan.get("lm_head").reason_code == "not_reloadable"
+    mem = _logits(r.model, ids)
+    out = anyquant.save(r, tmp_path / "int8")
+    assert torch.allclose(_logits(anyquant.load(out), ids), mem, atol=1e-4, rtol=1e-4)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg)
+    assert anyquant.plan(m, "nf4").get("lm_head").reason_code == "not_reloadable"
+    with pytest.raises(anyquant.errors.AnyquantError, match="must stay in float"):
+        anyquant.plan(m, "nf4", overrides=[("lm_head", "quantize")])
+    assert anyquant.plan(m, "int4").get("lm_head").action == "quantize"  # anyquant's loader maps it
