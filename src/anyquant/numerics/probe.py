@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,14 +90,16 @@ class _ExpertLayouts:
     two dimensions is the input one, for classes that do not declare it (`is_transposed`)."""
 
     def __init__(self, tensors: dict[int, tuple[str, torch.Tensor]]):
-        # id -> (parameter name, tensor, flipped relative to the parameter); the tensor is held
-        # so that its id is not reused while tracked
-        self.tracked: dict[int, tuple[str, torch.Tensor, bool]] = {i: (n, t, False) for i, (n, t) in tensors.items()}
+        # id -> (parameter name, weak reference to the tensor, flipped relative to the parameter);
+        # weak, so that a copy (`.float()` of a whole expert tensor) is not kept alive by the
+        # probe, and checked, so that a reused id is not mistaken for a tracked tensor
+        self.tracked: dict[int, tuple[str, weakref.ref, bool]] = {
+            i: (n, weakref.ref(t), False) for i, (n, t) in tensors.items()}
         self.layouts: dict[str, str] = {}
 
-    def _get(self, x) -> tuple[str, torch.Tensor, bool] | None:
+    def _get(self, x) -> tuple[str, weakref.ref, bool] | None:
         hit = self.tracked.get(id(x)) if isinstance(x, torch.Tensor) else None
-        return hit if hit is not None and hit[1] is x else None
+        return hit if hit is not None and hit[1]() is x else None
 
     def observe(self, func, args, kwargs, result) -> None:
         if not self.tracked or not args:
@@ -106,7 +109,7 @@ class _ExpertLayouts:
         if src is not None and isinstance(result, torch.Tensor) and result.dim() >= 2:
             flip = self._flip(func, name, args, args[0], result)
             if flip is not None and len(self.tracked) < 4096:
-                self.tracked[id(result)] = (src[0], result, src[2] ^ flip)
+                self.tracked[id(result)] = (src[0], weakref.ref(result), src[2] ^ flip)
         for pos, layout in _CONSUMERS.get(name, ()):
             operand = args[pos] if pos < len(args) else (kwargs.get("weight") if name == "linear" else None)
             hit = self._get(operand)
