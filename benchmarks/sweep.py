@@ -144,13 +144,18 @@ def _fit_mrope(d: dict) -> None:
 
 
 def _keep_merge_width(before: dict, after: dict) -> None:
-    """A top-level `out_hidden_size` that is the vision width times merge^2 in the shipped config
-    (MuSE Spark / Glimmer: the adapter reads the merged patches) stays so once shrunk."""
+    """Widths the shipped config derives from the vision tower's stay so once shrunk: a top-level
+    `out_hidden_size` that is the vision width times merge^2 (MuSE Spark / Glimmer: the adapter
+    reads the merged patches), a `vision_output_dim` that is a multiple of the vision width."""
     vb, va = before.get("vision_config"), after.get("vision_config")
-    if not (isinstance(vb, dict) and isinstance(va, dict) and isinstance(before.get("out_hidden_size"), int)):
+    if not (isinstance(vb, dict) and isinstance(va, dict)):
         return
     merge = vb.get("merge_size") or vb.get("spatial_merge_size")
-    if isinstance(merge, int) and isinstance(vb.get("hidden_size"), int) \
+    vo, hb = vb.get("vision_output_dim"), vb.get("hidden_size")
+    if isinstance(vo, int) and isinstance(hb, int) and vo > hb and vo % hb == 0 and isinstance(va.get("hidden_size"), int):
+        # Mllama: the tower outputs its last state and the intermediate ones side by side
+        va["vision_output_dim"] = va["hidden_size"] * (vo // hb)
+    if isinstance(merge, int) and isinstance(vb.get("hidden_size"), int) and isinstance(before.get("out_hidden_size"), int) \
             and before["out_hidden_size"] == vb["hidden_size"] * merge ** 2:
         after["out_hidden_size"] = va["hidden_size"] * merge ** 2
 
@@ -195,6 +200,10 @@ def shrunk_config(model_type: str):
     for k in ("image_token_index", "image_token_id"):  # declared but unset (BLIP-2): give it an id
         if k in d and d[k] is None:
             d[k] = VOCAB - 16
+    if model_type.endswith("_thinker") and "vision_start_token_id" not in d:
+        # Qwen-Omni thinkers read config.vision_start_token_id, which their config class does not
+        # declare and a released checkpoint's thinker config carries
+        d["vision_start_token_id"] = VOCAB - 32
     d.pop("model_type", None)
     d.pop("transformers_version", None)
     return type(cfg).from_dict(d)

@@ -237,6 +237,13 @@ def _consistent(model_type: str, d: dict) -> dict:
     elif model_type == "muse_spark":  # the adapter reads the merged patches: width x merge^2
         d["out_hidden_size"] = v["hidden_size"] * v["merge_size"] ** 2
         d["text_config"]["moe_hidden_size"] = 64
+    elif model_type == "mllama":  # the tower's last and intermediate states side by side
+        from transformers import AutoConfig
+
+        full = AutoConfig.for_model(model_type).vision_config
+        v["vision_output_dim"] = v["hidden_size"] * (full.vision_output_dim // full.hidden_size)
+    elif model_type == "qwen2_5_omni_thinker":  # read by the model, carried by released thinker configs
+        d["vision_start_token_id"] = _VOCAB - 32
     elif model_type == "llava_onevision":  # AnyRes pinpoints are multiples of the tower's image size
         from transformers import AutoConfig
 
@@ -245,7 +252,7 @@ def _consistent(model_type: str, d: dict) -> dict:
     return d
 
 
-@pytest.mark.parametrize("model_type", ["llama4", "muse_spark", "llava_onevision"])
+@pytest.mark.parametrize("model_type", ["llama4", "muse_spark", "llava_onevision", "mllama", "qwen2_5_omni_thinker"])
 def test_image_path_probed_once_the_shrunk_config_is_consistent(model_type):
     """Types whose image path failed in the sweep because its shrinking broke a relation the
     shipped config holds: with it kept, the probe runs their image path."""
