@@ -151,6 +151,12 @@ def _keep_merge_width(before: dict, after: dict) -> None:
     if not (isinstance(vb, dict) and isinstance(va, dict)):
         return
     merge = vb.get("merge_size") or vb.get("spatial_merge_size")
+    sb, sa = vb.get("sam_config"), va.get("sam_config")
+    eb, ea = vb.get("encoder_config"), va.get("encoder_config")
+    if all(isinstance(x, dict) for x in (sb, sa, eb, ea)) and isinstance(sb.get("downsample_channels"), list) \
+            and sb["downsample_channels"][-1] == eb.get("hidden_size") and isinstance(ea.get("hidden_size"), int):
+        # DeepSeek-OCR-like towers: the SAM neck's last channels are the CLIP encoder's patch width
+        sa["downsample_channels"] = [c * ea["hidden_size"] // eb["hidden_size"] for c in sb["downsample_channels"]]
     vo, hb = vb.get("vision_output_dim"), vb.get("hidden_size")
     if isinstance(vo, int) and isinstance(hb, int) and vo > hb and vo % hb == 0 and isinstance(va.get("hidden_size"), int):
         # Mllama: the tower outputs its last state and the intermediate ones side by side

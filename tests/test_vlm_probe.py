@@ -244,6 +244,12 @@ def _consistent(model_type: str, d: dict) -> dict:
         v["vision_output_dim"] = v["hidden_size"] * (full.vision_output_dim // full.hidden_size)
     elif model_type == "qwen2_5_omni_thinker":  # read by the model, carried by released thinker configs
         d["vision_start_token_id"] = _VOCAB - 32
+    elif model_type == "unlimited_ocr":  # the SAM neck's last channels are the CLIP encoder's width
+        from transformers import AutoConfig
+
+        full = AutoConfig.for_model(model_type).vision_config
+        scale = v["encoder_config"]["hidden_size"] / full.encoder_config.hidden_size
+        v["sam_config"]["downsample_channels"] = [int(c * scale) for c in full.sam_config.downsample_channels]
     elif model_type == "llava_onevision":  # AnyRes pinpoints are multiples of the tower's image size
         from transformers import AutoConfig
 
@@ -252,7 +258,8 @@ def _consistent(model_type: str, d: dict) -> dict:
     return d
 
 
-@pytest.mark.parametrize("model_type", ["llama4", "muse_spark", "llava_onevision", "mllama", "qwen2_5_omni_thinker"])
+@pytest.mark.parametrize("model_type", ["llama4", "muse_spark", "llava_onevision", "mllama", "qwen2_5_omni_thinker",
+                                        "unlimited_ocr"])
 def test_image_path_probed_once_the_shrunk_config_is_consistent(model_type):
     """Types whose image path failed in the sweep because its shrinking broke a relation the
     shipped config holds: with it kept, the probe runs their image path."""
