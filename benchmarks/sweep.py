@@ -146,7 +146,8 @@ def _fit_mrope(d: dict) -> None:
 def _keep_merge_width(before: dict, after: dict) -> None:
     """Widths the shipped config derives from the vision tower's stay so once shrunk: a top-level
     `out_hidden_size` that is the vision width times merge^2 (MuSE Spark / Glimmer: the adapter
-    reads the merged patches), a `vision_output_dim` that is a multiple of the vision width."""
+    reads the merged patches), a `vision_output_dim` that is the vision width times one plus the
+    number of intermediate layers it concatenates (Mllama)."""
     vb, va = before.get("vision_config"), after.get("vision_config")
     if not (isinstance(vb, dict) and isinstance(va, dict)):
         return
@@ -158,7 +159,9 @@ def _keep_merge_width(before: dict, after: dict) -> None:
         # DeepSeek-OCR-like towers: the SAM neck's last channels are the CLIP encoder's patch width
         sa["downsample_channels"] = [c * ea["hidden_size"] // eb["hidden_size"] for c in sb["downsample_channels"]]
     vo, hb = vb.get("vision_output_dim"), vb.get("hidden_size")
-    if isinstance(vo, int) and isinstance(hb, int) and vo > hb and vo % hb == 0 and isinstance(va.get("hidden_size"), int):
+    layers = vb.get("intermediate_layers_indices")
+    if isinstance(vo, int) and isinstance(hb, int) and isinstance(layers, list) and vo == hb * (len(layers) + 1) \
+            and isinstance(va.get("hidden_size"), int):
         # Mllama: the tower outputs its last state and the intermediate ones side by side
         va["vision_output_dim"] = va["hidden_size"] * (vo // hb)
     if isinstance(merge, int) and isinstance(vb.get("hidden_size"), int) and isinstance(before.get("out_hidden_size"), int) \
