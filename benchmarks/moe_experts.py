@@ -85,7 +85,13 @@ def one(model_type: str) -> dict:
             m = model if method == METHODS[0][0] else build_model(model_type, "causal")
             r = anyquant.quantize(m, method, progress=False, **kw)
             rep = r.report
-            cell["expert_share"] = round(rep["fused_experts_quantized"]["params"] / max(1, sum(fused.values())), 4)
+            # experts rebuilt one Linear per expert before planning (Llama 4: runtime/experts.py
+            # unfuse_for_loader) count through their Linear decisions under the experts module
+            owners = {n.rpartition(".")[0] for n in fused}
+            as_linears = sum(d.shape[0] * d.shape[1] for d in r.plan.to_quantize()
+                             if any(d.name.startswith(o + ".") for o in owners))
+            cell["expert_share"] = round((rep["fused_experts_quantized"]["params"] + as_linears)
+                                         / max(1, sum(fused.values())), 4)
             cell["params_quantized_share"] = round(rep["params_quantized_share"], 4)
             cell["error"] = round(rep["probe_logits_relative_error"], 4)
             kept = [d for d in r.plan.decisions if d.kind == "fused_experts" and d.action == "keep"]

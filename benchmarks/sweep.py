@@ -65,6 +65,8 @@ SHRINK = {
     "decoder_layers": LAYERS, "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4,
     "encoder_attention_heads": 4, "decoder_attention_heads": 4, "num_key_value_heads": 2, "n_kv_heads": 2,
     "num_kv_heads": 2, "head_dim": 16, "attention_head_dim": 16, "vocab_size": VOCAB,
+    # a head narrower than the padded vocabulary (Inkling2), as in the shipped config
+    "unpadded_vocab_size": VOCAB - 16,
     "max_position_embeddings": 256, "n_positions": 256, "num_experts": 4, "num_local_experts": 4,
     "n_routed_experts": 4, "moe_num_experts": 4, "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2,
     "n_group": 1, "topk_group": 1, "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8,
@@ -73,7 +75,8 @@ SHRINK = {
     "expand": 1, "mamba_expand": 1, "mamba_d_head": 16, "d_head": 16, "time_step_rank": 8, "conv_kernel": 4, "linear_num_key_heads": 2,
     "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
     "projection_hidden_size": WIDTH, "projector_hidden_size": WIDTH, "vision_hidden_size": WIDTH,
-    "vision_output_dim": WIDTH,
+    "vision_output_dim": WIDTH, "projector_input_dim": WIDTH, "projector_output_dim": WIDTH,
+    "intermediate_size_mlp": 128, "moe_hidden_size": 64,
     "sliding_window": 64, "attention_window_size": 64, "mm_tokens_per_image": 4,
     "num_image_tokens": 16, "image_seq_length": 16, "rotary_dim": 8, "attn_layer_period": LAYERS,
     "expert_layer_period": LAYERS, "attn_layer_offset": 1, "expert_layer_offset": 1,
@@ -116,6 +119,12 @@ def _shrink_dict(d: dict, layers_before: int | None = None) -> dict:
             rope["mrope_section"] = [16, 24, 24]
             _fit_mrope(d["text_config"])
     _fit_mrope(d)
+    ratio = d.get("pixel_shuffle_ratio")
+    if isinstance(ratio, float) and 0 < ratio < 1 and isinstance(d.get("hidden_size"), int) \
+            and isinstance(d.get("intermediate_size"), int):
+        # Llama 4's vision adapter reads the pixel-shuffled patches (hidden / ratio^2 features)
+        # with a layer of the tower's intermediate size, as its shipped config has them equal
+        d["intermediate_size"] = int(d["hidden_size"] / ratio ** 2)
     ps = d.get("patch_size")
     if isinstance(d.get("image_size"), int) and isinstance(ps, int) and ps > 0:
         d["image_size"] = ps * 4 * max(1, int(d.get("spatial_merge_size", 1) or 1) // 2)
@@ -132,6 +141,45 @@ def _fit_mrope(d: dict) -> None:
             new = [max(1, round(x * half / sum(sec))) for x in sec]
             new[0] += half - sum(new)
             rope["mrope_section"] = new
+
+
+def _keep_merge_width(before: dict, after: dict) -> None:
+    """Widths the shipped config derives from the vision tower's stay so once shrunk: a top-level
+    `out_hidden_size` that is the vision width times merge^2 (MuSE Spark / Glimmer: the adapter
+    reads the merged patches), a `vision_output_dim` that is the vision width times one plus the
+    number of intermediate layers it concatenates (Mllama)."""
+    vb, va = before.get("vision_config"), after.get("vision_config")
+    if not (isinstance(vb, dict) and isinstance(va, dict)):
+        return
+    merge = vb.get("merge_size") or vb.get("spatial_merge_size")
+    sb, sa = vb.get("sam_config"), va.get("sam_config")
+    eb, ea = vb.get("encoder_config"), va.get("encoder_config")
+    if all(isinstance(x, dict) for x in (sb, sa, eb, ea)) and isinstance(sb.get("downsample_channels"), list) \
+            and sb["downsample_channels"][-1] == eb.get("hidden_size") and isinstance(ea.get("hidden_size"), int):
+        # DeepSeek-OCR-like towers: the SAM neck's last channels are the CLIP encoder's patch width
+        sa["downsample_channels"] = [c * ea["hidden_size"] // eb["hidden_size"] for c in sb["downsample_channels"]]
+    vo, hb = vb.get("vision_output_dim"), vb.get("hidden_size")
+    layers = vb.get("intermediate_layers_indices")
+    if isinstance(vo, int) and isinstance(hb, int) and isinstance(layers, list) and vo == hb * (len(layers) + 1) \
+            and isinstance(va.get("hidden_size"), int):
+        # Mllama: the tower outputs its last state and the intermediate ones side by side
+        va["vision_output_dim"] = va["hidden_size"] * (vo // hb)
+    if isinstance(merge, int) and isinstance(vb.get("hidden_size"), int) and isinstance(before.get("out_hidden_size"), int) \
+            and before["out_hidden_size"] == vb["hidden_size"] * merge ** 2:
+        after["out_hidden_size"] = va["hidden_size"] * merge ** 2
+
+
+def _scale_pinpoints(before: dict, after: dict) -> None:
+    """AnyRes grid pinpoints (LLaVA-OneVision, LLaVA-NeXT) are multiples of the tower's image
+    size: scaled with the shrunk size, or the packed features do not tile the grid."""
+    vb, va = before.get("vision_config"), after.get("vision_config")
+    pins = after.get("image_grid_pinpoints")
+    if not (isinstance(vb, dict) and isinstance(va, dict) and isinstance(pins, list)):
+        return
+    old, new = vb.get("image_size"), va.get("image_size")
+    if isinstance(old, int) and isinstance(new, int) and old != new and all(
+            isinstance(p, list) and all(isinstance(x, int) and x % old == 0 for x in p) for p in pins):
+        after["image_grid_pinpoints"] = [[x // old * new for x in p] for p in pins]
 
 
 def _remap_tokens(d: dict, used: dict[int, int]) -> None:
@@ -153,11 +201,18 @@ def shrunk_config(model_type: str):
     from transformers import AutoConfig
 
     cfg = AutoConfig.for_model(model_type)
+    d0 = cfg.to_dict()
     d = _shrink_dict(cfg.to_dict())
+    _keep_merge_width(d0, d)
+    _scale_pinpoints(d0, d)
     _remap_tokens(d, {})
     for k in ("image_token_index", "image_token_id"):  # declared but unset (BLIP-2): give it an id
         if k in d and d[k] is None:
             d[k] = VOCAB - 16
+    if model_type.endswith("_thinker") and "vision_start_token_id" not in d:
+        # Qwen-Omni thinkers read config.vision_start_token_id, which their config class does not
+        # declare and a released checkpoint's thinker config carries
+        d["vision_start_token_id"] = VOCAB - 32
     d.pop("model_type", None)
     d.pop("transformers_version", None)
     return type(cfg).from_dict(d)
@@ -242,6 +297,9 @@ def one(model_type: str, task: str, workdir: Path) -> dict:
         return row
     row["instantiates"] = True
     row["params"] = sum(p.numel() for p in model.parameters())
+    if task == "image-text" and getattr(model.config, "vision_config", "absent") is None:
+        # counted apart from the image probe's denominator, with this reason
+        row["no_image_path"] = "the shipped default config has no vision tower (vision_config is None)"
     try:
         inputs, row["inputs"] = synthetic_inputs(model)
         ref = logits_of(model, inputs)
@@ -422,11 +480,13 @@ def summarize(rows: list[dict], seconds: float, complete: bool) -> dict:
     per_method = {f"anyquant_{m}": sum(bool(r["anyquant"].get(m, {}).get("ok")) for r in ran) for m in METHODS}
     per_method.update({f"transformers_bnb_{m}": sum(bool(r["transformers_bnb"].get(m, {}).get("ok")) for r in ran)
                        for m in BNB_METHODS})
-    vlm = [r for r in ran if r["task"] == "image-text"]
+    vlm = [r for r in ran if r["task"] == "image-text" and not r.get("no_image_path")]
     probed = [r["model_type"] for r in vlm if r.get("image_probe", {}).get("ran")]
     extra = {
         "image_probe_ran": f"{len(probed)}/{len(vlm)}",
         "image_probe_missing": sorted(r["model_type"] for r in vlm if r["model_type"] not in probed),
+        "image_probe_excluded": {r["model_type"]: r["no_image_path"] for r in ran
+                                 if r["task"] == "image-text" and r.get("no_image_path")},
         "doctor_ran": f"{sum(bool(r.get('doctor', {}).get('ran')) for r in ran)}/{len(ran)}",
         "doctor_failures": sorted(r["model_type"] for r in ran if not r.get("doctor", {}).get("ran")),
         "reloads_in_anyquant": {m: sum(r["anyquant"].get(m, {}).get("reload_vs_in_memory", 1) < RELOAD_BOUND

@@ -404,3 +404,21 @@ def test_internvl_like_overflow(internvl_dir, monkeypatch):
     dp = r.report["dtype_policy"]
     assert dp["compute_dtype"] == "bfloat16" and not dp["float32_modules"] and not dp["dtype_exceptions"]
     assert torch.isfinite(logits(r.model, torch.bfloat16)).all()
+
+
+def test_policy_keeps_complex_buffers():
+    """nn.Module.to(dtype) casts complex buffers to the real dtype, dropping the imaginary part
+    (Llama 4's vision rotary `freqs_ci`): the dtype policy keeps them as they are, as
+    transformers' loading does, so the in-memory model and its reload compute the same."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg)
+    freqs = torch.polar(torch.ones(4, 8), torch.randn(4, 8, generator=torch.Generator().manual_seed(0)))
+    m.model.register_buffer("freqs_ci", freqs, persistent=False)
+    policy = choose_policy(m, "float32", None, {"input_ids": torch.arange(8).reshape(1, 8)})
+    policy.apply(m)
+    assert m.model.freqs_ci.dtype == torch.complex64
+    torch.testing.assert_close(m.model.freqs_ci, freqs, rtol=0, atol=0)

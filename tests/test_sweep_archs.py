@@ -93,10 +93,11 @@ def test_gpt_neox_int4_reload_applies_key_renaming(tmp_path):
     assert torch.allclose(_logits(anyquant.load(out), ids), mem, atol=1e-4, rtol=1e-4)
 
 
-def test_llama4_router_kept_and_fused_experts_listed_for_bitsandbytes(tmp_path):
-    """Llama 4's router is an nn.Linear subclass returning (scores, logits): kept in float. Its
-    experts are one fused 3-D parameter. Both must be in the checkpoint's skip list, or
-    transformers builds 4-bit modules there and finds no 4-bit weights for them."""
+def test_llama4_router_kept_and_experts_in_transformers_bitsandbytes_layout(tmp_path):
+    """Llama 4's router is an nn.Linear subclass returning (scores, logits): kept in float, and in
+    the checkpoint's skip list. Its fused experts are rebuilt one Llama4TextMLP per expert, as
+    transformers' bitsandbytes loader does (runtime/experts.py unfuse_for_loader), so the nf4
+    output loads in both loaders with the in-memory logits (before: the save's check refused it)."""
     import json
 
     from transformers import Llama4TextConfig
@@ -108,17 +109,59 @@ def test_llama4_router_kept_and_fused_experts_listed_for_bitsandbytes(tmp_path):
     r = anyquant.quantize(str(src), "nf4", progress=False)
     kept = {d.name: d.reason_code for d in r.plan.kept()}
     assert kept["model.layers.0.feed_forward.router"] == "not_linear"
-    # transformers' bitsandbytes loader rebuilds the fused experts as SequentialLlama4TextExperts,
-    # whose weights do not reproduce the saved ones: the save's reload check finds it and writes nothing
-    with pytest.raises(anyquant.errors.AnyquantError, match="differs from the in-memory model"):
-        anyquant.save(r, tmp_path / "nf4")
-    assert not (tmp_path / "nf4").exists()
-    out = anyquant.save(r, tmp_path / "nf4", verify=False)
+    assert "model.layers.0.feed_forward.experts.3.down_proj" in {d.name for d in r.plan.to_quantize()}
+    out = anyquant.save(r, tmp_path / "nf4")
+    ver = json.loads((out / "anyquant.json").read_text())["verification"]
+    assert ver["transformers"]["ok"] is True
     skip = json.loads((out / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
-    assert {"model.layers.0.feed_forward.router", "model.layers.0.feed_forward.experts"} <= set(skip)
-    loaded = anyquant.load(out)  # loads (before: transformers failed initializing 4-bit experts)
-    assert torch.isfinite(_logits(loaded, ids)).all()
-    # Not equal logits (see the refused save above; the sweep reports about 0.06 relative).
+    assert "model.layers.0.feed_forward.router" in skip
+    assert torch.allclose(_logits(anyquant.load(out), ids), _logits(r.model, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_exaone_outputs_reload_under_its_own_type(tmp_path):
+    """EXAONE loads as LlamaForCausalLM; its config must stay ExaoneConfig (model_type "exaone"),
+    or the output is saved as "llama" and its checkpoint names (`transformer.h.0.mlp.c_proj.*`,
+    EXAONE's own) are read back by nobody's renamings: int4 lacked its tensors, nf4 / int8 had
+    transformers initialise the 4-/8-bit weights ("normal_kernel_cpu not implemented for 'Byte'")."""
+    import json
+
+    from transformers import AutoConfig
+
+    src, ids, ref = _tiny(tmp_path, AutoConfig.for_model(
+        "exaone", hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
+        vocab_size=256, max_position_embeddings=64))
+    for method in ("int4", "nf4"):
+        r = anyquant.quantize(str(src), method, progress=False)
+        mem = _logits(r.model, ids)
+        out = anyquant.save(r, tmp_path / method)
+        assert json.loads((out / "config.json").read_text())["model_type"] == "exaone"
+        ver = json.loads((out / "anyquant.json").read_text())["verification"]
+        assert ver["transformers"]["ok"] is True
+        assert torch.allclose(_logits(anyquant.load(out), ids), mem, atol=1e-4, rtol=1e-4)
+
+
+def test_laguna_nf4_shared_experts_keep_their_quantization_state(tmp_path):
+    """Laguna's checkpoint names its shared experts `mlp.shared_expert.` (renamed to
+    `mlp.shared_experts.` at load, by a pattern whose dots are regex wildcards). Saved in the loaded
+    layout, `mlp.shared_experts.down_proj.weight.absmax` was renamed again on reload to
+    `mlp.shared_experts..down_proj...` and the Linear4bit lost its quantization state ("quant_state
+    is required"). The save must recognise that reverting the renaming is a plain rename of the
+    quantized tensors (formats/hf.py checkpoint_key_renamer: the type's whole mapping) and write
+    the original layout."""
+    import json
+
+    from transformers import AutoConfig
+
+    src, ids, ref = _tiny(tmp_path, AutoConfig.for_model(
+        "laguna", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        moe_intermediate_size=64, intermediate_size=128, num_experts=4, num_experts_per_tok=2, vocab_size=256,
+        max_position_embeddings=64))
+    r = anyquant.quantize(str(src), "nf4", progress=False)
+    assert "model.layers.1.mlp.shared_experts.down_proj" in {d.name for d in r.plan.to_quantize()}
+    assert r.report["fused_experts_quantized"]["tensors"] == 2
+    out = anyquant.save(r, tmp_path / "nf4")
+    assert json.loads((out / "anyquant.json").read_text())["verification"]["anyquant"]["ok"] is True
+    assert torch.allclose(_logits(anyquant.load(out), ids), _logits(r.model, ids), atol=1e-4, rtol=1e-4)
 
 
 def test_int8_takes_inputs_of_any_rank():
@@ -158,3 +201,30 @@ def test_linear_subclass_kept_for_bitsandbytes_quantized_for_int4():
         assert d.action == "keep" and d.reason_code == "format_unsupported" and "MyLinear" in d.reason
     d = anyquant.plan(m, "int4", group_size=32).get("model.layers.0.mlp.up_proj")
     assert d.action == "quantize"
+
+
+def test_inkling2_head_converted_at_load_kept_for_bitsandbytes(tmp_path):
+    """Inkling2 pads `lm_head.weight` to the vocabulary at load (a WeightConverter); its head is
+    narrower than the vocabulary, so it is not recognised as the head and was quantized. In the
+    bitsandbytes formats the converter would pad the packed weight and drop its quantization
+    state ("quant_state is required", "'Parameter' object has no attribute 'CB'"): the plan keeps
+    it (not_reloadable, a safety code) and the output reloads with the in-memory logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        "inkling2_text", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16, rel_extent=64,
+        moe_intermediate_size=32, intermediate_size=128, n_routed_experts=4, num_experts_per_tok=2,
+        vocab_size=256, unpadded_vocab_size=240, max_position_embeddings=64)
+    src, ids, ref = _tiny(tmp_path, cfg)
+    r = anyquant.quantize(str(src), "int8", progress=False)
+    assert r.plan.get("lm_head").reason_code == "not_reloadable"
+    mem = _logits(r.model, ids)
+    out = anyquant.save(r, tmp_path / "int8")
+    assert torch.allclose(_logits(anyquant.load(out), ids), mem, atol=1e-4, rtol=1e-4)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg)
+    assert anyquant.plan(m, "nf4").get("lm_head").reason_code == "not_reloadable"
+    with pytest.raises(anyquant.errors.AnyquantError, match="must stay in float"):
+        anyquant.plan(m, "nf4", overrides=[("lm_head", "quantize")])
+    assert anyquant.plan(m, "int4").get("lm_head").action == "quantize"  # anyquant's loader maps it

@@ -226,6 +226,57 @@ def test_image_path_probed_on_transformers_vlm(model_type):
     assert not [d for d in plan.decisions if d.reason_code == "not_probed"]
 
 
+def _consistent(model_type: str, d: dict) -> dict:
+    """The relations between widths that these types' shipped configs hold and a uniform shrink
+    breaks (benchmarks/sweep.py keeps them the same way)."""
+    v = d["vision_config"]
+    if model_type == "llama4":  # the adapter reads pixel-shuffled patches: hidden / ratio^2 features
+        v["intermediate_size"] = int(v["hidden_size"] / v["pixel_shuffle_ratio"] ** 2)
+        v.update(projector_input_dim=64, projector_output_dim=64, vision_output_dim=64)
+        d["text_config"].update(intermediate_size_mlp=128, num_local_experts=4)
+    elif model_type == "muse_spark":  # the adapter reads the merged patches: width x merge^2
+        d["out_hidden_size"] = v["hidden_size"] * v["merge_size"] ** 2
+        d["text_config"]["moe_hidden_size"] = 64
+    elif model_type == "mllama":  # the tower's last and intermediate states side by side
+        from transformers import AutoConfig
+
+        full = AutoConfig.for_model(model_type).vision_config
+        v["vision_output_dim"] = v["hidden_size"] * (full.vision_output_dim // full.hidden_size)
+    elif model_type == "qwen2_5_omni_thinker":  # read by the model, carried by released thinker configs
+        d["vision_start_token_id"] = _VOCAB - 32
+    elif model_type == "unlimited_ocr":  # the SAM neck's last channels are the CLIP encoder's width
+        from transformers import AutoConfig
+
+        full = AutoConfig.for_model(model_type).vision_config
+        scale = v["encoder_config"]["hidden_size"] / full.encoder_config.hidden_size
+        v["sam_config"]["downsample_channels"] = [int(c * scale) for c in full.sam_config.downsample_channels]
+    elif model_type == "llava_onevision":  # AnyRes pinpoints are multiples of the tower's image size
+        from transformers import AutoConfig
+
+        old = AutoConfig.for_model(model_type).vision_config.image_size
+        d["image_grid_pinpoints"] = [[x // old * v["image_size"] for x in p] for p in d["image_grid_pinpoints"]]
+    return d
+
+
+@pytest.mark.parametrize("model_type", ["llama4", "muse_spark", "llava_onevision", "mllama", "qwen2_5_omni_thinker",
+                                        "unlimited_ocr"])
+def test_image_path_probed_once_the_shrunk_config_is_consistent(model_type):
+    """Types whose image path failed in the sweep because its shrinking broke a relation the
+    shipped config holds: with it kept, the probe runs their image path."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from anyquant.numerics.probe import IMAGE_INPUT_KEYS
+
+    cfg = AutoConfig.for_model(model_type)
+    d = _consistent(model_type, _small_dict(cfg.to_dict()))
+    d.pop("model_type", None)
+    torch.manual_seed(0)
+    m = AutoModelForImageTextToText.from_config(type(cfg).from_dict(d)).eval()
+    inputs, notes = probe_inputs_and_notes(m)
+    facts, ran, run_notes = run_probe(m, inputs)
+    assert any(k in ran for k in IMAGE_INPUT_KEYS) and not facts.image_failure, (notes, run_notes)
+
+
 # Types whose image path cannot run from their default config in stock transformers either:
 # Qwen2.5-Omni's thinker reads config.vision_start_token_id, which its config class does not
 # define (a full checkpoint's config.json carries it); Kosmos-2.5 places its image through an

@@ -22,11 +22,13 @@ from anyquant.formats.gguf import GGUFExport, export_gguf
 from anyquant.formats.io import load_quantized, load_source
 from anyquant.formats.io import save as _save
 from anyquant.inspection import inspect_source
+from anyquant.methods import handler_for
 from anyquant.model.modelmap import ModelMap, build_model_map
 from anyquant.pipeline import QuantizeResult
 from anyquant.pipeline import quantize as _quantize
 from anyquant.planning.plan import Plan
 from anyquant.planning.prepare import prepare
+from anyquant.runtime.experts import unfuse_for_loader
 from anyquant.stream import quantize_to_disk as _quantize_to_disk
 
 __all__ = ["inspect", "plan", "quantize", "quantize_to_disk", "save", "load", "evaluate", "export", "doctor",
@@ -57,6 +59,7 @@ def plan(model: nn.Module | str | Path, method: str | MethodConfig = "nf4", *, d
     an in-memory model's weights and dtypes are left as they were."""
     m = _as_model(model, trust_remote_code)
     cfg = method if isinstance(method, MethodConfig) else make_config(method, **options)
+    unfuse_for_loader(m, handler_for(cfg.method).format)  # as quantize does (pipeline.py)
     return prepare(m, cfg, dtype=dtype, plan=plan_file, overrides=overrides, include_vision=include_vision,
                    only=only, keep_dtypes=True, target=target).plan
 

@@ -38,6 +38,7 @@ from anyquant.numerics.dtype import dtype_name
 from anyquant.planning import Plan
 from anyquant.planning.prepare import prepare
 from anyquant.progress import progress_bar
+from anyquant.runtime.experts import unfuse_for_loader
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,11 @@ def quantize(
     if given_tokenizer is not None:
         tokenizer = given_tokenizer
 
+    unfused = unfuse_for_loader(model, handler.format)
+    if unfused:
+        notes.append(f"{len(unfused)} experts module(s) (first: {unfused[0]}) replaced by one module per expert with "
+                     f"the same weights, as transformers' {handler.format} loader builds them: their experts are "
+                     "Linear layers, quantized and saved as such")
     mmap = build_model_map(model)
     if mmap.quantized_tensors:
         if not requantize:

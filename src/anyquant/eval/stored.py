@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from anyquant.errors import AnyquantError
+from anyquant.formats.experts import bnb_stored_name
+from anyquant.planning.plan import FUSED_EXPERTS
 
 
 def _module_of(tensor_name: str, module_names: set[str]) -> str | None:
@@ -38,6 +40,9 @@ def stored_sizes(directory: str | Path, plan_dict: dict[str, Any]) -> dict[str, 
     # int4 MoE experts saved one Linear per expert: their checkpoint names (plan options)
     expert_names = [(re.compile(p), d["name"]) for d in plan_dict["decisions"]
                     for p in (d.get("options") or {}).get("checkpoint_names", [])]
+    # bitsandbytes outputs store experts named `weight` under another name (formats/experts.py)
+    expert_names += [(re.compile(re.escape(bnb_stored_name(d["name"]))), d["name"]) for d in plan_dict["decisions"]
+                     if d["kind"] == FUSED_EXPERTS and d["name"].endswith(".weight")]
     by_component: dict[str, int] = defaultdict(int)
     q_bytes = 0
     q_weights = 0

@@ -20,13 +20,18 @@ from anyquant.formats.experts import (
     load_per_expert_layout,
     per_expert_decisions,
 )
-from anyquant.formats.hf import checkpoint_key_renamer, from_pretrained_float, meta_skeleton
+from anyquant.formats.hf import (
+    checkpoint_key_renamer,
+    from_pretrained_float,
+    meta_skeleton,
+)
 from anyquant.formats.registry import Format, register_format
 from anyquant.model.modelmap import LINEAR, linear_features
 from anyquant.model.tree import set_submodule
 from anyquant.numerics.dtype import DTYPES
 from anyquant.planning.plan import Plan
 from anyquant.runtime import kernels
+from anyquant.runtime.experts import unfuse_for_loader
 from anyquant.runtime.fuse import fuse_projections
 from anyquant.runtime.int4_linear import Int4Linear
 
@@ -145,6 +150,7 @@ def load_int4_direct(directory: Path, config, plan: Plan, trust_remote_code: boo
     model = meta_skeleton(config, dtype, trust_remote_code)
     if model is None:
         return None
+    unfuse_for_loader(model, "compressed-tensors", copy_weights=False)  # as quantize did (pipeline.py)
     todo = install_int4_shells(model, plan, directory, dtype, device="meta")
     # Checkpoint key -> model name, through transformers' renamings; any converter (merging or
     # splitting tensors at load) sends the load through transformers instead.
@@ -237,6 +243,7 @@ def load_int4_float(directory: Path, manifest: dict[str, Any], trust_remote_code
     plan = Plan.from_dict(manifest["plan"])
     dtype = DTYPES[plan.compute_dtype]
     model, info = from_pretrained_float(directory, config, dtype, trust_remote_code)
+    unfused = unfuse_for_loader(model, "compressed-tensors", copy_weights=False)  # as quantize did
     todo = install_int4_shells(model, plan, directory, dtype)
     split = {d.name for d in per_expert_decisions(plan)}  # experts saved one Linear per expert
     wanted = {f"{d.name}.{k}" for d in todo if d.name not in split for k in model.get_submodule(d.name).state_dict()}
@@ -257,6 +264,8 @@ def load_int4_float(directory: Path, manifest: dict[str, Any], trust_remote_code
     # What transformers could not place: only the int4 tensors (placed above) may be left over,
     # and only the planned modules' float weights may be missing.
     replaced = {f"{d.name}.{p}" for d in todo for p in ("weight", "bias")} | {d.name for d in todo}
+    # the fused experts transformers looked for, whose per-expert Linears were read instead
+    replaced |= {k for k in info.get("missing_keys", ()) if any(k.startswith(f"{u}.") for u in unfused)}
     unexpected = sorted(k for k in info.get("unexpected_keys", ()) if k not in wanted and k not in placed)
     if unexpected:
         raise AnyquantError(f"{directory}: checkpoint tensors the model has no place for: {unexpected[:5]}")

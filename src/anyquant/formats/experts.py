@@ -66,13 +66,24 @@ def install_expert_shells(model: nn.Module, plan: Plan, dtype: torch.dtype, dire
     return todo
 
 
+def bnb_stored_name(name: str) -> str:
+    """The name a bitsandbytes output stores the quantized experts `name` under. An experts
+    tensor named `weight` (JetMoE's `input_linear.weight`) would give keys such as
+    `input_linear.weight.absmax`, which transformers' bitsandbytes loader takes for a Linear4bit's
+    quantization state and fails to convert: those are stored as `...experts_weight.*`."""
+    owner, _, attr = name.rpartition(".")
+    return f"{owner}.experts_weight" if attr == "weight" and owner else ("experts_weight" if attr == "weight" else name)
+
+
 def load_expert_tensors(model: nn.Module, directory: Path, todo: list[Decision]) -> None:
-    """Fill the shells of `todo` from the checkpoint's tensors (keys through transformers' renamings)."""
+    """Fill the shells of `todo` (a bitsandbytes output's experts) from the checkpoint's tensors
+    (keys through transformers' renamings)."""
     from safetensors import safe_open
 
     if not todo:
         return
-    wanted = {f"{d.name}.{k}": t for d in todo for k, t in model.get_submodule(d.name).state_dict().items()}
+    wanted = {f"{bnb_stored_name(d.name)}.{k}": t for d in todo
+              for k, t in model.get_submodule(d.name).state_dict().items()}
     rename = checkpoint_key_renamer(model)
     found: set[str] = set()
     for f in sorted(Path(directory).glob("*.safetensors")):
@@ -137,7 +148,8 @@ def write_experts(directory: Path, model: nn.Module, plan: Plan) -> None:
         q = model.get_submodule(d.name)
         q = q.cpu() if q.device.type != "cpu" else q
         if d.name not in split:
-            added.update({f"{d.name}.{k}": t.contiguous() for k, t in q.state_dict().items()})
+            stored = bnb_stored_name(d.name) if plan.method in ("nf4", "fp4", "int8") else d.name
+            added.update({f"{stored}.{k}": t.contiguous() for k, t in q.state_dict().items()})
             continue
         layout = checkpoint_layout(model, d.name, list(q.shape))
         if layout is None:

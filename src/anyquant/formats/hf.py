@@ -17,11 +17,25 @@ from anyquant.model.load import model_classes
 
 
 def checkpoint_key_renamer(model: nn.Module):
-    """checkpoint key -> model key, through the renamings transformers applied when it loaded
-    `model` (converters, which merge tensors, never match the int4 buffers)."""
+    """checkpoint key -> model key, through the renamings transformers applies when it loads
+    `model`'s type (converters, which merge tensors, never match the int4 buffers). The model
+    type's whole mapping, not only what `model` recorded: a model loaded records only the
+    renamings its checkpoint's float keys needed, and an output whose layers are all quantized
+    has none of them in float (EXAONE saves `transformer.h.0.mlp.c_proj.*`, read back as
+    `model.layers.0.mlp.down_proj.*`)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming, rename_source_key
 
-    renamings = [t for t in (getattr(model, "_weight_conversions", None) or []) if isinstance(t, WeightRenaming)]
+    def key(t) -> tuple:
+        return (tuple(t.source_patterns), tuple(t.target_patterns))
+
+    try:
+        default = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except Exception:  # noqa: BLE001 — a model outside transformers' mappings: its record only
+        default = []
+    recorded = [t for t in (getattr(model, "_weight_conversions", None) or []) if isinstance(t, WeightRenaming)]
+    seen = {key(t) for t in default}
+    renamings = default + [t for t in recorded if key(t) not in seen]
     meta = dict.fromkeys(model.state_dict().keys(), True)
     prefix = getattr(model, "base_model_prefix", None) or None
 

@@ -334,6 +334,19 @@ def load_model(
     return model, tokenizer, info
 
 
+def _config_of_type(path: Path, info: SourceInfo, trust_remote_code: bool):
+    """The config of the checkpoint's model_type through AutoConfig, or None where its type is
+    unknown to transformers (remote code not trusted, a type of a newer version)."""
+    from transformers import AutoConfig
+
+    if not info.config.get("model_type"):
+        return None
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 — the class then reads config.json itself, as before
+        return None
+
+
 def _from_pretrained(path, info, trust_remote_code, dtype, requantize, loader=None):
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
@@ -351,9 +364,18 @@ def _from_pretrained(path, info, trust_remote_code, dtype, requantize, loader=No
         last_error: Exception | None = None
         model = None
         loading: dict[str, Any] = {}
+        own_config = _config_of_type(path, info, trust_remote_code)
         for auto in model_classes(info.config.get("architectures")):
+            extra = {}
+            cc = getattr(auto, "config_class", None)
+            if own_config is not None and isinstance(cc, type) and getattr(cc, "model_type", None) != own_config.model_type:
+                # a class shared by several types (EXAONE loads as LlamaForCausalLM): the config
+                # keeps its own type's class, or it would be saved as the class's type ("llama")
+                # and the output's checkpoint names (EXAONE's `transformer.h.*`) read back by
+                # nobody's renamings
+                extra["config"] = own_config
             try:
-                model, loading = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+                model, loading = auto.from_pretrained(path, output_loading_info=True, **kwargs, **extra)
                 break
             except ValueError as e:  # this auto class does not know the config type
                 last_error = e

@@ -3,6 +3,7 @@ device a model lives on, the logits of a forward whatever the output type."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -63,3 +64,76 @@ def fused_expert_tensors(model: nn.Module) -> dict[str, int]:
             for n, p in params:
                 out[f"{name}.{n}" if name else n] = p.numel()
     return out
+
+
+def not_reloadable(model: nn.Module, names: list[str], suffixes: list[str]) -> dict[str, str]:
+    """Linear layers `names` whose quantized tensors (`{name}.{suffix}` for each of `suffixes`,
+    the format's state-dict keys) transformers would not load back into the same module: module
+    name -> why. Two ways, both found from transformers' own conversion mapping of the type:
+    - a WeightConverter (an operation on the tensor, not a rename) reads the weight under its
+      own name at load (Inkling2 pads `lm_head.weight` to the vocabulary size): the packed
+      weight is converted, its quantization state is not;
+    - save_pretrained's reverse renaming then the load renaming send a key elsewhere (Inkling2:
+      `sconv.weight_proj` is a bare tensor in its checkpoints, renamed `sconv.weight_proj.weight`
+      at load, so LLM.int8's module-level `sconv.weight_proj.SCB` comes back as
+      `sconv.weight_proj.weight.SCB`)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+            revert_weight_conversion,
+        )
+    except ImportError:  # a transformers without load-time conversions
+        return {}
+    try:
+        mapping = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 — not a transformers model: nothing is converted at its load
+        return {}
+    converters = [re.compile(p) for t in mapping if isinstance(t, WeightConverter)
+                  for p in t.source_patterns if isinstance(p, str)]
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    if not converters and not renamings:
+        return {}
+    prefix = getattr(model, "base_model_prefix", None) or None
+    known = dict.fromkeys(model.state_dict().keys(), True)
+    out: dict[str, str] = {}
+    for name in names:
+        if any(p.search(f"{name}.weight") for p in converters):
+            out[name] = (f"transformers converts {name}.weight when it loads this model type (a WeightConverter, "
+                         "not a rename): a quantized weight would lose its quantization state")
+            continue
+        keys = [f"{name}.{s}" for s in suffixes]
+        known.update(dict.fromkeys(keys, True))
+        try:
+            reverted = list(revert_weight_conversion(model, {k: torch.empty(1, device="meta") for k in keys}))
+        except Exception:  # noqa: BLE001 — a reverse conversion that cannot run on it: not a plain rename
+            reverted = []
+        back = [rename_source_key(k, renamings, [], prefix, known)[0] for k in reverted]
+        if sorted(back) != sorted(keys):
+            lost = next((f"{k} -> {b}" for k, b in zip(reverted, back) if b not in keys), "its tensors")
+            out[name] = (f"transformers' renaming of this model type does not bring its saved tensors back "
+                         f"({lost}): the quantized module would load without its state")
+    return out
+
+
+def converted_at_load(model: nn.Module) -> set[str]:
+    """Linear layers whose weight, under its own name, transformers passes through a
+    WeightConverter when it loads this model type (an operation on the tensor, not a rename:
+    Inkling2 pads `lm_head.weight` to the vocabulary size). Its bitsandbytes loader converts the
+    packed 4-/8-bit weight but not its quantization state, so such a layer cannot be saved
+    quantized in that format, in either layout. (Converters whose source is another name, e.g.
+    one fused checkpoint tensor split into q/k/v, do not match the saved-as-loaded names.)"""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:  # a transformers without load-time conversions
+        return set()
+    try:
+        converters = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightConverter)]
+    except Exception:  # noqa: BLE001 — not a transformers model: nothing is converted at its load
+        return set()
+    patterns = [re.compile(p) for t in converters for p in t.source_patterns if isinstance(p, str)]
+    return {name for name, mod in model.named_modules()
+            if isinstance(mod, nn.Linear) and any(p.search(f"{name}.weight") for p in patterns)}

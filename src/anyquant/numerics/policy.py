@@ -74,7 +74,13 @@ class DtypePolicy:
     def apply(self, model: nn.Module, inputs: dict[str, Any] | None = None) -> nn.Module:
         """Cast the model to the compute dtype; kept regions to float32 with casts at their
         boundary; with probe inputs, also a cast wherever a module's inputs and weights disagree."""
+        # nn.Module.to(dtype) casts complex buffers too, dropping their imaginary part (Llama 4's
+        # vision rotary `freqs_ci`): they keep their own dtype, as transformers' loading keeps them
+        complex_buffers = [(mod, n, b) for mod in model.modules() for n, b in mod._buffers.items()
+                           if b is not None and b.is_complex()]
         model.to(self.compute_dtype)
+        for mod, n, b in complex_buffers:
+            mod._buffers[n] = b.to(device=mod._buffers[n].device)
         if self.compute_dtype != torch.float32:
             for name in self.fp32_modules:
                 keep_in_float32(model.get_submodule(name), self.compute_dtype)

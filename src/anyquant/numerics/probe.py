@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from torch.utils._pytree import tree_flatten
 
 from anyquant.errors import AnyquantError
 from anyquant.model.modelmap import cfg_get, sub_config
+from anyquant.model.tree import fused_expert_tensors
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,9 @@ class ProbeFacts:
     read_params: dict[str, list[str]] = field(default_factory=dict)
     # a VLM whose forward with images failed: why (the image path was not probed); "" otherwise
     image_failure: str = ""
+    # fused MoE expert tensor -> how its forward multiplied it: "out_in" (F.linear(x, W[e]),
+    # W[e] @ x) or "in_out" (x @ W[e], torch.bmm(x, W)); tensors not seen multiplied are absent
+    expert_layouts: dict[str, str] = field(default_factory=dict)
 
     def reader_text(self, module_name: str) -> str:
         readers = self.outside_reads.get(module_name, [])
@@ -64,13 +69,83 @@ class ProbeFacts:
         return out
 
 
+# Ops whose result keeps the last two dimensions of a tracked expert tensor in place (an expert
+# picked, a copy, a cast, a reshape that leaves [out, in] alone) ...
+_KEEPS_LAST_TWO = {"__getitem__", "select", "narrow", "index_select", "view", "reshape", "expand", "contiguous",
+                   "to", "float", "half", "bfloat16", "clone", "detach", "type_as", "unsqueeze", "squeeze",
+                   "flatten", "unflatten", "repeat"}
+# ... and the matrix products that consume one: for each, (operand position, layout of the
+# operand as it is multiplied: "out_in" for a weight whose rows are outputs)
+_CONSUMERS = {"linear": ((1, "out_in"),), "matmul": ((0, "out_in"), (1, "in_out")),
+              "__matmul__": ((0, "out_in"), (1, "in_out")), "__rmatmul__": ((0, "in_out"), (1, "out_in")),
+              "bmm": ((0, "out_in"), (1, "in_out")), "mm": ((0, "out_in"), (1, "in_out")),
+              "baddbmm": ((2, "in_out"),), "addmm": ((2, "in_out"),), "addbmm": ((2, "in_out"),)}
+_FLIPPED = {"out_in": "in_out", "in_out": "out_in"}
+
+
+class _ExpertLayouts:
+    """How each fused expert tensor is multiplied in the forward, followed through the views
+    taken of it: an expert picked (`W[e]`), transposed (`.transpose(1, 2)`, `.t()`, `.mT`) or
+    reshaped, up to the F.linear / matmul / bmm that consumes it. That decides which of its last
+    two dimensions is the input one, for classes that do not declare it (`is_transposed`)."""
+
+    def __init__(self, tensors: dict[int, tuple[str, torch.Tensor]]):
+        # id -> (parameter name, weak reference to the tensor, flipped relative to the parameter);
+        # weak, so that a copy (`.float()` of a whole expert tensor) is not kept alive by the
+        # probe, and checked, so that a reused id is not mistaken for a tracked tensor
+        self.tracked: dict[int, tuple[str, weakref.ref, bool]] = {
+            i: (n, weakref.ref(t), False) for i, (n, t) in tensors.items()}
+        self.layouts: dict[str, str] = {}
+
+    def _get(self, x) -> tuple[str, weakref.ref, bool] | None:
+        hit = self.tracked.get(id(x)) if isinstance(x, torch.Tensor) else None
+        return hit if hit is not None and hit[1]() is x else None
+
+    def observe(self, func, args, kwargs, result) -> None:
+        if not self.tracked or not args:
+            return
+        name = getattr(func, "__name__", "")
+        src = self._get(args[0])
+        if src is not None and isinstance(result, torch.Tensor) and result.dim() >= 2:
+            flip = self._flip(func, name, args, args[0], result)
+            if flip is not None and len(self.tracked) < 4096:
+                self.tracked[id(result)] = (src[0], weakref.ref(result), src[2] ^ flip)
+        for pos, layout in _CONSUMERS.get(name, ()):
+            operand = args[pos] if pos < len(args) else (kwargs.get("weight") if name == "linear" else None)
+            hit = self._get(operand)
+            if hit is not None and hit[0] not in self.layouts:
+                self.layouts[hit[0]] = _FLIPPED[layout] if hit[2] else layout
+
+    @staticmethod
+    def _flip(func, name: str, args, src: torch.Tensor, result: torch.Tensor) -> bool | None:
+        n = src.dim()
+        if name == "__get__":  # .T, .mT, .H, .mH
+            return True
+        if name == "t":
+            return True
+        if name in ("transpose", "swapaxes", "swapdims") and len(args) >= 3:
+            a, b = (int(args[1]) % n, int(args[2]) % n)
+            if {a, b} == {n - 2, n - 1}:
+                return True
+            return False if a < n - 2 and b < n - 2 else None
+        if name == "permute":
+            dims = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+            last = [int(d) % n for d in dims[-2:]]
+            return {(n - 2, n - 1): False, (n - 1, n - 2): True}.get(tuple(last))
+        if name in _KEEPS_LAST_TWO and tuple(result.shape[-2:]) == tuple(src.shape[-2:]):
+            return False
+        return None
+
+
 class _WeightReadMode(TorchFunctionMode):
     def __init__(self, owners: dict[int, list[str]], stack: list[str], reads: dict[str, set[str]],
-                 pnames: dict[int, str] | None = None, params: dict[str, set[str]] | None = None):
+                 pnames: dict[int, str] | None = None, params: dict[str, set[str]] | None = None,
+                 layouts: _ExpertLayouts | None = None):
         super().__init__()
         self.owners, self.stack, self.reads = owners, stack, reads
         self.pnames = pnames if pnames is not None else {}
         self.params = params if params is not None else defaultdict(set)
+        self.layouts = layouts
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -85,7 +160,10 @@ class _WeightReadMode(TorchFunctionMode):
                         for n in names:
                             self.reads[n].add(reader)
                             self.params[n].add(self.pnames.get(id(t), "?"))
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        if self.layouts is not None:
+            self.layouts.observe(func, args, kwargs, result)
+        return result
 
 
 @torch.no_grad()
@@ -128,9 +206,11 @@ def probe_weight_reads(model: nn.Module, inputs: dict[str, Any]) -> ProbeFacts:
         handles.append(mod.register_forward_hook(post(name), always_call=True))
     was_training = model.training
     model.eval()
+    fused = fused_expert_tensors(model)
+    layouts = _ExpertLayouts({id(p): (n, p) for n, p in model.named_parameters() if n in fused})
     try:
         params: dict[str, set[str]] = defaultdict(set)
-        with _WeightReadMode(owners, stack, reads, pnames, params):
+        with _WeightReadMode(owners, stack, reads, pnames, params, layouts):
             model(**inputs)
     finally:
         for h in handles:
@@ -143,6 +223,7 @@ def probe_weight_reads(model: nn.Module, inputs: dict[str, Any]) -> ProbeFacts:
         called=called,
         input_absmax=absmax,
         read_params={k: sorted(v) for k, v in sorted(params.items())},
+        expert_layouts=dict(sorted(layouts.layouts.items())),
     )
     for k in facts.outside_reads:
         log.info("probe: weight of %s read outside its forward by %s", k, facts.reader_text(k))

@@ -21,7 +21,7 @@ __all__ = ["build_plan", "Plan", "Decision", "QUANTIZE", "KEEP", "PlanContext"]
 
 # Rules whose "keep" protects correctness: an override may not force these modules to quantize.
 SAFETY_CODES = {"already_quantized", "not_linear", "weight_read_outside_forward", "keep_in_fp32_modules",
-                "not_probed", "experts_layout"}
+                "not_probed", "experts_layout", "not_reloadable"}
 
 
 def build_plan(
@@ -35,6 +35,7 @@ def build_plan(
     only: list[str] | None = None,
     float32_regions: list[str] | None = None,
     experts: list[Decision] | None = None,
+    not_reloadable: dict[str, str] | None = None,
 ) -> Plan:
     """Rules (first that decides wins) -> --only -> overrides (plan file, then --keep; later
     wins). Safety rules (SAFETY_CODES) are never overridden towards quantizing.
@@ -44,7 +45,8 @@ def build_plan(
     `experts`: the decisions for fused MoE expert tensors (planning/experts.py), which --only
     and the overrides then treat like the Linear layers'."""
     ctx = PlanContext(facts=facts, include_vision=include_vision, only=list(only or []),
-                      float32_regions=list(float32_regions or []))
+                      float32_regions=list(float32_regions or []),
+                      not_reloadable=dict(not_reloadable or {}))
     absmax = getattr(facts, "input_absmax", None) or {}
     lin = sorted(absmax[n] for n, m in model_map.modules.items() if m.kind == LINEAR and n in absmax)
     if lin:

@@ -11,11 +11,12 @@ from anyquant.config import MethodConfig
 from anyquant.methods import handler_for
 from anyquant.model.modelmap import ModelMap
 from anyquant.model.tree import fused_expert_tensors
+from anyquant.numerics.probe import ProbeFacts
 from anyquant.planning.plan import FUSED_EXPERTS, KEEP, QUANTIZE, Decision, Plan
 from anyquant.runtime.experts import (
     checkpoint_layout,
     checkpoint_name_patterns,
-    indexes_experts,
+    stored_transposed,
 )
 
 # keeping an experts layout the quantized experts cannot serve protects correctness: an
@@ -23,10 +24,14 @@ from anyquant.runtime.experts import (
 EXPERTS_LAYOUT = "experts_layout"
 
 
-def expert_decisions(model: nn.Module, model_map: ModelMap, config: MethodConfig, compute_dtype: str) -> list[Decision]:
-    """One decision per fused expert tensor of `model` (model.tree.fused_expert_tensors)."""
+def expert_decisions(model: nn.Module, model_map: ModelMap, config: MethodConfig, compute_dtype: str,
+                     facts: ProbeFacts | None = None) -> list[Decision]:
+    """One decision per fused expert tensor of `model` (model.tree.fused_expert_tensors).
+    `facts`: the probe forward's, which say how experts classes that do not declare their
+    layout multiply their tensors (`expert_layouts`)."""
     handler = handler_for(config.method)
     out: list[Decision] = []
+    observed = facts.expert_layouts if facts is not None else {}
     for name in fused_expert_tensors(model):
         owner_name = name.rpartition(".")[0]
         owner = model.get_submodule(owner_name)
@@ -34,19 +39,27 @@ def expert_decisions(model: nn.Module, model_map: ModelMap, config: MethodConfig
         shape = list(p.shape)
         info = model_map.modules.get(owner_name)
         component = info.component if info is not None else "language_model"
-        ok, why = indexes_experts(owner)
-        if not ok or p.dim() != 3:
-            why = why or f"{name} has {p.dim()} dimensions; quantized experts are [experts, out, in]"
+        if p.dim() != 3:
             out.append(Decision(name, FUSED_EXPERTS, component, KEEP, None, compute_dtype, EXPERTS_LAYOUT,
-                                f"fused experts kept in float: {why}", {}, shape))
+                                f"fused experts kept in float: {name} has {p.dim()} dimensions; quantized experts "
+                                "are [experts, out, in]", {}, shape))
             continue
-        transposed = bool(getattr(owner, "is_transposed", False))
+        # which dimension is the input one (the int4 groups run along it): the class says so, or
+        # the probe saw how its forward multiplies the tensor; unseen, [experts, out, in] (the
+        # quantized experts reproduce the tensor in its own layout either way, so this choice
+        # changes which weights share a scale, never what the forward computes)
+        transposed = stored_transposed(owner)
+        if transposed is None:
+            transposed = observed.get(name) == "in_out"
         logical = [shape[0], shape[2], shape[1]] if transposed else shape  # [experts, out, in]
         ok, options, code, reason = handler.fit_experts(logical, config)
         if ok and transposed:
             # stored [experts, in, out] (`x @ W[e]`): quantized per expert as its [out, in] transpose,
             # kept in anyquant's fused layout (no per-expert checkpoint layout is written for it)
             options = {**options, "transposed": True}
+        if ok and stored_transposed(owner) is None:
+            # not a transformers experts class: its own forward uses the tensor, whole or by expert
+            options = {**options, "owner_forward": True}
         if ok and handler.format == "compressed-tensors" and not transposed:
             # int4 family: written one Linear per expert, as transformers' own checkpoints and
             # llm-compressor's are, where transformers splits this tensor in its checkpoints
@@ -78,7 +91,10 @@ def experts_note(plan: Plan, calibrated: bool) -> str | None:
         if calibrated:
             parts.append(f"{plan.method} calibrates Linear layers; the experts are rounded to nearest on the same "
                          "int4 grid (per expert, not calibrated on the tokens routed to them)")
-        parts.append("each expert is dequantized when the router picks it, in the eager experts loop")
+        own = [d for d in todo if d.options.get("owner_forward")]
+        parts.append("each expert is dequantized when the router picks it, in the eager experts loop"
+                     + (f"; {len(own)} tensor(s) of experts classes with their own forward (first: {own[0].name}) "
+                        "are dequantized whole where that forward uses the whole tensor" if own else ""))
         why = stock_experts_refusal(plan)
         parts.append(why if why else "stock transformers' from_pretrained loads them too (the per-expert "
                      "compressed-tensors layout, dequantized to float at load)")

@@ -6,6 +6,7 @@ decisions) is what `quantize` does on the same device."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,8 @@ from torch import nn
 from anyquant.config import MethodConfig
 from anyquant.errors import AnyquantError
 from anyquant.methods import handler_for
-from anyquant.model.modelmap import ModelMap, build_model_map
-from anyquant.model.tree import device_of
+from anyquant.model.modelmap import LINEAR, ModelMap, build_model_map
+from anyquant.model.tree import device_of, not_reloadable
 from anyquant.numerics.capabilities import DeviceCapabilities, detect_capabilities
 from anyquant.numerics.declared import declared_dtype
 from anyquant.numerics.dtype import dtype_name
@@ -62,6 +63,29 @@ def target_capabilities(target: str, model: nn.Module, here: DeviceCapabilities
         return gpu, (f"quantizing on a CPU: the source's {name} is kept (compute dtype and everything not "
                      f"quantized) for the GPU it will run on; --target cpu computes in float32 instead")
     return here, None
+
+
+@functools.lru_cache(maxsize=None)
+def saved_state_keys(config: MethodConfig) -> tuple[str, ...]:
+    """The state-dict keys (relative to the module) of one Linear quantized by `config`'s method
+    when its format is loaded by transformers' bitsandbytes loader; () for anyquant's int4
+    format, whose loader maps names itself. Read from a quantized 64 x 64 Linear, not listed."""
+    handler = handler_for(config.method)
+    if handler.format != "bitsandbytes":
+        return ()
+    with torch.no_grad():
+        q = handler.quantize_linear(nn.Linear(64, 64, bias=True), {}, config, torch.float32)
+    return tuple(sorted(q.state_dict().keys()))
+
+
+def _not_reloadable(model: nn.Module, mmap: ModelMap, config: MethodConfig) -> dict[str, str]:
+    """The Linear layers whose quantized tensors in the method's saved format transformers would
+    not load back into them (model/tree.py not_reloadable). Only the bitsandbytes format is
+    loaded by transformers' own loader; anyquant's int4 loader maps names itself."""
+    suffixes = saved_state_keys(config)
+    if not suffixes:
+        return {}
+    return not_reloadable(model, [n for n, m in mmap.modules.items() if m.kind == LINEAR], list(suffixes))
 
 
 @dataclass
@@ -114,7 +138,9 @@ def prepare(
         the_plan = build_plan(mmap, config, dtype_name(policy.compute_dtype), ov, facts,
                               include_vision=include_vision, only=only,
                               float32_regions=list(policy.fp32_modules),
-                              experts=expert_decisions(model, mmap, config, dtype_name(policy.compute_dtype)))
+                              experts=expert_decisions(model, mmap, config, dtype_name(policy.compute_dtype),
+                                                       facts),
+                              not_reloadable=_not_reloadable(model, mmap, config))
     if target_note is not None:
         notes = [f"{target_note}: compute dtype {dtype_name(policy.compute_dtype)} ({policy.reason})"] + notes
     the_plan.notes = notes + the_plan.notes

@@ -36,6 +36,9 @@ class PlanContext:
     # the dtype policy's float32 regions (float16 overflow contained there, F3): the outlier rule
     # leaves their Linears to the policy, which quantizes them computing in float32
     float32_regions: list[str] = field(default_factory=list)
+    # Linear layers whose quantized tensors transformers would not load back (model/tree.py
+    # not_reloadable): name -> why
+    not_reloadable: dict[str, str] = field(default_factory=dict)
 
 
 # Quality guard (rule_outlier_input): a Linear whose probe input absmax is over OUTLIER_RATIO x
@@ -135,6 +138,14 @@ def rule_outlier_input(m, mm, cfg, dtype, ctx):
     return None
 
 
+def rule_not_reloadable(m, mm, cfg, dtype, ctx):
+    why = ctx.not_reloadable.get(m.name)
+    if why:
+        return _keep(m, dtype, "not_reloadable", f"{why}; kept in float so that the saved output runs "
+                     "(int4, hqq, awq and gptq, loaded by anyquant, take it)")
+    return None
+
+
 def rule_shape(m, mm, cfg, dtype, ctx):
 
     ok, options, code, reason = handler_for(cfg.method).fit(m, cfg)
@@ -145,5 +156,5 @@ def rule_shape(m, mm, cfg, dtype, ctx):
 
 RULES: list[Rule] = [
     rule_not_linear, rule_already_quantized, rule_keep_in_fp32, rule_weight_read_outside_forward,
-    rule_not_probed, rule_head, rule_tied, rule_vision, rule_outlier_input, rule_shape,
+    rule_not_probed, rule_head, rule_tied, rule_vision, rule_not_reloadable, rule_outlier_input, rule_shape,
 ]

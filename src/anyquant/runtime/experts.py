@@ -8,6 +8,13 @@ dequantized, one at a time, and memory stays at the stored width. The grouped / 
 experts kernels take the whole 3-D tensor instead, so a module holding quantized experts is
 pinned to the eager loop (`pin_eager`).
 
+Experts classes written otherwise use the whole tensor in their own forward: Llama 4's
+`torch.bmm(x, self.gate_up_proj)`, Inkling's shared experts `self.gate_proj.transpose(1, 2)`,
+JetMoE's `F.linear(x, self.weight[i])`. For them a QuantizedExperts is tensor-like: passed to
+any torch function (`__torch_function__`), or asked for a tensor method or attribute it lacks,
+it stands for the whole tensor dequantized to the compute dtype (for that call, then freed),
+so the owner's own forward runs unchanged on the quantized weights.
+
 Three storages, one per format:
   Int4Experts  the int4 family (int4, hqq, awq, gptq): Int4Linear's buffers with a leading
                experts dimension (weight_packed int32 [E, out, in / 8], weight_scale
@@ -26,8 +33,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from anyquant import primitives as P
+from anyquant.errors import AnyquantError
 
 
 class QuantizedExperts(nn.Module):
@@ -61,8 +70,15 @@ class QuantizedExperts(nn.Module):
     def device(self) -> torch.device:
         return self.dtype_anchor.device
 
+    @property
+    def ndim(self) -> int:
+        return 3
+
     def dim(self) -> int:
         return 3
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
 
     def numel(self) -> int:
         return self.num_experts * self.out_features * self.in_features
@@ -71,18 +87,52 @@ class QuantizedExperts(nn.Module):
         return self.num_experts
 
     def __getitem__(self, idx) -> torch.Tensor:
-        e = int(idx)
-        if not -self.num_experts <= e < self.num_experts:
-            raise IndexError(f"{type(self).__name__}: expert {e} out of range for {self.num_experts} experts")
-        w = self.expert_weight(e % self.num_experts).to(self.dtype)
-        return w.t() if self.transposed else w
+        if isinstance(idx, int) or (isinstance(idx, torch.Tensor) and idx.numel() == 1 and idx.dim() == 0
+                                    and not idx.is_floating_point() and idx.dtype != torch.bool):
+            e = int(idx)
+            if not -self.num_experts <= e < self.num_experts:
+                raise IndexError(f"{type(self).__name__}: expert {e} out of range for {self.num_experts} experts")
+            w = self.expert_weight(e % self.num_experts).to(self.dtype)
+            return w.t() if self.transposed else w
+        # slices, lists of experts, masks: what the replaced tensor would give
+        return self.as_tensor()[idx]
+
+    def as_tensor(self) -> torch.Tensor:
+        """The replaced parameter, dequantized: [experts, out, in] (or [experts, in, out] where
+        transposed) in the compute dtype, on the buffers' device."""
+        return self.dequantized(self.dtype)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # a torch function handed the experts (torch.bmm(x, experts), x @ experts, F.linear on
+        # a slice) computes with the dequantized tensor, as it did with the float parameter
+        args, kwargs = tree_map(lambda a: a.as_tensor() if isinstance(a, QuantizedExperts) else a,
+                                (args, kwargs or {}))
+        return func(*args, **kwargs)
+
+    def __matmul__(self, other):
+        return torch.matmul(self.as_tensor(), other)
+
+    def __rmatmul__(self, other):
+        return torch.matmul(other, self.as_tensor())
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # tensor methods and attributes the module lacks (.transpose, .view, .T, .mT, ...) act
+            # on the dequantized tensor; private and special names stay the module's own (copy,
+            # pickle and nn.Module's machinery must never receive a tensor's)
+            if name.startswith("_") or not hasattr(torch.Tensor, name):
+                raise
+            return getattr(self.as_tensor(), name)
 
     def expert_weight(self, e: int) -> torch.Tensor:
         raise NotImplementedError
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Every expert's weight in the replaced parameter's layout (for measuring error and
-        dequantizing; not used in forward)."""
+        """Every expert's weight in the replaced parameter's layout (for measuring error,
+        dequantizing, and the owners whose forward uses the whole tensor: `as_tensor`)."""
         w = torch.stack([self.expert_weight(e).to(dtype) for e in range(self.num_experts)])
         return w.transpose(1, 2) if self.transposed else w
 
@@ -217,14 +267,12 @@ def pin_eager(experts_module: nn.Module) -> None:
     experts_module.config = own
 
 
-def indexes_experts(module: nn.Module) -> tuple[bool, str]:
-    """Does `module` (the owner of a fused expert tensor) read its expert weights one expert at a
-    time as [out, in] matrices, so a QuantizedExperts can stand in? (ok, why not)."""
-    forward = type(module).forward
-    if getattr(forward, "__wrapped__", None) is None or not hasattr(module, "is_transposed"):
-        return False, (f"{type(module).__name__} is not a transformers experts class with an eager per-expert loop "
-                       "(@use_experts_implementation): its forward may read the whole 3-D tensor")
-    return True, ""
+def stored_transposed(module: nn.Module) -> bool | None:
+    """Does `module` (the owner of a fused expert tensor) store its experts [experts, in, out]
+    (`x @ W[e]`)? transformers' experts classes say so (`is_transposed`, set by
+    @use_experts_implementation); None for others (the probe observes it: numerics/probe.py)."""
+    flag = getattr(module, "is_transposed", None)
+    return bool(flag) if flag is not None else None
 
 
 def install_experts(model: nn.Module, param_name: str, q: QuantizedExperts) -> nn.Module:
@@ -316,4 +364,63 @@ def checkpoint_name_patterns(layout: list[tuple[str, int, torch.Tensor]]) -> lis
         parts = base.split(".")
         out.append(r"\.".join(r"\d+" if len(other) == len(parts) and p != o and p.isdigit() else re.escape(p)
                               for p, o in zip(parts, other)))
+    return out
+
+
+def _llama4_expert_weights(experts: nn.Module, e: int) -> dict[str, torch.Tensor]:
+    # Llama4TextExperts: `gate, up = (x @ gate_up_proj[e]).chunk(2, dim=-1)`, `down = h @ down_proj[e]`
+    gate_up = experts.gate_up_proj[e]
+    half = gate_up.shape[1] // 2
+    return {"gate_proj.weight": gate_up[:, :half].t(), "up_proj.weight": gate_up[:, half:].t(),
+            "down_proj.weight": experts.down_proj[e].t()}
+
+
+# experts classes whose tensors a per-expert module holds as Linears: class name -> expert e's
+# Linear weights under the per-expert module's names
+_PER_EXPERT_WEIGHTS = {"Llama4TextExperts": _llama4_expert_weights}
+
+
+def unfuse_for_loader(model: nn.Module, quant_method: str, copy_weights: bool = True) -> list[str]:
+    """Replace each experts module that transformers' own loader for `quant_method`
+    ("bitsandbytes", "compressed-tensors") replaces by one module per expert before it loads a
+    quantized checkpoint (transformers.quantizers.base.MODULES_TO_PATCH_FOR_QUANTIZATION: Llama 4's
+    Llama4TextExperts becomes SequentialLlama4TextExperts, one Llama4TextMLP per expert), with
+    the same weights: its experts are then ordinary Linear layers, planned, quantized and saved
+    like any other, and the output has the layout that loader expects. `copy_weights=False`:
+    the structure only (a skeleton about to be filled from a checkpoint). Returns the replaced
+    modules' names."""
+    try:
+        from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION
+    except ImportError:  # a transformers without these patches: nothing to match
+        return []
+    cfg = getattr(model, "config", None)
+    out = []
+    for name, module in list(model.named_modules()):
+        spec = MODULES_TO_PATCH_FOR_QUANTIZATION.get(type(module).__name__)
+        weights_of = _PER_EXPERT_WEIGHTS.get(type(module).__name__)
+        if spec is None or weights_of is None or cfg is None:
+            continue
+        if quant_method not in {getattr(m, "value", m) for m in spec["quantization_methods"]}:
+            continue
+        p = next(module.parameters())
+        new = spec["module_name"](cfg.get_text_config()).to(device=p.device, dtype=p.dtype)
+        parent_name, _, attr = name.rpartition(".")
+        if not copy_weights:
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+            out.append(name)
+            continue
+        with torch.no_grad():
+            for e, expert in enumerate(new):
+                for key, w in weights_of(module, e).items():
+                    expert.get_parameter(key).copy_(w)
+            # the two forwards must agree before the float module goes
+            x = torch.randn(len(new) * 2, module.hidden_size, generator=torch.Generator().manual_seed(0)).to(p)
+            # (the per-expert module answers [experts, tokens, hidden], the fused one [experts * tokens, hidden])
+            a, b = module(x).float().reshape(-1), new(x).float().reshape(-1)
+        if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(a.abs().max()) + 1e-6):
+            raise AnyquantError(f"{name}: {type(new).__name__} built from {type(module).__name__}'s weights computes "
+                                f"otherwise (max |difference| {float((a - b).abs().max()):.3g}); this transformers "
+                                "version lays out the experts differently: report it with the model")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+        out.append(name)
     return out
