@@ -41,9 +41,10 @@ def build(ckpt: Path, layers: int) -> dict:
     from transformers import LlamaForCausalLM
 
     sys.path.insert(0, str(HERE))
+    from speed_gpu import llama_config
+
     import anyquant
     from anyquant.errors import AnyquantError
-    from speed_gpu import llama_config
 
     res = {}
     torch.manual_seed(0)

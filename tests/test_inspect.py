@@ -46,8 +46,9 @@ def test_float_source_inspected_without_reading_weights(tmp_path, monkeypatch, d
 
 
 def test_quantized_source_is_loaded_to_show_its_modules(tmp_path):
-    import anyquant
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import anyquant
 
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=128)

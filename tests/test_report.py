@@ -22,7 +22,6 @@ from anyquant.eval.report import (
     format_bytes,
     format_value,
     group_by_block,
-    headline,
     output_size,
     read_eval_record,
     save_eval_record,

@@ -25,12 +25,22 @@ from anyquant.errors import AnyquantError
 from anyquant.model.load import inspect_files, load_model, resolve_source
 from anyquant.model.modelmap import HEAD, LINEAR, PROJECTOR, VISION, build_model_map
 from anyquant.numerics.capabilities import DeviceCapabilities, detect_capabilities
-from anyquant.numerics.casts import DtypeBoundaryError, check_consistency, fix_boundaries
+from anyquant.numerics.casts import (
+    DtypeBoundaryError,
+    check_consistency,
+    fix_boundaries,
+)
 from anyquant.numerics.dtype import DTYPES, dtype_name
 from anyquant.numerics.inputs import runnable_probe_inputs
 from anyquant.numerics.policy import choose_policy
 from anyquant.numerics.probe import probe_weight_reads
-from anyquant.numerics.ranges import FP16_MARGIN, FP16_MAX, ModuleRange, overflow_regions, probe_ranges
+from anyquant.numerics.ranges import (
+    FP16_MARGIN,
+    FP16_MAX,
+    ModuleRange,
+    overflow_regions,
+    probe_ranges,
+)
 
 log = logging.getLogger(__name__)
 

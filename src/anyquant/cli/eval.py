@@ -41,7 +41,12 @@ def eval_cmd(target: str = typer.Argument(..., help="model directory to evaluate
         raise AnyquantError(f"--report: {target} is not an anyquant output (no anyquant.json); "
                             "reports are made of outputs of `anyquant quantize`")
     setup_logging(False)
-    from anyquant.eval.report import build_report, command_line, eval_lines, save_eval_record
+    from anyquant.eval.report import (
+        build_report,
+        command_line,
+        eval_lines,
+        save_eval_record,
+    )
     from anyquant.eval.saved import run_eval
 
     data = run_eval(target, baseline, text, max_tokens, trust_remote_code, progress=not json_out,

@@ -13,10 +13,10 @@ from anyquant.cli.common import (
     SymmetricOpt,
     TargetOpt,
     app,
-    check_target,
     check_dtype,
     check_model_dir,
     check_patterns,
+    check_target,
     console,
     fails_cleanly,
     method_options,
@@ -48,8 +48,8 @@ def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", 
     setup_logging(False)
     from anyquant.api import plan as make_plan
     from anyquant.formats.io import load_source
-    from anyquant.planning.summary import collapse_notes, summarize
     from anyquant.planning.plan import load_overrides
+    from anyquant.planning.summary import collapse_notes, summarize
 
     if plan_file is not None:
         load_overrides(plan_file)

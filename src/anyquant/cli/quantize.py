@@ -12,10 +12,10 @@ from anyquant.cli.common import (
     SymmetricOpt,
     TargetOpt,
     app,
-    check_target,
     check_dtype,
     check_model_dir,
     check_patterns,
+    check_target,
     fails_cleanly,
     method_options,
     setup_logging,
@@ -64,7 +64,11 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
     from anyquant.config import make_config
     from anyquant.eval.report import build_report, command_line
     from anyquant.formats.io import check_output_dir, clean_leftovers
-    from anyquant.model.files import estimate_output_bytes, max_positions, read_text_file
+    from anyquant.model.files import (
+        estimate_output_bytes,
+        max_positions,
+        read_text_file,
+    )
     from anyquant.planning.plan import load_overrides
     from anyquant.planning.summary import collapse_notes
 

@@ -162,7 +162,10 @@ def device_of(name: str, device_map: dict[str, object]) -> torch.device:
 
 def auto_device_map(model: nn.Module) -> dict[str, object]:
     """transformers' device_map="auto" for a meta skeleton: the GPUs present, then the CPU."""
-    from transformers.integrations.accelerate import get_balanced_memory, infer_auto_device_map
+    from transformers.integrations.accelerate import (
+        get_balanced_memory,
+        infer_auto_device_map,
+    )
 
     no_split = getattr(model, "_no_split_modules", None) or []
     max_memory = get_balanced_memory(model, no_split_module_classes=no_split)

@@ -31,7 +31,11 @@ from anyquant.model.modelmap import declared_fp32_modules
 from anyquant.model.tree import device_of
 from anyquant.numerics.capabilities import DeviceCapabilities, detect_capabilities
 from anyquant.numerics.casts import fix_boundaries, keep_in_float32
-from anyquant.numerics.declared import declared_dtype, precise_params, restore_precise_params
+from anyquant.numerics.declared import (
+    declared_dtype,
+    precise_params,
+    restore_precise_params,
+)
 from anyquant.numerics.dtype import DTYPES, cast_floats, dtype_name
 from anyquant.numerics.ranges import (
     FP16_MARGIN,
