@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from timing import add_args, build, write  # benchmarks/peers/timing.py
+from timing import add_args, build, stub_tokenizer, write  # benchmarks/peers/timing.py
 
 
 def main() -> None:
@@ -37,6 +37,7 @@ def main() -> None:
     model, calib, device, what = build(args)
     dtype = next(model.parameters()).dtype
     model.save_pretrained(args.work)
+    stub_tokenizer().save_pretrained(args.work)  # GPTQModel.load reads a tokenizer from the directory
     del model
     if device == "cuda":
         torch.cuda.empty_cache()

@@ -51,7 +51,8 @@ def build(args):
 
 def stub_tokenizer():
     """A one-token tokenizer: the calibration is token ids, never text, but auto-round refuses a
-    model object without a tokenizer and the random model has none."""
+    model object without a tokenizer, GPTQModel loads one from the model's directory, and the
+    random model has none."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
