@@ -137,5 +137,15 @@ def _tied(model, key: str) -> bool:
     return key == "lm_head.weight" and bool(getattr(model.config, "tie_word_embeddings", False))
 
 
-def write_peer_json(out_dir: Path, info: dict) -> None:
-    (Path(out_dir) / PEER_FILE).write_text(json.dumps(info, indent=2))
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "peers"
+
+
+def write_peer_json(out_dir: Path, info: dict) -> Path:
+    """OUT/peer.json (read by quality.py's dense: peer) and its copy under benchmarks/results/peers/,
+    named after the tool and the model directory, which keeps the run's record in the repository."""
+    text = json.dumps(info, indent=2)
+    (Path(out_dir) / PEER_FILE).write_text(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    record = RESULTS / f"{info['tool'].lower()}-{Path(info['model']).name}.json"
+    record.write_text(text)
+    return record
