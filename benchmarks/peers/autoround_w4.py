@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
+import json
 import time
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="rounding lr (auto-round's default: 1 / iters)")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--reload-only", action="store_true",
+                    help="skip quantizing: rewrite OUT/dense and OUT/peer.json from the checkpoint under OUT/packed "
+                         "(seconds from an earlier OUT/peer.json, else null)")
     args = ap.parse_args()
 
     import torch
@@ -74,14 +78,20 @@ def main() -> None:
                 "format": "auto_round", "device": device,
                 "iters_note": ("auto-round's default" if args.iters == DEFAULT_ITERS else
                                f"lowered from auto-round's default {DEFAULT_ITERS} to finish on this machine")}
-    ar = AutoRound(model, tok, scheme="W4A16", group_size=args.group_size, iters=args.iters, lr=args.lr,
-                   dataset=[w.unsqueeze(0) for w in ids], nsamples=int(ids.shape[0]), seqlen=args.seq_len,
-                   device_map=device, seed=42)
-    t0 = time.perf_counter()
-    _, folders = ar.quantize_and_save(str(packed), format="auto_round")
-    seconds = time.perf_counter() - t0
-    del ar, model
-    packed = Path(folders[0] if isinstance(folders, (list, tuple)) else folders)  # it adds a sub-folder
+    if args.reload_only:
+        earlier = args.out / "peer.json"
+        seconds = json.loads(earlier.read_text())["seconds_quantize_and_save"] if earlier.exists() else None
+        packed = next(p.parent for p in sorted(packed.glob("*/quantization_config.json")))
+    else:
+        ar = AutoRound(model, tok, scheme="W4A16", group_size=args.group_size, iters=args.iters, lr=args.lr,
+                       dataset=[w.unsqueeze(0) for w in ids], nsamples=int(ids.shape[0]), seqlen=args.seq_len,
+                       device_map=device, seed=42)
+        t0 = time.perf_counter()
+        _, folders = ar.quantize_and_save(str(packed), format="auto_round")
+        seconds = time.perf_counter() - t0
+        del ar
+        packed = Path(folders[0] if isinstance(folders, (list, tuple)) else folders)  # it adds a sub-folder
+    del model
 
     served = AutoModelForCausalLM.from_pretrained(packed, dtype=torch.float32, device_map="cpu").eval()
     kernels = sorted({type(m).__name__ for m in served.modules() if hasattr(m, "qweight")})
@@ -95,7 +105,7 @@ def main() -> None:
         "dense": "each quantized Linear's weight read back through auto-round's own CPU kernel (forward on the "
                  "identity); other tensors as the packed checkpoint reloads them",
         "versions": {p: md.version(p) for p in ("auto-round", "transformers", "torch")}})
-    print(f"auto-round W4A16 g{args.group_size} {args.iters} iters: {seconds:.0f} s, "
+    print(f"auto-round W4A16 g{args.group_size} {args.iters} iters: {seconds} s, "
           f"{bits['bits_per_weight']:.3f} bits/weight -> {args.out}")
 
 
