@@ -103,7 +103,7 @@ def main() -> None:
         "tool": "auto-round", "model": str(args.model), "settings": settings,
         "seconds_quantize_and_save": seconds, "packed": str(packed), "reload_kernels": kernels, **bits,
         "dense": "each quantized Linear's weight read back through auto-round's own CPU kernel (forward on the "
-                 "identity); other tensors as the packed checkpoint reloads them",
+                 "identity); other tensors as the packed checkpoint stores them",
         "versions": {p: md.version(p) for p in ("auto-round", "transformers", "torch")}})
     print(f"auto-round W4A16 g{args.group_size} {args.iters} iters: {seconds} s, "
           f"{bits['bits_per_weight']:.3f} bits/weight -> {args.out}")
