@@ -233,7 +233,7 @@ def _one_block(i, bname, block, linears, batches, float_batches, ckdir, config, 
                     batches, float_outs if model_targets and float_outs is not None else ref,
                     steps=config.tune_steps, lr=config.tune_lr,
                     rounding=config.tune_rounding, sequences_per_step=config.tune_sequences,
-                    compute_dtype=compute_dtype, seed=i)
+                    compute_dtype=compute_dtype, loss=config.tune_loss, holdout=config.tune_holdout, seed=i)
         else:
             entry = {"block": bname, "linears": 0, "output_error_rtn": 0.0, "fallbacks": [],
                      "notes": [], "weight_errors": {}}
