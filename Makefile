@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 GEMMA_GGUF := 1.0.0
 
-.PHONY: setup demo test test-fast bench-deps llmc-venv llama-venv clean
+.PHONY: setup demo test test-fast bench-deps llmc-venv autoround-venv gptqmodel-venv llama-venv clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,26 @@ llmc-venv:
 	$(LLMC)/bin/pip install -q llmcompressor==0.14.0.1 $(TORCH)
 	$(LLMC)/bin/pip install -q --no-deps gensim==4.4.0
 	$(LLMC)/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'torch was upgraded')"
+
+# auto-round (Intel's SignRound) and GPTQModel, peers in benchmarks/quality.py, each in its own
+# venv (benchmarks/peers/autoround_w4.py, gptqmodel_w4.py). torch is named in every pip command so
+# that neither resolver swaps the CPU build for a newer one. GPTQModel 7.7 asks for torch >= 2.14.1;
+# 7.6.0 is the newest that accepts 2.13 (it is pure Python at install: kernels compile on first use).
+AUTOROUND := .autoround
+autoround-venv:
+	test -x $(AUTOROUND)/bin/python || python3 -m venv $(AUTOROUND)
+	$(AUTOROUND)/bin/pip install -q $(TORCH)
+	$(AUTOROUND)/bin/pip install -q auto-round==0.16.1 $(TORCH)
+	$(AUTOROUND)/bin/pip install -q --no-deps gensim==4.4.0
+	$(AUTOROUND)/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'torch was upgraded')"
+
+GPTQMODEL := .gptqmodel
+gptqmodel-venv:
+	test -x $(GPTQMODEL)/bin/python || python3 -m venv $(GPTQMODEL)
+	$(GPTQMODEL)/bin/pip install -q $(TORCH)
+	$(GPTQMODEL)/bin/pip install -q gptqmodel==7.6.0 $(TORCH)
+	$(GPTQMODEL)/bin/pip install -q --no-deps gensim==4.4.0
+	$(GPTQMODEL)/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 'torch was upgraded')"
 
 # llama.cpp's own reader (llama-cpp-python, built from its sdist: cmake and a C++ compiler; about
 # half an hour on 2 cores) in its own venv, for the GGUF check (benchmarks/gguf_check.py and the

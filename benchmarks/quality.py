@@ -19,7 +19,9 @@ installs the hqq library): bitsandbytes nf4 + double quant through transformers'
 `BitsAndBytesConfig` (its default skips), and the hqq library's HQQLinear (4-bit, group 64 and
 128 along its flattened weight, scale and zero in 16 bits) on the same decoder Linears as anyquant.
 llm-compressor runs in its own venv (`make llmc-venv`; benchmarks/peers/llmcompressor_w4a16.py, on
-the same calibration windows) and its saved checkpoint joins the run as `--peers ckpt:DIR`.
+the same calibration windows) and its saved checkpoint joins the run as `--peers ckpt:DIR`;
+auto-round and GPTQModel likewise (`make autoround-venv` / `gptqmodel-venv`;
+benchmarks/peers/autoround_w4.py, gptqmodel_w4.py) join as `--peers dense:DIR`.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def main() -> None:
     ap.add_argument("--methods", default="nf4,int4,hqq,awq,gptq")
     ap.add_argument("--peers", default="bnb,hqq,hqq128",
                     help="peer rows: bnb (transformers + bitsandbytes), hqq / hqq128 (library), ckpt:DIR (a "
-                         "compressed-tensors checkpoint another tool saved, e.g. llm-compressor's)")
+                         "compressed-tensors checkpoint another tool saved, e.g. llm-compressor's), dense:DIR "
+                         "(auto-round / GPTQModel, benchmarks/peers/*_w4.py)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quality.json")
     ap.add_argument("--check", type=Path, default=None,
                     help="print the target checks (issues 5 and 21) for a saved result JSON and exit (runs "
@@ -326,6 +329,23 @@ def peer_checkpoint(directory: str):
     return model, 8 * nbytes / max(numel, 1), label
 
 
+def peer_dense(directory: str):
+    """A dense float checkpoint a peer script wrote beside its peer.json (auto-round, GPTQModel:
+    benchmarks/peers/autoround_w4.py, gptqmodel_w4.py, each in its own venv), holding the weights
+    the peer's own kernels compute with. Bits per weight and label come from peer.json, counted
+    there from the peer's own stored tensors."""
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    info_file = directory / "peer.json"
+    if not info_file.exists() or not (directory / "dense").is_dir():
+        raise SystemExit(f"quality.py: --peers dense:{directory} needs {info_file} and {directory / 'dense'}; "
+                         "write them with benchmarks/peers/autoround_w4.py or gptqmodel_w4.py --out DIR")
+    info = json.loads(info_file.read_text())
+    model = AutoModelForCausalLM.from_pretrained(directory / "dense", dtype=torch.float32).eval()
+    return model, info["bits_per_weight"], info["label"]
+
+
 PEERS = {
     "bnb": peer_bnb,
     "hqq": lambda d: _peer_hqq(d, 64),
@@ -334,11 +354,14 @@ PEERS = {
 
 
 def peer_loader(spec: str):
-    """`name` from PEERS, or `ckpt:DIR` for a checkpoint another tool saved."""
+    """`name` from PEERS, `ckpt:DIR` for a checkpoint another tool saved, or `dense:DIR` for a peer
+    script's dense output."""
     if spec.startswith("ckpt:"):
         return lambda _model_dir: peer_checkpoint(spec[len("ckpt:"):])
+    if spec.startswith("dense:"):
+        return lambda _model_dir: peer_dense(spec[len("dense:"):])
     if spec not in PEERS:
-        raise SystemExit(f"quality.py: unknown peer {spec!r}; known: {', '.join(PEERS)}, ckpt:DIR")
+        raise SystemExit(f"quality.py: unknown peer {spec!r}; known: {', '.join(PEERS)}, ckpt:DIR, dense:DIR")
     return PEERS[spec]
 
 
