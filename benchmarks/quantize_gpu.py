@@ -9,7 +9,7 @@ a fresh model through anyquant.quantize (the same code path as the CLI), block b
   (a method may carry options as JSON after a colon; specs are separated by commas or ';', benchmarks/specs.py):
    --methods 'awq;gptq:{"awq_scales": true}')
                                     [--seq-len 512] [--out benchmarks/results/quantize_gpu.json]
-                                    [--shape 8b|tiny]   (tiny: checks the script on a CPU in seconds)
+                                    [--shape 8b|tiny]   (tiny: checks the script on a CPU, float32)
   The recommended method (what `anyquant quantize SOURCE` runs): --methods recommended
 
 Target (issue 5): awq and gptq each under 5 minutes on one H100.
@@ -39,7 +39,7 @@ CALIBRATED = {"awq", "gptq"}
 
 
 # Llama-3-8B's shape, and a tiny one with the same structure (GQA, untied head) so the script
-# itself can be checked on a CPU in seconds before it is given GPU time.
+# itself can be checked on a CPU before it is given GPU time.
 SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                vocab_size=128256),
