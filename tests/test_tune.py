@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 import anyquant
 from anyquant import primitives as P
 from anyquant.calib.blocks import relative_error
-from anyquant.calib.tune import _TunableInt4, split_rows, token_error
+from anyquant.calib.tune import _TunableInt4, select_for_tuning, split_rows, token_error
 from anyquant.runtime.int4_linear import Int4Linear
 from tests.conftest import assert_stock_matches
 
@@ -75,7 +75,7 @@ def test_tune_options_are_checked():
 
     assert make_config("awq").tune_steps == 0 and make_config("gptq").tune_target == "model"
     for bad in ({"tune_target": "float"}, {"tune_steps": -1}, {"tune_lr": 0.0}, {"tune_sequences": 0},
-                {"tune_loss": "mse"}, {"tune_holdout": 0.9}):
+                {"tune_loss": "mse"}, {"tune_holdout": 0.9}, {"tune_blocks": 0.0}):
         with pytest.raises(AnyquantError, match="tune"):
             make_config("gptq", **bad)
 
@@ -147,3 +147,26 @@ def test_recommended_method_resolves_and_options_still_win():
     assert make_config(method).tune_steps == 0
     with pytest.raises(AnyquantError, match="recommended"):
         make_config("recomended-typo")
+
+
+def test_select_for_tuning_takes_the_largest_errors_so_far():
+    assert all(select_for_tuning(e, [0.5, 0.9], 1.0) for e in (0.0, 1.0))
+    assert select_for_tuning(0.1, [], 0.25)  # the first block: nothing to compare with
+    assert not select_for_tuning(0.1, [0.3], 0.5) and select_for_tuning(0.4, [0.3], 0.5)
+    # 4 blocks at share 0.5: tuned when at most one earlier block had a larger error
+    assert select_for_tuning(0.2, [0.1, 0.3, 0.15], 0.5) and not select_for_tuning(0.2, [0.25, 0.3, 0.1], 0.5)
+
+
+def test_tune_blocks_tunes_only_the_selected_blocks(calib, tmp_path):
+    from tests.conftest import make_tiny_llama
+
+    src = make_tiny_llama(tmp_path / "src", layers=4, seed=3)
+    r = anyquant.quantize(str(src), "gptq", progress=False, calib=calib, checkpoint_dir=None, n_samples=8,
+                          seq_len=CALIB_SEQ, tune_steps=10, tune_blocks=0.5)
+    entries = [b["tune"] for b in r.report["calibration"]["blocks"]]
+    errors = [t["error_after_method"] for t in entries]
+    for i, t in enumerate(entries):
+        assert (t["steps"] == 10) == select_for_tuning(errors[i], errors[:i], 0.5), entries
+        assert (t["steps"] == 0) == ("skipped" in t)
+    # measured on this model: the blocks' own errors 0.086, 0.035, 0.019, 0.013; only block 0 tuned
+    assert entries[0]["steps"] == 10 and any(t["steps"] == 0 for t in entries)

@@ -136,6 +136,9 @@ class CalibratedInt4Config(Int4Config):
     # Share of the calibration sequences held out of the tuning steps; a tuned block is kept only
     # if its error on them falls (0: judged on the sequences it trained on).
     tune_holdout: float = 0.25
+    # Share of the blocks tuned, those whose per-token error after the method is largest, chosen
+    # as the blocks come (calib.tune.select_for_tuning): fewer steps in all where time is short.
+    tune_blocks: float = 1.0
     calibrated: ClassVar[bool] = True
 
     def needs_float_batches(self) -> bool:
@@ -153,6 +156,9 @@ class CalibratedInt4Config(Int4Config):
         if not (0 <= self.tune_holdout <= 0.5):
             raise AnyquantError(f"{self.method}: tune_holdout={self.tune_holdout} must be between 0 and 0.5 "
                                 "(the share of calibration sequences held out of tuning)")
+        if not (0 < self.tune_blocks <= 1):
+            raise AnyquantError(f"{self.method}: tune_blocks={self.tune_blocks} must be in (0, 1] "
+                                "(the share of blocks tuned)")
         if self.tune_steps < 0 or self.tune_sequences < 1 or not (0 < self.tune_lr < 1):
             raise AnyquantError(f"{self.method}: need tune_steps >= 0, tune_sequences >= 1 and 0 < tune_lr < 1, got "
                                 f"{self.tune_steps}, {self.tune_sequences}, {self.tune_lr}")

@@ -135,6 +135,20 @@ def split_rows(batches: list, holdout: float) -> tuple[list[torch.Tensor], list[
     return train, held
 
 
+def select_for_tuning(error: float, earlier: list[float], share: float) -> bool:
+    """Whether a block whose own per-token error after its method (against the float block on
+    the same inputs) is `error` is tuned, given the
+    errors of the blocks before it: it is when no more than share x (blocks so far) of them,
+    itself included, have a larger error, i.e. it is among the largest `share` seen so far. The
+    choice is made as blocks come (the runner holds one block at a time), so the share tuned is
+    `share` where errors do not trend with depth, more where they grow, fewer where they shrink.
+    share=1: every block."""
+    if share >= 1:
+        return True
+    larger = sum(1 for e in earlier if e > error)
+    return larger < max(1, math.ceil(share * (len(earlier) + 1)))
+
+
 def tune_block(
     block: nn.Module,
     linears: list[str],
