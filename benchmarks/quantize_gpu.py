@@ -9,6 +9,8 @@ a fresh model through anyquant.quantize (the same code path as the CLI), block b
   (a method may carry options as JSON after a colon; specs are separated by commas or ';', benchmarks/specs.py):
    --methods 'awq;gptq:{"awq_scales": true}')
                                     [--seq-len 512] [--out benchmarks/results/quantize_gpu.json]
+                                    [--shape 8b|tiny]   (tiny: checks the script on a CPU, float32)
+  The recommended method (what `anyquant quantize SOURCE` runs): --methods recommended
 
 Target (issue 5): awq and gptq each under 5 minutes on one H100.
 """
@@ -31,20 +33,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from specs import parse_spec, split_specs  # noqa: E402  (benchmarks/specs.py)
 
 import anyquant  # noqa: E402
+from anyquant.config import RECOMMENDED, resolve_method  # noqa: E402
 
 CALIBRATED = {"awq", "gptq"}
 
 
-def build(layers: int, seed: int = 0):
+# Llama-3-8B's shape, and a tiny one with the same structure (GQA, untied head) so the script
+# itself can be checked on a CPU before it is given GPU time.
+SHAPES = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=128256),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=1024),
+}
+
+
+def build(layers: int, seed: int = 0, shape: str = "8b", device: str = "cuda"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+    cfg = LlamaConfig(**SHAPES[shape], num_hidden_layers=layers,
                       max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
     torch.manual_seed(seed)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     return model.eval()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -55,28 +72,36 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quantize_gpu.json")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="8b",
+                    help="tiny: a small Llama of the same structure, to check the script (on a CPU too)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("quantize_gpu.py needs a CUDA device")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and args.shape != "tiny":
+        raise SystemExit("quantize_gpu.py: the 8B shape needs a CUDA device; --shape tiny runs on a CPU")
+    gpu = device == "cuda"
 
     g = torch.Generator().manual_seed(1)
-    calib = torch.randint(0, 128256, (args.n_samples, args.seq_len), generator=g)
+    calib = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.n_samples, args.seq_len), generator=g)
     rows = []
     for spec in split_specs(args.methods):
         method, spec_opts = parse_spec(spec)
-        model = build(args.layers)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        opts = {"group_size": args.group_size, **spec_opts}
-        if method in CALIBRATED:
+        model = build(args.layers, shape=args.shape, device=device).to(torch.bfloat16 if gpu else torch.float32)
+        _sync(device)
+        base = torch.cuda.memory_allocated() if gpu else 0
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        # the recommended method's own fields (its group size) are what it is timed with
+        fixed = resolve_method(method)[1] if method.lower() == RECOMMENDED else {}
+        opts = {**({} if "group_size" in fixed else {"group_size": args.group_size}), **spec_opts}
+        if method in CALIBRATED or method.lower() == RECOMMENDED:
             opts.update(n_samples=args.n_samples, seq_len=args.seq_len)
         t0 = time.perf_counter()
-        r = anyquant.quantize(model, method, dtype="bfloat16", progress=True, calib=calib, checkpoint_dir=None,
+        # bfloat16 as on the GPU; a CPU check runs in float32 (bfloat16 matmuls are slow there)
+        r = anyquant.quantize(model, method, dtype="bfloat16" if gpu else "float32", progress=True, calib=calib, checkpoint_dir=None,
                               **opts)
-        torch.cuda.synchronize()
+        _sync(device)
         wall = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated()
+        peak = torch.cuda.max_memory_allocated() if gpu else 0
         cal = r.report.get("calibration") or {}
         blocks = cal.get("blocks", [])
         row = {
@@ -91,7 +116,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         del r, model
         gc.collect()
-        torch.cuda.empty_cache()
+        if gpu:
+            torch.cuda.empty_cache()
 
     print()
     print("| method | wall s | peak GPU GiB | peak above model GiB | block err rtn -> method |")
@@ -102,8 +128,9 @@ def main() -> None:
         print(f"| {r['method']} | {r['wall_s']:.1f} | {r['peak_gpu_gib']:.2f} | {r['peak_over_model_gib']:.2f} | {e} |")
     out = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(),
-        "model": f"Llama-3-8B-shaped, {args.layers} layers, random bf16 weights",
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "model": (f"Llama-3-8B-shaped, {args.layers} layers, random bf16 weights" if args.shape == "8b"
+                  else f"tiny Llama ({SHAPES['tiny']}), {args.layers} layers, random bf16 weights"),
         "calibration": {"n_samples": args.n_samples, "seq_len": args.seq_len, "tokens": "random"},
         "group_size": args.group_size,
         "versions": {p: md.version(p) for p in ("torch", "transformers")},

@@ -132,3 +132,27 @@ def test_method_flag_that_does_not_apply(tiny_llama, tmp_path):
     assert_bad_input(run("quantize", tiny_llama, "--method", "hqq", "--tune-steps", "10", "--out", tmp_path / "o"),
                      "--tune-steps does not apply to hqq", "awq, gptq")
     assert not (tmp_path / "o").exists()
+
+
+def test_quantize_without_method_runs_the_recommended_method(tmp_path):
+    """No --method: the recommended method (config.RECOMMENDED_METHOD), said on stdout and
+    recorded in anyquant.json; an option given on the command line still wins."""
+    import shutil
+
+    from anyquant.config import RECOMMENDED_METHOD
+    from anyquant.model.default import default_model_dir
+
+    src = make_tiny_llama(tmp_path / "src", hidden=256, inter=512, layers=1, vocab=49152)
+    for f in default_model_dir().iterdir():  # a real tokenizer: the method calibrates on text
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy2(f, src / f.name)
+    out = tmp_path / "q"
+    env = dict(os.environ, ANYQUANT_CACHE=str(tmp_path / "cache"), PYTHONWARNINGS="ignore")
+    p = subprocess.run([*ANYQUANT, "quantize", str(src), "--out", str(out), "--n-samples", "4", "--seq-len", "16",
+                        "--tune-steps", "3", "--no-verify-save"], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "no --method: recommended = gptq" in p.stdout
+    cfg = json.loads((out / "anyquant.json").read_text())["config"]
+    method, fields = RECOMMENDED_METHOD
+    assert cfg["method"] == method and cfg["tune_steps"] == 3
+    assert {k: cfg[k] for k in fields if k != "tune_steps"} == {k: v for k, v in fields.items() if k != "tune_steps"}

@@ -129,6 +129,16 @@ class CalibratedInt4Config(Int4Config):
     # earlier blocks left (the default: it measured better than "block"); "block": the float
     # block's output on the same (quantized) inputs.
     tune_target: str = "model"
+    # "token": each token's squared error over its target's squared norm, averaged (every token
+    # weighs alike); "global": the mean square error over the target's mean square, which a few
+    # high-norm positions (BOS) dominate. docs/methods.md has the measurements.
+    tune_loss: str = "token"
+    # Share of the calibration sequences held out of the tuning steps; a tuned block is kept only
+    # if its error on them falls (0: judged on the sequences it trained on).
+    tune_holdout: float = 0.25
+    # Share of the blocks tuned, those whose per-token error after the method is largest, chosen
+    # as the blocks come (calib.tune.select_for_tuning): fewer steps in all where time is short.
+    tune_blocks: float = 1.0
     calibrated: ClassVar[bool] = True
 
     def needs_float_batches(self) -> bool:
@@ -141,6 +151,14 @@ class CalibratedInt4Config(Int4Config):
             raise AnyquantError(f"{self.method}: need n_samples >= 1 and seq_len >= 2, got {self.n_samples}, {self.seq_len}")
         if self.tune_target not in ("block", "model"):
             raise AnyquantError(f"{self.method}: tune_target={self.tune_target!r} must be 'block' or 'model'")
+        if self.tune_loss not in ("token", "global"):
+            raise AnyquantError(f"{self.method}: tune_loss={self.tune_loss!r} must be 'token' or 'global'")
+        if not (0 <= self.tune_holdout <= 0.5):
+            raise AnyquantError(f"{self.method}: tune_holdout={self.tune_holdout} must be between 0 and 0.5 "
+                                "(the share of calibration sequences held out of tuning)")
+        if not (0 < self.tune_blocks <= 1):
+            raise AnyquantError(f"{self.method}: tune_blocks={self.tune_blocks} must be in (0, 1] "
+                                "(the share of blocks tuned)")
         if self.tune_steps < 0 or self.tune_sequences < 1 or not (0 < self.tune_lr < 1):
             raise AnyquantError(f"{self.method}: need tune_steps >= 0, tune_sequences >= 1 and 0 < tune_lr < 1, got "
                                 f"{self.tune_steps}, {self.tune_sequences}, {self.tune_lr}")
@@ -213,6 +231,17 @@ SCHEME_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# The recommended 4-bit method: what `anyquant quantize SOURCE` runs without --method, and the
+# name `recommended` (case-insensitive) anywhere a method is taken. The choice and its
+# measurements against every other row and peer: docs/methods.md ("The recommended method").
+# Symmetric group 64 stores 4 + 16/64 = 4.25 bits per weight with whole groups on 576-wide
+# layers (asymmetric group 64 would be 4.31); options given explicitly still win.
+RECOMMENDED = "recommended"
+RECOMMENDED_METHOD: tuple[str, dict[str, Any]] = (
+    "gptq", {"symmetric": True, "group_size": 64, "tune_steps": 100},
+)
+
+
 def known_methods() -> list[str]:
     return sorted(_CONFIGS)
 
@@ -223,7 +252,11 @@ def known_aliases() -> list[str]:
 
 def resolve_method(method: str | None) -> tuple[str | None, dict[str, Any]]:
     """(anyquant method, the fields the alias fixes) for a method name or a scheme alias
-    (case-insensitive: w4a16 = W4A16); a method name comes back as it is, with no fields."""
+    (case-insensitive: w4a16 = W4A16); a method name comes back as it is, with no fields.
+    None or "recommended": the recommended 4-bit method (RECOMMENDED_METHOD)."""
+    if method is None or (isinstance(method, str) and method.lower() == RECOMMENDED):
+        name, fields = RECOMMENDED_METHOD
+        return name, dict(fields)
     if isinstance(method, str) and method not in _CONFIGS and method.upper() in SCHEME_ALIASES:
         name, fields = SCHEME_ALIASES[method.upper()]
         return name, dict(fields)
@@ -233,17 +266,27 @@ def resolve_method(method: str | None) -> tuple[str | None, dict[str, Any]]:
 def config_class(method: str | None) -> type[MethodConfig]:
     method, _ = resolve_method(method)
     if method not in _CONFIGS:
-        names = known_methods() + known_aliases()
+        names = known_methods() + known_aliases() + [RECOMMENDED]
         close = difflib.get_close_matches(str(method), names, n=1, cutoff=0.4)
         hint = f"; did you mean {close[0]}?" if close else ""
         aliases = ", ".join(f"{a} (= {m}{', symmetric' if f.get('symmetric') else ''})"
                             for a, (m, f) in sorted(SCHEME_ALIASES.items()))
         raise AnyquantError(f"unknown method {method!r}; known methods: {', '.join(known_methods())}; "
-                            f"scheme aliases: {aliases}{hint}")
+                            f"scheme aliases: {aliases}; {RECOMMENDED} (= {RECOMMENDED_METHOD[0]} with "
+                            f"{_fields_text(RECOMMENDED_METHOD[1])}, the default){hint}")
     return _CONFIGS[method]
 
 
-def make_config(method: str, **options: Any) -> MethodConfig:
+def _fields_text(fields: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def recommended_text() -> str:
+    """The recommended method in words, for messages: `gptq (symmetric=True, ...)`."""
+    return f"{RECOMMENDED_METHOD[0]} ({_fields_text(RECOMMENDED_METHOD[1])})"
+
+
+def make_config(method: str | None, **options: Any) -> MethodConfig:
     """Build a method's config from CLI/API options; options set to None take the default,
     options the method does not have are refused by name."""
     cls = config_class(method)

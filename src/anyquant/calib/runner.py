@@ -50,7 +50,7 @@ from anyquant.calib.checkpoint import (
 from anyquant.calib.guard import Fallback, guarded, rtn_grid
 from anyquant.calib.memory import pin_mmap_threshold, release_freed_memory
 from anyquant.calib.text import token_windows
-from anyquant.calib.tune import tune_block
+from anyquant.calib.tune import select_for_tuning, token_error, tune_block
 from anyquant.model.modelmap import LANGUAGE
 from anyquant.model.tree import set_submodule
 from anyquant.numerics.dtype import dtype_name
@@ -154,6 +154,7 @@ def run(
     pin_mmap_threshold()
     batches = capture_inputs(model, blocks[0], calib_ids, batch_size)
     model_targets = config.tune_steps > 0 and config.tune_target == "model"
+    tune_errors: list[float] = []  # per-token error after the method, per block (tune_blocks < 1)
     float_batches = list(batches) if config.needs_float_batches() else None
     entries: list[dict] = []
     fallbacks: list[dict] = []
@@ -167,7 +168,9 @@ def run(
             with scope:
                 outs, float_outs, entry = _one_block(
                     i, bname, block, per_block[i], batches, float_batches, ckdir, config, compute_dtype,
-                    model_targets, notes, quantize_block)
+                    model_targets, notes, quantize_block, tune_errors)
+                if "error_after_method" in entry.get("tune", {}):  # a resumed block's too
+                    tune_errors.append(entry["tune"]["error_after_method"])
                 resumed += bool(entry["resumed"])
             fallbacks += entry["fallbacks"]
             notes += [f"{bname}: {n}" for n in entry["notes"]]
@@ -192,7 +195,7 @@ def run(
 
 
 def _one_block(i, bname, block, linears, batches, float_batches, ckdir, config, compute_dtype, model_targets,
-               notes, quantize_block):
+               notes, quantize_block, tune_errors):
     """One block's turn: float outputs, the method (or the block's checkpoint), quantized outputs.
     Returns (quantized outputs, float model's outputs or None, report entry)."""
     # The float model's outputs of this block, taken while it is still float, also when
@@ -228,12 +231,22 @@ def _one_block(i, bname, block, linears, batches, float_batches, ckdir, config, 
                      "fallbacks": [f.as_dict() for f in ctx.fallbacks], "notes": ctx.notes,
                      "weight_errors": ctx.weight_errors}
             if config.tune_steps > 0:
-                entry["tune"], tuned_outs = tune_block(
-                    block, [r for r in linears if isinstance(block.get_submodule(r), Int4Linear)],
-                    batches, float_outs if model_targets and float_outs is not None else ref,
-                    steps=config.tune_steps, lr=config.tune_lr,
-                    rounding=config.tune_rounding, sequences_per_step=config.tune_sequences,
-                    compute_dtype=compute_dtype, seed=i)
+                targets = float_outs if model_targets and float_outs is not None else ref
+                # the block's own error (against the float block on the same inputs), not the
+                # error earlier blocks left, which grows with depth and would pick every block
+                error = token_error(ref, block_outputs(block, batches)) if config.tune_blocks < 1 else None
+                if error is None or select_for_tuning(error, tune_errors, config.tune_blocks):
+                    entry["tune"], tuned_outs = tune_block(
+                        block, [r for r in linears if isinstance(block.get_submodule(r), Int4Linear)],
+                        batches, targets, steps=config.tune_steps, lr=config.tune_lr,
+                        rounding=config.tune_rounding, sequences_per_step=config.tune_sequences,
+                        compute_dtype=compute_dtype, loss=config.tune_loss, holdout=config.tune_holdout, seed=i)
+                else:
+                    entry["tune"] = {"kept": False, "steps": 0,
+                                     "skipped": f"per-token error {error:.4g} not among the largest "
+                                                f"{config.tune_blocks:.0%} of the blocks so far"}
+                if error is not None:
+                    entry["tune"]["error_after_method"] = error
         else:
             entry = {"block": bname, "linears": 0, "output_error_rtn": 0.0, "fallbacks": [],
                      "notes": [], "weight_errors": {}}

@@ -25,7 +25,11 @@ from anyquant.errors import AnyquantError
 
 @app.command()
 @fails_cleanly
-def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method", "-m"),
+def quantize(source: str = SourceArg,
+             method: Optional[str] = typer.Option(
+                 None, "--method", "-m",
+                 help="nf4, fp4, int8, int4, hqq, awq, gptq, a scheme alias (W4A16, ...) or recommended; "
+                      "default: recommended (gptq, symmetric, group size 64, block-output tuning)"),
              out: Path = typer.Option(..., "--out", "-o", help="output directory (written atomically)"),
              group_size: Optional[int] = typer.Option(None, "--group-size"),
              symmetric: Optional[bool] = SymmetricOpt,
@@ -52,7 +56,13 @@ def quantize(source: str = SourceArg, method: str = typer.Option(..., "--method"
              max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="streamed output: largest safetensors shard (e.g. 5GB, 500MB)"),
              max_memory: Optional[str] = typer.Option(None, "--max-memory", help="host memory budget (e.g. 20GB): streaming is chosen when the checkpoint exceeds it, and refused when two blocks do not fit it"),
              verbose: bool = typer.Option(False, "--verbose", "-v")):
-    """Quantize SOURCE with METHOD and write a loadable model directory to OUT."""
+    """Quantize SOURCE with METHOD (default: the recommended 4-bit method) and write a loadable
+    model directory to OUT."""
+    from anyquant.config import RECOMMENDED, recommended_text
+
+    if method is None:
+        method = RECOMMENDED
+        typer.echo(f"note: no --method: {RECOMMENDED} = {recommended_text()}")
     opts = method_options(method, group_size, symmetric=symmetric, n_samples=n_samples, seq_len=seq_len, act_order=act_order,
                           awq_scales=awq_scales, tune_steps=tune_steps, tune_target=tune_target)
     check_dtype(dtype)
