@@ -422,3 +422,55 @@ def test_policy_keeps_complex_buffers():
     policy.apply(m)
     assert m.model.freqs_ci.dtype == torch.complex64
     torch.testing.assert_close(m.model.freqs_ci, freqs, rtol=0, atol=0)
+
+
+def test_policy_keeps_computed_float32_buffers(tmp_path):
+    """Rotary `inv_freq` is computed by the model's code in float32 and not saved: a model loaded
+    in bfloat16 computes with it in float32, and so does the quantized model reloaded. The dtype
+    policy used to cast it to bfloat16 with the rest, so calibration and the report's float
+    logits ran a model whose later positions rotate differently from the one loaded. Cast to
+    the compute dtype, the policy's model must give stock transformers' logits exactly."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=512)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert stock.model.rotary_emb.inv_freq.dtype == torch.float32   # what a bfloat16 load keeps
+    ids = {"input_ids": torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(1))}
+    policy = choose_policy(ours, "bfloat16", None, ids)
+    policy.apply(ours, ids)
+    assert ours.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    with torch.no_grad():
+        assert torch.equal(stock(**ids).logits, ours(**ids).logits)
+        # the cast this guards against changes the logits (so the check above can fail)
+        ours.model.rotary_emb.inv_freq.data = ours.model.rotary_emb.inv_freq.to(torch.bfloat16).float()
+        assert not torch.equal(stock(**ids).logits, ours(**ids).logits)
+
+
+def test_apply_policy_reuses_the_probe_forward():
+    """A model already in the compute dtype is the model the probe ran: apply_policy returns the
+    probe's logits without another forward, and they equal a fresh forward's bit for bit. A model
+    the policy casts gets its own forward."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from anyquant.config import make_config
+    from anyquant.model.tree import probe_logits
+    from anyquant.planning.prepare import apply_policy, prepare
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128)
+    for dtype, requested, reused in ((torch.float32, "float32", True), (torch.float32, "bfloat16", False)):
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+        prep = prepare(m, make_config("int4"), dtype=requested)
+        forwards = []
+        h = m.register_forward_pre_hook(lambda *a: forwards.append(1))
+        logits = apply_policy(prep, m, prep.inputs)
+        h.remove()
+        assert (logits is prep.facts.logits) == reused
+        assert len(forwards) == (0 if reused else 2)   # else: the boundary check, then the logits
+        assert torch.equal(logits, probe_logits(m, prep.inputs))

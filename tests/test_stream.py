@@ -180,3 +180,42 @@ def test_cli_stream(tmp_path):
                           str(tmp_path / "o2"), "--stream", "--max-shard-size", "huge"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "max shard size" in bad.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checkpoint_read_three_times(tmp_path, dtype):
+    """A streamed forward reads the whole checkpoint: the policy's boundary check and the
+    weight-read probe take one each, the quantize pass the third. The float probe logits come
+    from the probe's forward and the policy's second check is skipped when the source is already
+    in the compute dtype (it used to read the checkpoint five times)."""
+    src = make_sharded_llama(tmp_path / "src", tie=False, dtype=dtype)
+    size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    r = quantize_to_disk(src, "int4", tmp_path / "out", progress=False)
+    assert 2.5 * size < r.report["stream"]["source_bytes_read"] <= 3 * size
+
+
+def test_frozen_heap_collects_what_the_block_leaves():
+    """frozen_heap: collections inside it skip what was alive on entry but still free the cycles
+    made inside; nested uses freeze once and the last exit unfreezes."""
+    import gc
+    import weakref
+
+    from anyquant.calib.memory import frozen_heap
+
+    class Node:
+        pass
+
+    assert gc.get_freeze_count() == 0
+    with frozen_heap():
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        with frozen_heap():
+            assert gc.get_freeze_count() == frozen
+            a, b = Node(), Node()
+            a.other, b.other = b, a
+            gone = weakref.ref(a)
+            del a, b
+            gc.collect()
+            assert gone() is None
+        assert gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() == 0

@@ -36,7 +36,7 @@ from anyquant.model.tree import fused_expert_tensors, probe_logits, set_submodul
 from anyquant.numerics.casts import check_consistency
 from anyquant.numerics.dtype import dtype_name
 from anyquant.planning import Plan
-from anyquant.planning.prepare import prepare
+from anyquant.planning.prepare import apply_policy, prepare
 from anyquant.progress import progress_bar
 from anyquant.runtime.experts import unfuse_for_loader
 
@@ -134,14 +134,17 @@ def quantize(
 
     # transformers' Conv1D (GPT-2 family) is quantized as the nn.Linear it equals (weight
     # transposed): the layout bitsandbytes / transformers expect for a pre-quantized Conv1D.
+    replaced = False
     for d in the_plan.to_quantize():
         mod = model.get_submodule(d.name)
         if not isinstance(mod, nn.Linear):
             set_submodule(model, d.name, as_linear(mod))
+            replaced = True
     inputs = {k: v.to(compute_dtype) if torch.is_tensor(v) and v.is_floating_point() else v
               for k, v in inputs.items()}
-    policy.apply(model, inputs)  # compute dtype; float32 regions and disagreeing modules get casts at their boundaries
-    float_logits = probe_logits(model, inputs)
+    # compute dtype; float32 regions and disagreeing modules get casts at their boundaries
+    # (a model whose Conv1D became Linear is not the probed model: its logits are computed again)
+    float_logits = apply_policy(prep, model, inputs, reuse_probe=not replaced)
 
     per_layer: dict[str, float] = {}
     bits = 0.0

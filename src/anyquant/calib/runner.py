@@ -48,7 +48,7 @@ from anyquant.calib.checkpoint import (
     save_block,
 )
 from anyquant.calib.guard import Fallback, guarded, rtn_grid
-from anyquant.calib.memory import pin_mmap_threshold, release_freed_memory
+from anyquant.calib.memory import frozen_heap, pin_mmap_threshold, release_freed_memory
 from anyquant.calib.text import token_windows
 from anyquant.calib.tune import select_for_tuning, token_error, tune_block
 from anyquant.model.modelmap import LANGUAGE
@@ -161,7 +161,8 @@ def run(
     notes: list[str] = []
     weight_errors: dict[str, float] = {}
     resumed = 0
-    with progress_bar(f"{config.method}: block by block", total=len(blocks), enabled=progress) as advance:
+    with progress_bar(f"{config.method}: block by block", total=len(blocks), enabled=progress) as advance, \
+            frozen_heap():
         for i, block in enumerate(blocks):
             bname = f"{blocks_name}.{i}" if blocks_name else str(i)
             scope = block_scope(i, bname, block) if block_scope is not None else contextlib.nullcontext()

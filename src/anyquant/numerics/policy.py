@@ -51,6 +51,24 @@ log = logging.getLogger(__name__)
 NOT_PROBED = "float16 not probed"
 
 
+def buffers_keeping_dtype(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """The buffers the dtype policy leaves in their own dtype when it casts the model, as
+    (module, name, buffer), because transformers' loading leaves them so:
+    - complex buffers: nn.Module.to(dtype) would drop their imaginary part (Llama 4's vision
+      rotary `freqs_ci`);
+    - floating buffers that are not saved (non-persistent: the model's code computes them, e.g.
+      rotary `inv_freq`, made in float32): a model loaded in bfloat16 computes with them in
+      float32, so the quantized model reloaded does too. Cast to bfloat16 they would shift the
+      rotary angles of later positions, and calibration and the float reference would run a
+      model that nobody deploys."""
+    out = []
+    for mod in model.modules():
+        for n, b in mod._buffers.items():
+            if b is not None and (b.is_complex() or b.is_floating_point() and n in mod._non_persistent_buffers_set):
+                out.append((mod, n, b))
+    return out
+
+
 @dataclass
 class DtypePolicy:
     requested: str
@@ -78,12 +96,9 @@ class DtypePolicy:
     def apply(self, model: nn.Module, inputs: dict[str, Any] | None = None) -> nn.Module:
         """Cast the model to the compute dtype; kept regions to float32 with casts at their
         boundary; with probe inputs, also a cast wherever a module's inputs and weights disagree."""
-        # nn.Module.to(dtype) casts complex buffers too, dropping their imaginary part (Llama 4's
-        # vision rotary `freqs_ci`): they keep their own dtype, as transformers' loading keeps them
-        complex_buffers = [(mod, n, b) for mod in model.modules() for n, b in mod._buffers.items()
-                           if b is not None and b.is_complex()]
+        kept = buffers_keeping_dtype(model)
         model.to(self.compute_dtype)
-        for mod, n, b in complex_buffers:
+        for mod, n, b in kept:
             mod._buffers[n] = b.to(device=mod._buffers[n].device)
         if self.compute_dtype != torch.float32:
             for name in self.fp32_modules:

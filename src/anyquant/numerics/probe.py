@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 
 from anyquant.errors import AnyquantError
 from anyquant.model.modelmap import cfg_get, sub_config
-from anyquant.model.tree import fused_expert_tensors
+from anyquant.model.tree import fused_expert_tensors, logits_of
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,10 @@ class ProbeFacts:
     # fused MoE expert tensor -> how its forward multiplied it: "out_in" (F.linear(x, W[e]),
     # W[e] @ x) or "in_out" (x @ W[e], torch.bmm(x, W)); tensors not seen multiplied are absent
     expert_layouts: dict[str, str] = field(default_factory=dict)
+    # the probe forward's output as float32 logits (model/tree.py probe_logits), None where it had
+    # none: a model the probe leaves as it was needs no second forward for them (planning/prepare.py
+    # apply_policy; a streamed model reads its whole checkpoint once per forward)
+    logits: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def reader_text(self, module_name: str) -> str:
         readers = self.outside_reads.get(module_name, [])
@@ -211,7 +215,7 @@ def probe_weight_reads(model: nn.Module, inputs: dict[str, Any]) -> ProbeFacts:
     try:
         params: dict[str, set[str]] = defaultdict(set)
         with _WeightReadMode(owners, stack, reads, pnames, params, layouts):
-            model(**inputs)
+            output = model(**inputs)
     finally:
         for h in handles:
             h.remove()
@@ -225,6 +229,9 @@ def probe_weight_reads(model: nn.Module, inputs: dict[str, Any]) -> ProbeFacts:
         read_params={k: sorted(v) for k, v in sorted(params.items())},
         expert_layouts=dict(sorted(layouts.layouts.items())),
     )
+    logits = logits_of(output)
+    if torch.is_tensor(logits) and logits.is_floating_point():
+        facts.logits = logits.float()
     for k in facts.outside_reads:
         log.info("probe: weight of %s read outside its forward by %s", k, facts.reader_text(k))
     return facts

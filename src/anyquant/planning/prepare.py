@@ -18,12 +18,12 @@ from anyquant.config import MethodConfig
 from anyquant.errors import AnyquantError
 from anyquant.methods import handler_for
 from anyquant.model.modelmap import LINEAR, ModelMap, build_model_map
-from anyquant.model.tree import device_of, not_reloadable
+from anyquant.model.tree import device_of, not_reloadable, probe_logits
 from anyquant.numerics.capabilities import DeviceCapabilities, detect_capabilities
 from anyquant.numerics.declared import declared_dtype
 from anyquant.numerics.dtype import dtype_name
 from anyquant.numerics.inputs import probe_inputs_and_notes
-from anyquant.numerics.policy import DtypePolicy, choose_policy
+from anyquant.numerics.policy import DtypePolicy, buffers_keeping_dtype, choose_policy
 from anyquant.numerics.probe import ProbeFacts, run_probe
 from anyquant.planning import build_plan
 from anyquant.planning.experts import expert_decisions, experts_note
@@ -154,3 +154,33 @@ def prepare(
             "_keep_in_fp32_modules is a class attribute, not a config field, and adds no casts at the region's "
             "boundary), so it would compute them in the 16-bit dtype: load the output with anyquant.load")
     return Prepared(mmap, policy, facts, inputs, the_plan, list(notes))
+
+
+def _policy_changes_nothing(policy: DtypePolicy, model: nn.Module) -> bool:
+    """Whether `policy.apply` would leave `model` as it is: every floating parameter and buffer
+    already in the compute dtype, no float32 region to wrap, no stored float32 value to restore."""
+    if policy.precise_params or (policy.fp32_modules and policy.compute_dtype != torch.float32):
+        return False
+    kept = {id(b) for _, _, b in buffers_keeping_dtype(model)}
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None and id(b) not in kept]
+    return all(t.dtype == policy.compute_dtype for t in tensors if t.is_floating_point())
+
+
+def apply_policy(prep: Prepared, model: nn.Module, inputs: dict[str, Any], reuse_probe: bool = True
+                 ) -> torch.Tensor:
+    """`prep.policy.apply(model, inputs)`, then the float model's probe logits.
+
+    Where the policy changes nothing (the source is already in the compute dtype) and `inputs`
+    are the probe's, `model` is the model on which the policy's boundary check and the probe's
+    forward already ran: the check is not repeated and the probe's logits are returned. A
+    streamed model reads its whole checkpoint once per forward, so these two forwards cost two
+    full reads. Otherwise the policy casts, checks its boundaries and one forward gives the
+    logits. `reuse_probe=False`: the caller changed the model since the probe."""
+    policy = prep.policy
+    same_inputs = inputs.keys() == prep.inputs.keys() and all(inputs[k] is prep.inputs[k] for k in inputs)
+    if (reuse_probe and prep.facts.logits is not None and same_inputs and not model.training
+            and _policy_changes_nothing(policy, model)):
+        policy.apply(model)   # the boundary check ran on this model in choose_policy (prep.policy.boundary_casts)
+        return prep.facts.logits
+    policy.apply(model, inputs)
+    return probe_logits(model, inputs)
