@@ -54,3 +54,43 @@ def test_stored_answer_does_not_import_torch(tiny_llama, tmp_path):
     assert cold.stdout.strip().endswith("TORCH") and "NO-TORCH" not in cold.stdout, cold.stderr[-1000:]
     assert warm.stdout.strip().endswith("NO-TORCH"), warm.stderr[-1000:]
     assert cold.stdout.replace("\nTORCH", "") == warm.stdout.replace("\nNO-TORCH", "")
+
+
+def _plan(path, *args) -> str:
+    r = CliRunner().invoke(app, ["plan", str(path), *args])
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def test_second_plan_is_the_stored_answer_for_the_same_arguments_only(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("ANYQUANT_CACHE", str(tmp_path / "cache"))
+    overrides = tmp_path / "keep.json"
+    overrides.write_text(json.dumps({"overrides": {"model.layers.0.mlp.down_proj": "keep"}}))
+    first = {args: _plan(tiny_llama, *args) for args in [(), ("--json",), ("--all",), ("-m", "int4"),
+                                                        ("--plan", str(overrides))]}
+    assert first[()] != first[("-m", "int4")] and first[()] != first[("--plan", str(overrides))]
+
+    def no_work(*a, **k):
+        raise AssertionError("plan ran again on an unchanged directory with the same arguments")
+    monkeypatch.setattr(anyquant.api, "plan", no_work)
+    for args, out in first.items():
+        assert _plan(tiny_llama, *args) == out
+    # a different argument, or a changed overrides file, is a new question
+    for args in [("-m", "int8"), ("--plan", str(overrides))]:
+        if args[0] == "--plan":
+            overrides.write_text(json.dumps({"overrides": {"model.layers.1.mlp.down_proj": "keep"}}))
+        r = CliRunner().invoke(app, ["plan", str(tiny_llama), *args])
+        assert r.exit_code != 0 and isinstance(r.exception, AssertionError), args
+
+
+def test_stored_plan_does_not_import_torch(tiny_llama, tmp_path):
+    env = dict(os.environ, ANYQUANT_CACHE=str(tmp_path / "cache"))
+    run = [sys.executable, "-c",
+           "import sys; from anyquant.cli import main; sys.argv = ['anyquant', 'plan', sys.argv[1], '-m', 'int4']\n"
+           "try:\n    main()\nexcept SystemExit:\n    pass\n"
+           "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')", str(tiny_llama)]
+    cold = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
+    warm = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
+    assert cold.stdout.strip().endswith("TORCH") and "NO-TORCH" not in cold.stdout, cold.stderr[-1000:]
+    assert warm.stdout.strip().endswith("NO-TORCH"), warm.stderr[-1000:]
+    assert cold.stdout.replace("\nTORCH", "") == warm.stdout.replace("\nNO-TORCH", "")

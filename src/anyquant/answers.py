@@ -98,3 +98,23 @@ def store_answer(command: str, source: str, answer: Any, **args: Any) -> None:
         os.replace(tmp, target)
     except OSError:
         pass
+
+
+def device_signature() -> str:
+    """What a plan depends on of the machine, read without importing torch: the NVIDIA GPUs the
+    driver lists and CUDA_VISIBLE_DEVICES (the compute dtype follows the device: a plan made on a
+    CPU is not the answer on a GPU)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    listed = sorted(p.name for p in gpus.iterdir()) if gpus.is_dir() else []
+    return json.dumps([listed, os.environ.get("CUDA_VISIBLE_DEVICES")])
+
+
+def file_signature(path: str | Path | None) -> str | None:
+    """A file argument's identity for a key: its path and content hash (None: not given)."""
+    if path is None:
+        return None
+    p = Path(path)
+    try:
+        return f"{p.resolve()}:{hashlib.sha256(p.read_bytes()).hexdigest()}"
+    except OSError:
+        return f"{p}:unreadable"

@@ -44,24 +44,35 @@ def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", 
     check_dtype(dtype)
     check_target(target)
     check_patterns(keep, only)
-    check_model_dir(source, trust_remote_code)
-    setup_logging(False)
-    from anyquant.api import plan as make_plan
-    from anyquant.formats.io import load_source
-    from anyquant.planning.plan import load_overrides
-    from anyquant.planning.summary import collapse_notes, summarize
+    from anyquant.answers import cached_answer, device_signature, file_signature, store_answer
 
-    if plan_file is not None:
-        load_overrides(plan_file)
+    # an unchanged directory asked the same again: the stored answer, without importing torch (answers.py)
+    key = dict(method=method, group_size=group_size, symmetric=symmetric, target=target, dtype=dtype,
+               plan=file_signature(plan_file), keep=list(keep), only=list(only), include_vision=include_vision,
+               trust_remote_code=trust_remote_code, requantize=requantize, device=device_signature())
+    data = cached_answer("plan", source, **key)
+    if data is None:
+        check_model_dir(source, trust_remote_code)
+        setup_logging(False)
+        from anyquant.api import plan as make_plan
+        from anyquant.formats.io import load_source
+        from anyquant.planning.plan import load_overrides
+        from anyquant.planning.summary import collapse_notes, summarize
 
-    model, _, _ = load_source(source, trust_remote_code=trust_remote_code, requantize=requantize)
-    p = make_plan(model, method, dtype=dtype, plan_file=plan_file, overrides=[(k, "keep") for k in keep],
-                  include_vision=include_vision, only=only, target=target, **method_opts)
+        if plan_file is not None:
+            load_overrides(plan_file)
+
+        model, _, _ = load_source(source, trust_remote_code=trust_remote_code, requantize=requantize)
+        p = make_plan(model, method, dtype=dtype, plan_file=plan_file, overrides=[(k, "keep") for k in keep],
+                      include_vision=include_vision, only=only, target=target, **method_opts)
+        data = {"plan": p.to_dict(), "summary": summarize(p), "notes": collapse_notes(p.notes),
+                "quantized": len(p.to_quantize()), "kept": len(p.kept())}
+        store_answer("plan", source, data, **key)
     if json_out:
-        typer.echo(json.dumps(p.to_dict(), indent=2))
+        typer.echo(json.dumps(data["plan"], indent=2))
         return
     if not show_all:
-        for line in summarize(p):
+        for line in data["summary"]:
             typer.echo(line)
         return
     from rich.table import Table
@@ -69,10 +80,10 @@ def plan(source: str = SourceArg, method: str = typer.Option("nf4", "--method", 
     t = Table(title=f"plan: {method}")
     for c in ("module", "kind", "component", "action", "method", "dtype", "reason"):
         t.add_column(c)
-    for d in p.decisions:
-        t.add_row(d.name, d.kind, d.component, d.action, d.method or "-", d.dtype, d.reason)
+    for d in data["plan"]["decisions"]:
+        t.add_row(d["name"], d["kind"], d["component"], d["action"], d["method"] or "-", str(d["dtype"]), d["reason"])
     con = console()
     con.print(t)
-    con.print(f"{len(p.to_quantize())} quantized, {len(p.kept())} kept")
-    for n in collapse_notes(p.notes):
+    con.print(f"{data['quantized']} quantized, {data['kept']} kept")
+    for n in data["notes"]:
         con.print(f"note: {n}")

@@ -14,10 +14,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from anyquant.errors import AnyquantError
-from anyquant.model.load import model_classes
 
 # config.json fields that transformers' strict config classes require to be integers.
 INT_FIELDS = (
@@ -190,7 +187,10 @@ def check_shapes(model_dir: Path, config: dict[str, Any], shapes: dict[str, tupl
     their packed shapes differ by design."""
     if config.get("auto_map") or config.get("quantization_config") or not shapes:
         return
+    import torch   # here, not at the top: argument checks import this module and must stay light
     from transformers import AutoConfig
+
+    from anyquant.model.load import model_classes
 
     try:
         cfg = AutoConfig.from_pretrained(model_dir)
