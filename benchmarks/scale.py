@@ -127,8 +127,8 @@ def child(spec: dict) -> dict:
                                                          device_map=str(dev))
             r = anyquant.quantize(model, spec["method"], **opts)
             anyquant.save(r, out, force=True, verify=spec["verify"])
-        return r.report["probe_logits_relative_error"], (r.report.get("stream") or {}).get(
-            "fingerprint_seconds")
+        st = r.report.get("stream") or {}
+        return r.report["probe_logits_relative_error"], st.get("fingerprint_seconds"), st.get("phase_seconds")
 
     # The baseline is the process with everything imported and initialised: the same run once on a
     # one-layer model of width 64 first (imports of transformers' model code, bitsandbytes,
@@ -144,7 +144,7 @@ def child(spec: dict) -> dict:
     out = Path(spec["out"])
     t0 = time.perf_counter()
     with track_peak_memory() as mem:
-        probe_err, fingerprint_s = one(spec["source"], out, spec["vocab"])
+        probe_err, fingerprint_s, phases = one(spec["source"], out, spec["vocab"])
         if dev.type == "cuda":
             torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -158,6 +158,7 @@ def child(spec: dict) -> dict:
         # streamed runs hash the source in the background (its fingerprint, for the manifest and resumable
         # checkpoints); the in-memory runs here quantize a loaded nn.Module, which has none
         "fingerprint_seconds": fingerprint_s,
+        "phase_seconds": phases,   # streamed runs: probes and plan, calibration, quantize and write
         "sampled": mem.sampled,
     }
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from anyquant.calib.data import calibration_data
-from anyquant.calib.memory import pin_mmap_threshold, release_freed_memory
+from anyquant.calib.memory import frozen_heap, pin_mmap_threshold, release_freed_memory
 from anyquant.config import MethodConfig, make_config
 from anyquant.errors import AlreadyQuantizedError, AnyquantError
 from anyquant.eval.memory import peak_rss_bytes
@@ -65,7 +65,7 @@ from anyquant.pipeline import (
     quantized_report,
     refuse_non_finite,
 )
-from anyquant.planning.prepare import prepare
+from anyquant.planning.prepare import apply_policy, prepare
 from anyquant.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -288,6 +288,15 @@ def _quantize_streamed(path, info, hashed, t0, t_inspect, config, handler, out, 
         raise AlreadyQuantizedError(f"{path}: holds quantized tensors (first: {mmap.quantized_tensors[0]})")
     notes: list[str] = [f"streamed from {path}: one block in memory at a time on {dev}, output written shard by shard"]
 
+    phases: dict[str, float] = {}   # seconds per phase, in the report: where a streamed run spends its time
+    t_phase = time.perf_counter()
+
+    def phase_done(name: str) -> None:
+        nonlocal t_phase
+        now = time.perf_counter()
+        phases[name] = round(now - t_phase, 3)
+        t_phase = now
+
     prep = prepare(model, config, dtype=dtype, plan=plan, overrides=overrides, include_vision=include_vision,
                    only=only, model_map=mmap, target=target)
     policy, the_plan, inputs = prep.policy, prep.plan, prep.inputs
@@ -310,8 +319,9 @@ def _quantize_streamed(path, info, hashed, t0, t_inspect, config, handler, out, 
     lazy.exact.update(policy.precise_params)
     inputs = {k: v.to(compute_dtype) if torch.is_tensor(v) and v.is_floating_point() else v
               for k, v in inputs.items()}
-    policy.apply(model, inputs)
-    float_logits = probe_logits(model, inputs)
+    # compute dtype; float32 regions and disagreeing modules get casts at their boundaries
+    float_logits = apply_policy(prep, model, inputs)
+    phase_done("probes_and_plan")
 
     per_layer: dict[str, float] = {}
     bits = 0.0
@@ -323,7 +333,7 @@ def _quantize_streamed(path, info, hashed, t0, t_inspect, config, handler, out, 
         by_unit[u.name].append(d)
     fmt = format_for(handler.format)
     with staged_output(out, path, force, estimated_bytes=estimate_output_bytes(path, config.bits or 16),
-                       notes=notes) as (tmp, outp):
+                       notes=notes) as (tmp, outp), frozen_heap():
         writer = ShardWriter(tmp, max_shard_size)
         emitter = _Emitter(lazy, writer)
         emitted: set[str] = set()
@@ -357,6 +367,7 @@ def _quantize_streamed(path, info, hashed, t0, t_inspect, config, handler, out, 
                 for u in outside:
                     finish_unit(u)
             lazy.release_all()
+            phase_done("calibration")
             per_layer = calibration.pop("per_layer_weight_error")
             for d in todo:
                 mod = model.get_submodule(d.name)
@@ -375,6 +386,7 @@ def _quantize_streamed(path, info, hashed, t0, t_inspect, config, handler, out, 
                 advance()
         lazy.release_all()
         shards = writer.close()
+        phase_done("quantize_and_write")
         qc = fmt.quantization_config(model, the_plan, compute_dtype)
         _write_config(model, tmp, qc)
 
@@ -392,6 +404,7 @@ def _quantize_streamed(path, info, hashed, t0, t_inspect, config, handler, out, 
             refuse_non_finite(config.method, q_logits)
             policy.consistency = check_consistency(qmodel, inputs)
             del qmodel
+            phase_done("reload_check")
         report = quantized_report(model, config, the_plan, mmap, prep, per_layer, bits, qparams, float_logits,
                                   q_logits, notes, time.perf_counter() - t0, calibration)
         report["stream"] = {
@@ -404,6 +417,7 @@ def _quantize_streamed(path, info, hashed, t0, t_inspect, config, handler, out, 
             "bytes_written": writer.total,
             "source_bytes_read": lazy.reads,
             "units": len(lazy.units),
+            "phase_seconds": phases,
             # the process's lifetime peak (ru_maxrss) now and when this run began: a run in a fresh
             # process has its own peak here (benchmarks/scale.py measures above a baseline)
             "process_peak_rss_bytes": peak_rss_bytes(),

@@ -11,16 +11,21 @@ to be recomputed per architecture. Building with only the parameters on meta (th
 accelerate's `init_empty_weights()` does by default) runs each module's own `__init__`, so
 those buffers hold their real values; they are small.
 
-The files are read with ordinary reads into one reused staging buffer (pinned, for a CUDA
-target) rather than through a memory map: a mapped file's pages count in the process's resident
+The files are read with ordinary reads (several threads per chunk; through two reused pinned
+staging buffers for a CUDA target) rather than through a memory map: a mapped file's pages count in the process's resident
 memory for as long as the map is open, so a mapped load of a 6 GB checkpoint shows 6 GB of
 host memory even though every tensor goes to the GPU.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
+import io
+import itertools
 import json
+import os
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,51 +75,107 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def _staging(device: torch.device) -> torch.Tensor:
-    pin = device.type == "cuda"
-    return torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=pin)
+READ_THREADS = max(1, min(8, os.cpu_count() or 1))   # parallel reads of one chunk
+_READ_SLICE = 8 << 20   # a thread's share of a chunk is at least this
+
+
+@functools.cache
+def _staging(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two pinned host buffers for reads to `device`, kept for the process: while one chunk is
+    copied to the GPU (asynchronously) the next is read into the other."""
+    return (torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True),
+            torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True))
+
+
+@functools.lru_cache(maxsize=1)
+def _readers() -> concurrent.futures.ThreadPoolExecutor | None:
+    if READ_THREADS < 2 or not hasattr(os, "preadv"):
+        return None
+    return concurrent.futures.ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="anyquant-read")
+
+
+def _read_at(f: io.RawIOBase, dest: torch.Tensor, offset: int, path: Path, key: str) -> None:
+    """Fill the uint8 CPU tensor `dest` from file offset `offset`, in parallel slices where the
+    read is large (a read from the page cache is a memory copy, which one core does at a few GB/s;
+    os.preadv releases the GIL)."""
+    n = dest.numel()
+    if not n:
+        return
+    view = memoryview(dest.numpy())
+    pool = _readers()
+    if pool is None:   # one thread (or no os.preadv: not Linux): one sequential read
+        f.seek(offset)
+        if f.readinto(view) != n:
+            raise AnyquantError(f"{path}: truncated while reading {key}")
+        return
+    fd = f.fileno()
+
+    def read(a: int, b: int) -> None:
+        done = a
+        while done < b:
+            got = os.preadv(fd, [view[done:b]], offset + done)
+            if got <= 0:
+                raise AnyquantError(f"{path}: truncated while reading {key}")
+            done += got
+
+    parts = max(1, min(READ_THREADS, n // _READ_SLICE))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    if parts == 1:
+        read(0, n)
+        return
+    for job in [pool.submit(read, a, b) for a, b in itertools.pairwise(bounds)]:
+        job.result()
 
 
 def read_tensors(path: Path, wanted: dict[str, tuple[str, torch.device, torch.dtype]],
                  sink: Callable[[str, torch.Tensor], None]) -> None:
     """Read each checkpoint key of `path` named in `wanted` ({key: (model name, device, dtype)})
-    onto its device, converted to its dtype, and hand it to sink(model name, tensor)."""
+    onto its device, converted to its dtype, and hand it to sink(model name, tensor).
+
+    A GPU tensor goes through two pinned staging buffers in turn: the copy of one chunk to the
+    GPU runs while the next chunk is read, and each chunk is read by several threads."""
     header, start = read_header(path)
-    entries = sorted(((header[k]["data_offsets"][0], k) for k in wanted if k in header))
-    staging: dict[torch.device, torch.Tensor] = {}
+    entries = sorted((header[k]["data_offsets"][0], k) for k in wanted if k in header)
+    copied: dict[int, torch.cuda.Event] = {}   # staging buffer -> its last copy to the GPU
     with open(path, "rb", buffering=0) as f:
-        for _, key in entries:
-            info = header[key]
-            name, device, dtype = wanted[key]
-            if info["dtype"] not in ST_DTYPES:
-                raise AnyquantError(f"{path}: tensor {key} has dtype {info['dtype']}, which anyquant cannot read; "
-                                    f"known: {', '.join(ST_DTYPES)}")
-            src_dtype = ST_DTYPES[info["dtype"]]
-            b, e = info["data_offsets"]
-            nbytes = e - b
-            f.seek(start + b)
-            if device.type == "cpu":
-                raw = torch.empty(nbytes, dtype=torch.uint8)
-                if nbytes and f.readinto(raw.numpy()) != nbytes:
-                    raise AnyquantError(f"{path}: truncated while reading {key}")
-            else:
-                raw = torch.empty(nbytes, dtype=torch.uint8, device=device)
-                buf = staging.get(device)
-                if buf is None:
-                    buf = staging[device] = _staging(device)
-                done = 0
-                while done < nbytes:
-                    n = min(STAGING_BYTES, nbytes - done)
-                    if f.readinto(buf[:n].numpy()) != n:
-                        raise AnyquantError(f"{path}: truncated while reading {key}")
-                    raw[done:done + n].copy_(buf[:n])
-                    done += n
-            t = raw.view(src_dtype).reshape(info["shape"]) if nbytes else torch.empty(info["shape"], dtype=src_dtype,
-                                                                                       device=device)
-            if t.dtype != dtype and t.is_floating_point() and dtype.is_floating_point:
-                t = t.to(dtype)
-            sink(name, t)
-            del raw, t
+        try:
+            for _, key in entries:
+                info = header[key]
+                name, device, dtype = wanted[key]
+                if info["dtype"] not in ST_DTYPES:
+                    raise AnyquantError(f"{path}: tensor {key} has dtype {info['dtype']}, which anyquant cannot "
+                                        f"read; known: {', '.join(ST_DTYPES)}")
+                src_dtype = ST_DTYPES[info["dtype"]]
+                b, e = info["data_offsets"]
+                nbytes = e - b
+                if device.type != "cuda":
+                    raw = torch.empty(nbytes, dtype=torch.uint8)
+                    _read_at(f, raw, start + b, path, key)
+                    raw = raw.to(device) if device.type != "cpu" else raw
+                else:
+                    raw = torch.empty(nbytes, dtype=torch.uint8, device=device)
+                    bufs = _staging(device)
+                    done, k = 0, 0
+                    while done < nbytes:
+                        n = min(STAGING_BYTES, nbytes - done)
+                        slot = k % 2
+                        if slot in copied:
+                            copied[slot].synchronize()   # its previous chunk is on the GPU
+                        _read_at(f, bufs[slot][:n], start + b + done, path, key)
+                        raw[done:done + n].copy_(bufs[slot][:n], non_blocking=True)
+                        ev = copied[slot] = torch.cuda.Event()
+                        ev.record(torch.cuda.current_stream(device))
+                        done += n
+                        k += 1
+                t = raw.view(src_dtype).reshape(info["shape"]) if nbytes else torch.empty(
+                    info["shape"], dtype=src_dtype, device=device)
+                if t.dtype != dtype and t.is_floating_point() and dtype.is_floating_point:
+                    t = t.to(dtype)
+                sink(name, t)
+                del raw, t
+        finally:
+            for ev in copied.values():   # the staging buffers are reused by the next call
+                ev.synchronize()
 
 
 def assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
