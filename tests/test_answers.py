@@ -43,17 +43,23 @@ def test_second_inspect_is_the_stored_answer_and_a_change_is_not(tiny_llama, tmp
     assert json.loads(_inspect(src))["total_params"] == json.loads(first)["total_params"]
 
 
-def test_stored_answer_does_not_import_torch(tiny_llama, tmp_path):
+def _cold_and_warm_without_torch(tmp_path, argv: list[str]) -> None:
+    """The command run twice in fresh processes: the first imports torch, the second (its stored
+    answer) does not, and both print the same."""
     env = dict(os.environ, ANYQUANT_CACHE=str(tmp_path / "cache"))
     run = [sys.executable, "-c",
-           "import sys; from anyquant.cli import main; sys.argv = ['anyquant', 'inspect', sys.argv[1]]\n"
+           "import sys; from anyquant.cli import main; sys.argv = ['anyquant'] + sys.argv[1:]\n"
            "try:\n    main()\nexcept SystemExit:\n    pass\n"
-           "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')", str(tiny_llama)]
+           "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')", *argv]
     cold = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
     warm = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
     assert cold.stdout.strip().endswith("TORCH") and "NO-TORCH" not in cold.stdout, cold.stderr[-1000:]
     assert warm.stdout.strip().endswith("NO-TORCH"), warm.stderr[-1000:]
     assert cold.stdout.replace("\nTORCH", "") == warm.stdout.replace("\nNO-TORCH", "")
+
+
+def test_stored_answer_does_not_import_torch(tiny_llama, tmp_path):
+    _cold_and_warm_without_torch(tmp_path, ["inspect", str(tiny_llama)])
 
 
 def _plan(path, *args) -> str:
@@ -84,13 +90,4 @@ def test_second_plan_is_the_stored_answer_for_the_same_arguments_only(tiny_llama
 
 
 def test_stored_plan_does_not_import_torch(tiny_llama, tmp_path):
-    env = dict(os.environ, ANYQUANT_CACHE=str(tmp_path / "cache"))
-    run = [sys.executable, "-c",
-           "import sys; from anyquant.cli import main; sys.argv = ['anyquant', 'plan', sys.argv[1], '-m', 'int4']\n"
-           "try:\n    main()\nexcept SystemExit:\n    pass\n"
-           "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')", str(tiny_llama)]
-    cold = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
-    warm = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600)
-    assert cold.stdout.strip().endswith("TORCH") and "NO-TORCH" not in cold.stdout, cold.stderr[-1000:]
-    assert warm.stdout.strip().endswith("NO-TORCH"), warm.stderr[-1000:]
-    assert cold.stdout.replace("\nTORCH", "") == warm.stdout.replace("\nNO-TORCH", "")
+    _cold_and_warm_without_torch(tmp_path, ["plan", str(tiny_llama), "-m", "int4"])
