@@ -56,7 +56,10 @@ def plan(model: nn.Module | str | Path, method: str | MethodConfig = "nf4", *, d
          target: str = "auto", **options: Any) -> Plan:
     """The Plan `quantize` would follow on this device: one decision per module with its
     reason, and the compute dtype of the same dtype policy. Runs the same probes as quantize;
-    an in-memory model's weights and dtypes are left as they were."""
+    an in-memory model's weights and dtypes are left as they were, except that fused experts
+    the method's format stores one MLP per expert (Llama 4's) are split so, as quantize splits
+    them first: the same weights and the same outputs, so the plan names the modules quantize
+    will quantize."""
     m = _as_model(model, trust_remote_code)
     cfg = method if isinstance(method, MethodConfig) else make_config(method, **options)
     unfuse_for_loader(m, handler_for(cfg.method).format)  # as quantize does (pipeline.py)
