@@ -80,7 +80,7 @@ def main() -> None:
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| command | median s | runs (s) |\n|---|---|---|")
+    print("| command | median s | runs (s) |\n|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['median_s']:.2f} | {', '.join(f'{x:.2f}' for x in r['runs_s'])} |")
     print(f"load average before: {load}; wrote {a.out}")

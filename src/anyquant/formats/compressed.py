@@ -151,7 +151,7 @@ def load_int4_direct(directory: Path, config, plan: Plan, trust_remote_code: boo
     if model is None:
         return None
     unfuse_for_loader(model, "compressed-tensors", copy_weights=False)  # as quantize did (pipeline.py)
-    todo = install_int4_shells(model, plan, directory, dtype, device="meta")
+    install_int4_shells(model, plan, directory, dtype, device="meta")
     # Checkpoint key -> model name, through transformers' renamings; any converter (merging or
     # splitting tensors at load) sends the load through transformers instead.
     try:

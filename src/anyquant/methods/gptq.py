@@ -233,7 +233,7 @@ def gptq_block(ctx) -> None:
         hess = _Hessian(first.in_features, first.weight.device, cross=cross)
         seen: list[torch.Tensor] = []
 
-        def pre(m, args):
+        def pre(m, args, hess=hess):
             if cross:
                 hess.add(args[0], seen.pop())
             else:
@@ -283,7 +283,7 @@ def gptq_block(ctx) -> None:
             r0, r1 = row, row + w.shape[0]
             row = r1
 
-            def algorithm(n=n, w=w, r0=r0, r1=r1):
+            def algorithm(n=n, w=w, r0=r0, r1=r1, result=result, H=H):   # called at once by install
                 if isinstance(result, Exception):
                     raise result
                 if result is None:

@@ -61,7 +61,7 @@ def _keep(m: ModuleInfo, dtype: str, code: str, reason: str) -> Decision:
 def rule_not_linear(m, mm, cfg, dtype, ctx):
     if m.kind != LINEAR:
         what = "embedding" if m.kind == EMBEDDING else m.kind
-        return _keep(m, dtype, f"not_linear", f"{what} module: only Linear layers are quantized")
+        return _keep(m, dtype, "not_linear", f"{what} module: only Linear layers are quantized")
     return None
 
 
