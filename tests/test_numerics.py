@@ -466,9 +466,11 @@ def test_apply_policy_reuses_the_probe_forward():
     for dtype, requested, reused in ((torch.float32, "float32", True), (torch.float32, "bfloat16", False)):
         torch.manual_seed(0)
         m = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
-        prep = prepare(m, make_config("int4"), dtype=requested)
         forwards = []
         h = m.register_forward_pre_hook(lambda *a: forwards.append(1))
+        prep = prepare(m, make_config("int4"), dtype=requested)
+        assert len(forwards) == 1   # the weight-read probe and the policy's boundary check in one
+        forwards.clear()
         logits = apply_policy(prep, m, prep.inputs)
         h.remove()
         assert (logits is prep.facts.logits) == reused

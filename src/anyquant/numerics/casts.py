@@ -8,8 +8,10 @@ module another dtype (remote code casting an image to bfloat16 before a float16 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -111,12 +113,12 @@ def _casts_at_boundary(module: nn.Module) -> bool:
     return isinstance(module, quantized_linear_types())
 
 
-@torch.no_grad()
-def check_consistency(model: nn.Module, inputs: dict[str, Any]) -> list[dict]:
-    """Forward on probe inputs; every module's floating inputs, weights and biases must agree in
-    dtype unless the module casts at its boundary. Returns the mismatches (module, dtypes).
-
-    A forward that fails with a dtype error is re-raised as AnyquantError naming the module."""
+@contextlib.contextmanager
+def recording_dtype_mismatches(model: nn.Module) -> Iterator[tuple[list[dict], list[str]]]:
+    """Hooks on every module for the forwards run inside: a module's floating inputs, weights and
+    biases must agree in dtype unless it casts at its boundary. Yields (mismatches, the running
+    module stack); `unique_mismatches` gives one entry per module. Other hooks may run beside
+    these (prepare runs this check and the weight-read probe in one forward)."""
     mismatches: list[dict] = []
     stack: list[str] = []
     handles = []
@@ -143,23 +145,38 @@ def check_consistency(model: nn.Module, inputs: dict[str, Any]) -> list[dict]:
         handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(mod.register_forward_hook(post, with_kwargs=True))
     try:
-        model(**inputs)
-    except RuntimeError as e:
-        if not _DTYPE_ERROR.search(str(e)):
-            raise
-        where = stack[-1] if stack else ""
-        kind = type(model.get_submodule(where)).__name__
-        raise DtypeBoundaryError(f"dtype check: the forward fails in {where or '<model>'} ({kind}): {e}",
-                                 where) from e
+        yield mismatches, stack
     finally:
         for h in handles:
             h.remove()
-    # one entry per module
+
+
+def unique_mismatches(mismatches: list[dict], warn: bool = True) -> list[dict]:
+    """One entry per module, each logged as a warning where `warn`."""
     seen, unique = set(), []
     for m in mismatches:
         if m["module"] not in seen:
             seen.add(m["module"])
             unique.append(m)
-    for m in unique:
+    for m in unique if warn else []:
         log.warning("dtype mismatch in %s (%s): inputs %s, parameters %s", m["module"], m["type"], m["inputs"], m["params"])
     return unique
+
+
+@torch.no_grad()
+def check_consistency(model: nn.Module, inputs: dict[str, Any]) -> list[dict]:
+    """Forward on probe inputs; every module's floating inputs, weights and biases must agree in
+    dtype unless the module casts at its boundary. Returns the mismatches (module, dtypes).
+
+    A forward that fails with a dtype error is re-raised as AnyquantError naming the module."""
+    with recording_dtype_mismatches(model) as (mismatches, stack):
+        try:
+            model(**inputs)
+        except RuntimeError as e:
+            if not _DTYPE_ERROR.search(str(e)):
+                raise
+            where = stack[-1] if stack else ""
+            kind = type(model.get_submodule(where)).__name__
+            raise DtypeBoundaryError(f"dtype check: the forward fails in {where or '<model>'} ({kind}): {e}",
+                                     where) from e
+    return unique_mismatches(mismatches)

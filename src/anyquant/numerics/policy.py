@@ -171,6 +171,7 @@ def choose_policy(
     declared: torch.dtype | str | None = _FROM_MODEL,
     ranges: dict[str, ModuleRange] | None = None,
     allow_regions: bool = True,
+    boundaries_checked: bool = False,
 ) -> DtypePolicy:
     """Decide the compute dtype (and float32 regions). Casts `model` to float32 for the probe
     when one is needed; `policy.apply(model)` casts it to the chosen dtype.
@@ -198,7 +199,9 @@ def choose_policy(
     forward = probe and ranges is None  # whether this call runs forwards of its own
 
     boundary: dict[str, str] = {}
-    if inputs is not None and forward:  # remote code that casts to a dtype of its own: a cast where it meets a module
+    # remote code that casts to a dtype of its own: a cast where it meets a module
+    # (`boundaries_checked`: the caller's forward found none on this model, planning/prepare.py)
+    if inputs is not None and forward and not boundaries_checked:
         try:
             boundary = fix_boundaries(model, inputs)
         except Exception as e:  # noqa: BLE001 — user/remote code; the probe reports it, the policy goes on

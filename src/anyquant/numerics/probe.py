@@ -306,16 +306,17 @@ def has_image_input(inputs: dict[str, Any]) -> bool:
     return any(k in inputs for k in IMAGE_INPUT_KEYS)
 
 
-def run_probe(model: nn.Module, inputs: dict[str, Any], image_note: str = ""
+def run_probe(model: nn.Module, inputs: dict[str, Any], image_note: str = "", facts: ProbeFacts | None = None
               ) -> tuple[ProbeFacts, dict[str, Any], list[str]]:
     """probe_weight_reads with one documented fallback: if the forward with images fails (many
     VLMs need image placeholder tokens the synthetic ids lack), probe text-only and say so.
     A model that takes images probed without any (no image input could be built) is recorded
     the same way: `image_failure` says why (`image_note`: what building them said), and the plan
-    keeps its image path in float. Returns (facts, the inputs that ran, notes)."""
+    keeps its image path in float. Returns (facts, the inputs that ran, notes). `facts`: what a
+    forward of the same model on `inputs` already recorded (it is not run again)."""
     if takes_images(model) and not has_image_input(inputs):
         try:
-            facts = probe_weight_reads(model, inputs)
+            facts = facts if facts is not None else probe_weight_reads(model, inputs)
         except Exception as e:  # noqa: BLE001 — as below
             raise AnyquantError(
                 f"probe forward of {type(model).__name__} failed ({type(e).__name__}: {e}) on ids without an image "
@@ -327,7 +328,7 @@ def run_probe(model: nn.Module, inputs: dict[str, Any], image_note: str = ""
         log.warning(note)
         return facts, inputs, [note]
     try:
-        return probe_weight_reads(model, inputs), inputs, []
+        return (facts if facts is not None else probe_weight_reads(model, inputs)), inputs, []
     except Exception as e:  # noqa: BLE001 — any failure of user/remote code; reported, not hidden
         if not has_image_input(inputs):
             raise AnyquantError(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,13 @@ from anyquant.numerics.declared import declared_dtype
 from anyquant.numerics.dtype import dtype_name
 from anyquant.numerics.inputs import probe_inputs_and_notes
 from anyquant.numerics.policy import DtypePolicy, buffers_keeping_dtype, choose_policy
-from anyquant.numerics.probe import ProbeFacts, run_probe
+from anyquant.numerics.casts import recording_dtype_mismatches, unique_mismatches
+from anyquant.numerics.probe import ProbeFacts, probe_weight_reads, run_probe
 from anyquant.planning import build_plan
 from anyquant.planning.experts import expert_decisions, experts_note
 from anyquant.planning.plan import Plan, load_overrides
+
+log = logging.getLogger(__name__)
 
 TARGETS = ("auto", "cpu", "cuda")
 
@@ -88,6 +92,21 @@ def _not_reloadable(model: nn.Module, mmap: ModelMap, config: MethodConfig) -> d
     return not_reloadable(model, [n for n, m in mmap.modules.items() if m.kind == LINEAR], list(suffixes))
 
 
+def _probe_and_dtype_check(model: nn.Module, inputs: dict[str, Any]) -> ProbeFacts | None:
+    """The weight-read probe and the dtype policy's boundary check in one forward: its facts when
+    the forward ran and no module saw mixed dtypes, else None (the policy then checks and fixes
+    its boundaries and the probe runs after it, each with its own forward and its own errors).
+    A streamed model reads its whole checkpoint once per forward."""
+    try:
+        with recording_dtype_mismatches(model) as (mismatches, _):
+            facts = probe_weight_reads(model, inputs)
+    except Exception as e:  # noqa: BLE001 — user/remote code: the separate forwards report it
+        log.debug("probe and dtype check in one forward failed (%s: %s); separate forwards follow",
+                  type(e).__name__, str(e)[:200])
+        return None
+    return None if unique_mismatches(mismatches, warn=False) else facts   # the policy's check warns
+
+
 @dataclass
 class Prepared:
     model_map: ModelMap
@@ -124,8 +143,13 @@ def prepare(
     caps = capabilities
     saved = {n: p.dtype for n, p in model.named_parameters()} if keep_dtypes else None
     inputs, input_notes = probe_inputs_and_notes(model)
-    policy = choose_policy(model, dtype, caps, inputs)
-    facts, inputs, notes = run_probe(model, inputs, "; ".join(input_notes))
+    early = _probe_and_dtype_check(model, inputs)
+    dtypes_before = [p.dtype for p in model.parameters()]
+    policy = choose_policy(model, dtype, caps, inputs, boundaries_checked=early is not None)
+    # the early forward's facts hold where the policy's own probes left the model as it was
+    # (a float16 range probe casts it to float32 first, and the weight-read probe runs after it)
+    same = early is not None and [p.dtype for p in model.parameters()] == dtypes_before
+    facts, inputs, notes = run_probe(model, inputs, "; ".join(input_notes), facts=early if same else None)
     if saved is not None:
         with torch.no_grad():
             for n, p in model.named_parameters():
