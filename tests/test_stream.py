@@ -219,3 +219,16 @@ def test_frozen_heap_collects_what_the_block_leaves():
             assert gone() is None
         assert gc.get_freeze_count() == frozen
     assert gc.get_freeze_count() == 0
+
+
+def test_calibration_capture_reads_the_embedding_once(tmp_path):
+    """Capturing the first block's inputs runs one forward per calibration batch (4 here); the
+    embedding and the first block stay read across them instead of being read per batch, so a
+    streamed gptq run reads the checkpoint about twice (the probe forward, then each unit once
+    more), not four times as before."""
+    src = make_sharded_llama(tmp_path / "src", tie=False, dtype=torch.float32)
+    size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    opts = {**options("gptq"), "calib": torch.randint(0, 256, (32, 16), generator=torch.Generator().manual_seed(1)),
+            "n_samples": 32, "seq_len": 16}
+    r = quantize_to_disk(src, "gptq", tmp_path / "out", progress=False, **opts)
+    assert r.report["stream"]["source_bytes_read"] <= 2.2 * size

@@ -356,12 +356,14 @@ def _quantize_streamed(path, info, hashed, t0, t_inspect, config, handler, out, 
             def block_scope(i: int, name: str, block: nn.Module):
                 u = lazy.unit(name)
                 with lazy.held(u):
+                    lazy.stop_keeping()   # the first block's inputs are captured: the embedding goes back
                     yield
                     finish_unit(u)
 
             with contextlib.ExitStack() as stack:
                 for u in outside:   # planned Linears outside the blocks: quantized by RTN after the blocks
                     stack.enter_context(lazy.held(u))
+                stack.enter_context(lazy.keeping_outside_blocks())   # one read of the embedding for all batches
                 calibration = quantize_calibrated(handler, model, the_plan, config, compute_dtype, data, fingerprinted(),
                                                   checkpoint_dir, progress, notes, block_scope=block_scope)
                 for u in outside:

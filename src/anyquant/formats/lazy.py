@@ -24,6 +24,7 @@ count as the process's memory for as long as the map is open).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections import defaultdict
@@ -145,6 +146,10 @@ class LazyModel:
         self.units, self.resident = self._units()
         self._running: list[Unit] = []
         self._hook_held: list[Unit] = []
+        # units outside the blocks that the hooks read stay until this is switched off (see
+        # keeping_outside_blocks)
+        self._keep_outside_blocks = False
+        self._kept_block: Unit | None = None
         self._in_forward = False
         self._handles: list = []
         self.reads = 0                              # bytes read from the source (for the report)
@@ -366,9 +371,31 @@ class LazyModel:
         self._handles.append(self.model.register_forward_pre_hook(root_pre, with_kwargs=True, prepend=True))
         self._handles.append(self.model.register_forward_hook(root_post, with_kwargs=True, always_call=True))
 
+    @contextlib.contextmanager
+    def keeping_outside_blocks(self):
+        """Context: units outside the blocks that forwards read (the embedding), and the first
+        block they reach, stay read across forwards instead of being returned after each.
+        Calibration captures the first block's inputs with one forward per batch that stops at
+        that block; each would read the embedding (1 GB for a Llama-3-8B) and the block again.
+        Later blocks still come and go one at a time. `stop_keeping` ends it early."""
+        self._keep_outside_blocks = True
+        try:
+            yield
+        finally:
+            self.stop_keeping()
+
+    def stop_keeping(self) -> None:
+        if self._keep_outside_blocks:
+            self._keep_outside_blocks = False
+            self._kept_block = None
+            self._release_hook_held(keep=tuple(self._running))
+
+    def _kept(self, u: Unit) -> bool:
+        return self._keep_outside_blocks and (not u.block or u is self._kept_block)
+
     def _release_hook_held(self, keep) -> None:
         for u in list(self._hook_held):
-            if u in keep or u in self._running:
+            if u in keep or u in self._running or self._kept(u):
                 continue
             self._hook_held.remove(u)
             self.drop(u)
@@ -381,6 +408,8 @@ class LazyModel:
             if unit not in self._hook_held:
                 self.acquire(unit)
                 self._hook_held.append(unit)
+                if self._keep_outside_blocks and unit.block and self._kept_block is None:
+                    self._kept_block = unit
             self._running.append(unit)
             return None
         return hook
