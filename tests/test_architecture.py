@@ -17,7 +17,7 @@ PKG = Path(anyquant.__file__).parent
 
 # Bottom to top: a module may import its own layer's modules and those of lower layers.
 LAYERS: list[set[str]] = [
-    {"errors", "config", "progress", "primitives", "answers"},
+    {"errors", "config", "progress", "primitives", "answers", "patterns"},
     {"runtime"},
     {"model"},
     {"numerics"},

@@ -1,5 +1,5 @@
 """Answers of read-only commands kept on disk, keyed by everything they depend on, so asking
-`anyquant inspect` again about an unchanged model directory answers without importing torch or
+`anyquant inspect` or `anyquant plan` again about an unchanged model directory answers without importing torch or
 transformers (which alone take seconds).
 
 The key is a hash of: the command and its arguments; anyquant's and transformers' versions (read

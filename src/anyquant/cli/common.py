@@ -133,7 +133,7 @@ def check_model_dir(source: str, trust_remote_code: bool, *, shapes: bool = True
 
 
 def check_patterns(keep, only) -> None:
-    from anyquant.model.files import check_pattern
+    from anyquant.patterns import check_pattern
 
     for p in keep:
         check_pattern(p, "--keep")

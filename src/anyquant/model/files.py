@@ -9,12 +9,14 @@ the problem and the fix, before any long work starts."""
 from __future__ import annotations
 
 import json
-import re
 import stat
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from anyquant.errors import AnyquantError
+from anyquant.model.load import model_classes
 
 # config.json fields that transformers' strict config classes require to be integers.
 INT_FIELDS = (
@@ -80,17 +82,6 @@ def read_json_file(path: Path, what: str) -> Any:
         raise AnyquantError(f"{what} {path}: not valid JSON ({e}); fix or re-create it") from None
     except OSError as e:
         raise AnyquantError(f"{what} {path}: cannot read it ({e.strerror})") from None
-
-
-def check_pattern(pattern: str, what: str) -> None:
-    """A `re:` pattern compiles; otherwise one line naming where it came from."""
-    if pattern.startswith("re:"):
-        try:
-            re.compile(pattern[3:])
-        except re.error as e:
-            raise AnyquantError(f"{what} {pattern!r}: invalid regular expression ({e}); "
-                                "fix the pattern (escape ( ) [ ] . * + ? with a backslash to match them literally)"
-                                ) from None
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
@@ -187,10 +178,7 @@ def check_shapes(model_dir: Path, config: dict[str, Any], shapes: dict[str, tupl
     their packed shapes differ by design."""
     if config.get("auto_map") or config.get("quantization_config") or not shapes:
         return
-    import torch   # here, not at the top: argument checks import this module and must stay light
     from transformers import AutoConfig
-
-    from anyquant.model.load import model_classes
 
     try:
         cfg = AutoConfig.from_pretrained(model_dir)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from anyquant.errors import AnyquantError
-from anyquant.model.files import check_pattern, read_json_file
+from anyquant.model.files import read_json_file
+from anyquant.patterns import check_pattern, matches
 
 QUANTIZE, KEEP = "quantize", "keep"
 # A fused MoE expert tensor (a 3-D parameter [experts, out, in]): its decision is named by the
@@ -76,13 +76,6 @@ class Plan:
             decisions=[Decision(**x) for x in d["decisions"]],
             notes=list(d.get("notes", [])),
         )
-
-
-def matches(pattern: str, name: str) -> bool:
-    if pattern.startswith("re:"):
-        check_pattern(pattern, "pattern")
-        return re.search(pattern[3:], name) is not None
-    return name == pattern
 
 
 OVERRIDE_KEYS = ("method", "group_size")
