@@ -87,6 +87,7 @@ def build_qwen2_vl(path):
 BUILDERS = {"llava": build_llava, "llava-processor": lambda p: build_llava(p, processor=True),
             "qwen2-vl": build_qwen2_vl}
 LM_BLOCKS = "model.language_model.layers"
+VISION_KEY_PREFIX = "vision_tower."   # a Llava checkpoint's vision tower keys
 VISION = {"llava": "model.vision_tower", "llava-processor": "model.vision_tower", "qwen2-vl": "model.visual"}
 
 
@@ -207,3 +208,37 @@ def test_calibration_images_are_real_and_varied():
     assert all(im.ndim == 3 and im.shape[2] == 3 and im.dtype.name == "uint8" for im in imgs)
     assert imgs[0].shape == (512, 512, 3)  # astronaut
     assert len({(im.shape, int(im.sum())) for im in imgs}) == len(imgs)  # crops differ from the originals
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_streamed_vlm_equals_in_memory(runs, model_dirs, tmp_path, name):
+    """Streaming a VLM (quantize_to_disk, one unit read at a time) writes what the in-memory path
+    writes, tensor for tensor: language blocks calibrated on image tokens, the vision tower in
+    float, and the checkpoint's own key layout (a Llava's `language_model.model.*`, which the
+    streamed writer used to double into `language_model.model.model.*`)."""
+    from anyquant.stream import quantize_to_disk
+    from tests.test_stream import tensors
+
+    _, saved, _ = runs[name, "gptq"]
+    quantize_to_disk(model_dirs[name], "gptq", tmp_path / "st", progress=False, checkpoint_dir=None,
+                     n_samples=N_SAMPLES, seq_len=SEQ)
+    a, b = tensors(saved), tensors(tmp_path / "st")
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_streamed_vlm_with_vision_quantized_equals_in_memory(model_dirs, tmp_path):
+    """--include-vision with a calibrated method: the vision tower's Linears lie outside the
+    calibrated blocks and are rounded to nearest; streamed, each of its units is read, rounded
+    and written in turn (they used to be left on the meta device and fail)."""
+    from anyquant.stream import quantize_to_disk
+    from tests.test_stream import tensors
+
+    opts = {"progress": False, "checkpoint_dir": None, "n_samples": N_SAMPLES, "seq_len": SEQ, "include_vision": True}
+    r = anyquant.quantize(str(model_dirs["llava"]), "awq", **opts)
+    anyquant.save(r, tmp_path / "mem", verify=False)
+    quantize_to_disk(model_dirs["llava"], "awq", tmp_path / "st", **opts)
+    a, b = tensors(tmp_path / "mem"), tensors(tmp_path / "st")
+    assert any(k.startswith(VISION_KEY_PREFIX) and k.endswith("weight_packed") for k in a)
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)

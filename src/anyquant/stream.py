@@ -35,6 +35,7 @@ from torch import nn
 
 from anyquant.calib.data import calibration_data
 from anyquant.calib.memory import frozen_heap, pin_mmap_threshold, release_freed_memory
+from anyquant.calib.runner import outside_note, rtn_outside
 from anyquant.config import MethodConfig, make_config
 from anyquant.errors import AlreadyQuantizedError, AnyquantError
 from anyquant.eval.memory import peak_rss_bytes
@@ -350,7 +351,6 @@ def _quantize_streamed(path, info, hashed, t0, t_inspect, config, handler, out, 
                                                 model_dir=path, vlm=is_vlm(mmap, the_plan),
                                                 trust_remote_code=trust_remote_code)
             notes += data_notes
-            outside = [lazy.unit(n) for n, ds in by_unit.items() if ds and not lazy.unit(n).block]
 
             @contextlib.contextmanager
             def block_scope(i: int, name: str, block: nn.Module):
@@ -360,14 +360,23 @@ def _quantize_streamed(path, info, hashed, t0, t_inspect, config, handler, out, 
                     yield
                     finish_unit(u)
 
-            with contextlib.ExitStack() as stack:
-                for u in outside:   # planned Linears outside the blocks: quantized by RTN after the blocks
-                    stack.enter_context(lazy.held(u))
-                stack.enter_context(lazy.keeping_outside_blocks())   # one read of the embedding for all batches
+            with lazy.keeping_outside_blocks():   # one read of the embedding for all batches
                 calibration = quantize_calibrated(handler, model, the_plan, config, compute_dtype, data, fingerprinted(),
-                                                  checkpoint_dir, progress, notes, block_scope=block_scope)
-                for u in outside:
+                                                  checkpoint_dir, progress, notes, block_scope=block_scope,
+                                                  outside_later=True)
+            # planned Linears outside the calibrated blocks (a vision tower with --include-vision, a
+            # planned head): round-to-nearest as in memory, one unit read at a time
+            later = calibration.pop("outside_later", {})
+            later_by_unit: dict[str, dict[str, dict]] = {}
+            for n, o in later.items():
+                later_by_unit.setdefault(_unit_of(lazy, n).name, {})[n] = o
+            for uname, group in later_by_unit.items():
+                u = lazy.unit(uname)
+                with lazy.held(u):
+                    rtn_outside(model, group, config, compute_dtype)
                     finish_unit(u)
+            if later:
+                notes.append(outside_note(later))
             lazy.release_all()
             phase_done("calibration")
             per_layer = calibration.pop("per_layer_weight_error")

@@ -273,18 +273,31 @@ def calibration_ids(tokenizer, text: str, n_samples: int, seq_len: int) -> torch
     return ids[:n_samples]
 
 
+def rtn_outside(model: nn.Module, outside: dict[str, dict], config, compute_dtype: torch.dtype) -> None:
+    """Planned linears outside the calibrated blocks (a vision tower quantized with
+    --include-vision, a planned head) by round-to-nearest: no calibrated inputs reach them."""
+    rtn_block(model, outside, config.group_size, config.symmetric, compute_dtype)
+
+
+def outside_note(outside: dict[str, dict]) -> str:
+    return (f"{len(outside)} planned linear(s) outside the decoder blocks quantized by round-to-nearest "
+            f"(no calibrated inputs there): {', '.join(sorted(outside))[:300]}")
+
+
 def quantize_model_blockwise(model, plan, config, compute_dtype, calib_ids, quantize_block, progress=True,
                              checkpoint_dir=None, fingerprint=None, batch_size: int = 8,
-                             block_scope=None) -> dict[str, Any]:
+                             block_scope=None, outside_later: bool = False) -> dict[str, Any]:
     """The calibrated methods' `quantize_model`: blocks through `run`, then planned linears
-    outside the blocks (rare: the plan keeps heads and embeddings) by round-to-nearest, noted."""
+    outside the blocks (rare: the plan keeps heads and embeddings) by round-to-nearest, noted.
+    `outside_later`: those are left to the caller, listed in the report's `outside_later` (the
+    streamed path reads their units one at a time and calls `rtn_outside` itself)."""
     report = run(model, plan, config, compute_dtype, calib_ids, quantize_block, progress=progress,
                  checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, batch_size=batch_size,
                  block_scope=block_scope)
     outside = {n: d.options for n, d in ((d.name, d) for d in plan.to_quantize()) if n in set(report["outside_blocks"])}
-    if outside:
-        rtn_block(model, outside, config.group_size, config.symmetric, compute_dtype)
-        report["notes"].append(
-            f"{len(outside)} planned linear(s) outside the decoder blocks quantized by round-to-nearest "
-            f"(no calibrated inputs there): {', '.join(sorted(outside))[:300]}")
+    if outside and outside_later:
+        report["outside_later"] = outside
+    elif outside:
+        rtn_outside(model, outside, config, compute_dtype)
+        report["notes"].append(outside_note(outside))
     return report

@@ -126,7 +126,10 @@ def checkpoint_map(model: nn.Module, files: list[Path], directory: Path) -> dict
                 raise AnyquantError(f"{f}: checkpoint tensor {key} has no place in {type(model).__name__} "
                                     "(built from config.json); quantize it without --stream")
             out[name] = (f, key, info["dtype"])
-    model._weight_conversions = conversions
+    # the renamings this checkpoint's keys went through, as from_pretrained records them: the
+    # output's keys are reverted through these alone (all of the type's mappings would add a
+    # prefix the checkpoint never had: `language_model.model.model.` for a Llava)
+    model._weight_conversions = [t for t in conversions if t.was_used()]
     return out
 
 
