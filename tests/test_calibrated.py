@@ -294,3 +294,49 @@ def test_awq_folds_into_gemma_norms_that_compute_one_plus_weight(calib):
     assert {"self_attn.q_proj", "mlp.gate_proj"} <= set(scaled), ctx.notes
     # Measured 4.6e-7 on Gemma-3-270M's first block (float32 rounding of the folded weights).
     assert calib_blocks.relative_error(before, calib_blocks.block_outputs(block, batches)) < 1e-5
+
+
+@pytest.mark.parametrize("method,extra", [("gptq", {"tune_steps": 5}), ("awq", {})], ids=["gptq+tune", "awq"])
+def test_activations_on_disk_change_nothing(tmp_path, monkeypatch, method, extra):
+    """Calibration activations spilled to disk (activations="disk"; "auto" chooses it when
+    neither the device nor the host has room) give the same output tensor for tensor as kept on
+    the device; they were written (every block's inputs and outputs, and the float model's for
+    tuning against it) and the files are gone afterwards."""
+    from tests.test_stream import make_sharded_llama, tensors
+
+    monkeypatch.setenv("ANYQUANT_CACHE", str(tmp_path / "cache"))
+    src = make_sharded_llama(tmp_path / "src", tie=False, dtype=torch.float32, layers=3)
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    written = []
+    append = calib_blocks.Activations.append
+
+    def counting(self, t):
+        append(self, t)
+        if self.home == "disk":
+            written.append(self._items[-1])
+    monkeypatch.setattr(calib_blocks.Activations, "append", counting)
+    outs = {}
+    for home in ("device", "disk"):
+        r = anyquant.quantize(str(src), method, progress=False, calib=ids, n_samples=8, seq_len=32,
+                              checkpoint_dir=None, activations=home, **extra)
+        assert r.report["calibration"]["activations"] == home
+        anyquant.save(r, tmp_path / home, verify=False)
+        outs[home] = tensors(tmp_path / home)
+    assert set(outs["device"]) == set(outs["disk"])
+    assert all(torch.equal(outs["device"][k], outs["disk"][k]) for k in outs["device"])
+    assert len(written) >= 3 * 2   # 3 blocks' inputs and outputs at least (1 batch each)
+    import gc
+    gc.collect()
+    assert not any(f.exists() for f in written)
+
+
+def test_spill_home_follows_free_memory(monkeypatch):
+    """"auto": the device while four sets of activations fit half of what is free, else disk
+    (on a CPU, host memory is the device's)."""
+    batch = ((torch.zeros(2, 16, 64),), {})
+    need = 4 * 2 * 16 * 64 * 4
+    monkeypatch.setattr(calib_blocks, "available_memory_bytes", lambda: 2 * need)
+    assert calib_blocks.spill_home("auto", [batch]) == "device"
+    monkeypatch.setattr(calib_blocks, "available_memory_bytes", lambda: 2 * need - 1)
+    assert calib_blocks.spill_home("auto", [batch]) == "disk"
+    assert calib_blocks.spill_home("host", [batch]) == "host"

@@ -110,6 +110,9 @@ class HQQConfig(Int4Config):
             raise AnyquantError(f"hqq: need 0 < lp_norm <= 1 and iters >= 1, got {self.lp_norm}, {self.iters}")
 
 
+ACTIVATION_HOMES = ("auto", "device", "host", "disk")
+
+
 @dataclass(frozen=True)
 class CalibratedInt4Config(Int4Config):
     """Shared by awq and gptq: calibration set size (sequences x tokens). 128 x 512 is the
@@ -139,6 +142,12 @@ class CalibratedInt4Config(Int4Config):
     # Share of the blocks tuned, those whose per-token error after the method is largest, chosen
     # as the blocks come (calib.tune.select_for_tuning): fewer steps in all where time is short.
     tune_blocks: float = 1.0
+    # Where the calibration activations (each block's inputs and outputs) wait between uses:
+    # "device" (where they are computed), "host" (CPU memory), "disk" (files beside the run's
+    # checkpoints), or "auto": the device while four sets of them fit half its free memory, else
+    # the host while they fit half its available memory, else disk (calib/blocks.py
+    # spill_home). Where they wait changes no result.
+    activations: str = "auto"
     calibrated: ClassVar[bool] = True
 
     def needs_float_batches(self) -> bool:
@@ -156,6 +165,9 @@ class CalibratedInt4Config(Int4Config):
         if not (0 <= self.tune_holdout <= 0.5):
             raise AnyquantError(f"{self.method}: tune_holdout={self.tune_holdout} must be between 0 and 0.5 "
                                 "(the share of calibration sequences held out of tuning)")
+        if self.activations not in ACTIVATION_HOMES:
+            raise AnyquantError(f"{self.method}: activations={self.activations!r} must be one of "
+                                f"{', '.join(ACTIVATION_HOMES)} (where calibration activations wait between blocks)")
         if not (0 < self.tune_blocks <= 1):
             raise AnyquantError(f"{self.method}: tune_blocks={self.tune_blocks} must be in (0, 1] "
                                 "(the share of blocks tuned)")

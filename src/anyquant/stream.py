@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from anyquant.calib.data import calibration_data
-from anyquant.calib.memory import frozen_heap, pin_mmap_threshold, release_freed_memory
+from anyquant.calib.memory import available_memory_bytes, frozen_heap, pin_mmap_threshold, release_freed_memory
 from anyquant.calib.runner import outside_note, rtn_outside
 from anyquant.config import MethodConfig, make_config
 from anyquant.errors import AlreadyQuantizedError, AnyquantError
@@ -74,18 +74,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 # the share of available memory a finished output may take and still be reloaded for verification
 RELOAD_SHARE = 0.5
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), else None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def source_float_bytes(path: Path) -> int:

@@ -4,12 +4,18 @@ outputs, find which planned Linears read the same input (probe_block)."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from anyquant.calib.memory import available_memory_bytes
 from anyquant.errors import AnyquantError
 from anyquant.model.tree import device_of
 
@@ -192,8 +198,104 @@ def run_block(block: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def block_outputs(block: nn.Module, batches: list[Batch]) -> list[torch.Tensor]:
+def block_outputs(block: nn.Module, batches) -> list[torch.Tensor] | Activations:
+    """The block's output on each batch; kept where `batches` keep theirs (SpilledBatches)."""
+    if isinstance(batches, SpilledBatches):
+        out = batches.hidden.empty_like()
+        for b in batches:
+            out.append(run_block(block, b))
+        return out
     return [run_block(block, b) for b in batches]
+
+
+# --------------------------------------------------------------------------- activations off the device
+
+
+class Activations(Sequence):
+    """One hidden-state tensor per calibration batch, kept at `home` between uses and read back to
+    `device` on access: "host" (CPU memory, pinned for a GPU) or "disk" (one file per tensor in a
+    folder of its own under `root`, removed with the object). Copies both ways are exact."""
+
+    def __init__(self, home: str, device: torch.device, root: Path | None = None):
+        self.home, self.device, self.root = home, torch.device(device), root
+        self._items: list[Any] = []
+        self._folder: Path | None = None
+        if home == "disk":
+            if root is not None:
+                root.mkdir(parents=True, exist_ok=True)
+            self._folder = Path(tempfile.mkdtemp(prefix="activations-", dir=root))
+            weakref.finalize(self, shutil.rmtree, self._folder, True)
+
+    def empty_like(self) -> Activations:
+        return Activations(self.home, self.device, self.root)
+
+    def append(self, t: torch.Tensor) -> None:
+        t = t.detach()
+        if self.home == "disk":
+            f = self._folder / f"{len(self._items)}.pt"
+            torch.save(t.cpu(), f)
+            self._items.append(f)
+        elif t.device.type == "cuda":
+            self._items.append(t.to("cpu").pin_memory())
+        else:
+            self._items.append(t.to("cpu"))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        item = self._items[i]
+        t = torch.load(item, map_location="cpu", weights_only=True) if self.home == "disk" else item
+        return t.to(self.device, non_blocking=self.device.type == "cuda")
+
+
+class SpilledBatches(Sequence):
+    """Calibration batches whose hidden states wait in an Activations store: each access gives
+    the batch with its hidden state back on the compute device; everything else a batch holds
+    (masks, position embeddings: small) stays as captured."""
+
+    def __init__(self, skeletons: list[Batch], hidden: Activations):
+        self.skeletons, self.hidden = skeletons, hidden
+
+    @classmethod
+    def spill(cls, batches: list[Batch], home: str, root: Path | None = None) -> SpilledBatches:
+        store = Activations(home, hidden_of(batches[0]).device, root)
+        for b in batches:
+            store.append(hidden_of(b))
+        return cls([with_hidden(b, None) for b in batches], store)
+
+    def __len__(self) -> int:
+        return len(self.skeletons)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        return with_hidden(self.skeletons[i], self.hidden[i])
+
+
+def next_batches(batches, outputs):
+    """The next block's inputs: `batches` with their hidden states replaced by `outputs`."""
+    if isinstance(batches, SpilledBatches):
+        return SpilledBatches(batches.skeletons, outputs)
+    return [with_hidden(b, o) for b, o in zip(batches, outputs)]
+
+
+def spill_home(setting: str, batches: list[Batch], copies: int = 4) -> str:
+    """Where calibration activations wait: `setting` unless "auto"; then the compute device while
+    `copies` sets of them (a block's inputs, the float model's, its float and quantized outputs)
+    fit half its free memory, else the host while they fit half of MemAvailable, else disk."""
+    if setting != "auto":
+        return setting
+    h = hidden_of(batches[0])
+    need = copies * sum(hidden_of(b).numel() for b in batches) * h.element_size()
+    avail = available_memory_bytes()
+    if h.device.type == "cuda":
+        if need <= torch.cuda.mem_get_info(h.device)[0] // 2:
+            return "device"
+        return "host" if avail is None or need <= avail // 2 else "disk"
+    return "device" if avail is None or need <= avail // 2 else "disk"
 
 
 def relative_error(ref: list[torch.Tensor], approx: list[torch.Tensor]) -> float:

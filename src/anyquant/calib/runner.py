@@ -31,14 +31,18 @@ import torch
 from torch import nn
 
 from anyquant import primitives as P
+from anyquant.answers import cache_dir
 from anyquant.calib.blocks import (
     Batch,
+    SpilledBatches,
     block_outputs,
     calib_summary,
     capture_inputs,
     find_blocks,
+    hidden_of,
+    next_batches,
     relative_error,
-    with_hidden,
+    spill_home,
 )
 from anyquant.calib.checkpoint import (
     DamagedCheckpoint,
@@ -147,15 +151,23 @@ def run(
     ckdir = None
     if checkpoint_dir is not None:
         fp = fingerprint or model_fingerprint(model)
-        key = checkpoint_key(fp, config.to_dict(), dtype_name(compute_dtype),
+        settings = {k: v for k, v in config.to_dict().items() if k != "activations"}   # where they wait: same result
+        key = checkpoint_key(fp, settings, dtype_name(compute_dtype),
                              sorted([n, o] for n, o in todo.items()), calib_ids)
         ckdir = Path(checkpoint_dir) / key
 
     pin_mmap_threshold()
     batches = capture_inputs(model, blocks[0], calib_ids, batch_size)
+    home = spill_home(getattr(config, "activations", "auto"), batches)
+    if home == "disk" or home == "host" and hidden_of(batches[0]).device.type != "cpu":
+        root = (ckdir if ckdir is not None else cache_dir() / "spill") / "activations"
+        batches = SpilledBatches.spill(batches, home, root)
     model_targets = config.tune_steps > 0 and config.tune_target == "model"
     tune_errors: list[float] = []  # per-token error after the method, per block (tune_blocks < 1)
-    float_batches = list(batches) if config.needs_float_batches() else None
+    float_batches = None
+    if config.needs_float_batches():
+        float_batches = (SpilledBatches(batches.skeletons, batches.hidden) if isinstance(batches, SpilledBatches)
+                         else list(batches))
     entries: list[dict] = []
     fallbacks: list[dict] = []
     notes: list[str] = []
@@ -177,9 +189,9 @@ def run(
             notes += [f"{bname}: {n}" for n in entry["notes"]]
             weight_errors.update(entry["weight_errors"])
             entries.append(entry)
-            batches = [with_hidden(b, o) for b, o in zip(batches, outs)]
+            batches = next_batches(batches, outs)
             if float_batches is not None and float_outs is not None:
-                float_batches = [with_hidden(b, o) for b, o in zip(float_batches, float_outs)]
+                float_batches = next_batches(float_batches, float_outs)
             del outs, float_outs
             release_freed_memory()
             advance()
@@ -190,6 +202,7 @@ def run(
         "per_layer_weight_error": weight_errors,
         "outside_blocks": outside,
         "resumed_blocks": resumed,
+        "activations": home,
         "checkpoint_dir": str(ckdir) if ckdir else None,
         "calibration": calib_summary(calib_ids),
     }

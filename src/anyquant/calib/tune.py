@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from anyquant import primitives as P
-from anyquant.calib.blocks import hidden_of, relative_error, run_block, slice_batch
+from anyquant.calib.blocks import block_outputs, hidden_of, relative_error, run_block, slice_batch
 from anyquant.model.tree import set_submodule
 from anyquant.runtime.int4_linear import Int4Linear
 
@@ -175,7 +175,7 @@ def tune_block(
     train_rows, held_rows = split_rows(batches, holdout)
     judged = held_rows if any(r.numel() for r in held_rows) else None
     with torch.no_grad():
-        outs0 = [run_block(block, b) for b in batches]
+        outs0 = block_outputs(block, batches)
         before = relative_error(targets, outs0)
         judged_before = token_error(targets, outs0, judged)
         del outs0
@@ -220,7 +220,7 @@ def tune_block(
     for n, q in tuned.items():
         set_submodule(block, n, q)
     with torch.no_grad():
-        outputs = [run_block(block, b) for b in batches]
+        outputs = block_outputs(block, batches)
         after = relative_error(targets, outputs)
         judged_after = token_error(targets, outputs, judged)
     kept = judged_after < judged_before
