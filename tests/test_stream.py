@@ -110,6 +110,19 @@ def test_shard_writer_round_trip_and_index(tmp_path):
     for k, t in ts.items():
         assert got[k].dtype == t.dtype and torch.equal(got[k], t), k
     assert not list(tmp_path.glob(".shard-*"))
+    # the data written once, after the room left for the header (which safetensors reads with its padding)
+    first = [k for k, f in index["weight_map"].items() if f == names[0]]
+    assert (tmp_path / names[0]).stat().st_size == w.header_room + sum(ts[k].numel() * ts[k].element_size()
+                                                                        for k in first)
+    # a header larger than its room: written in front of a copy of the data
+    (tmp_path / "big").mkdir()
+    wb = ShardWriter(tmp_path / "big", max_shard_size=10**6)
+    wb.header_room = 64
+    many = {f"tensor.{i}": torch.full((3,), i, dtype=torch.float32) for i in range(20)}
+    wb.add(many)
+    assert wb.close() == ["model.safetensors"]
+    back = tensors(tmp_path / "big")
+    assert set(back) == set(many) and all(torch.equal(back[k], many[k]) for k in many)
     (tmp_path / "x").mkdir()
     w2 = ShardWriter(tmp_path / "x", max_shard_size=300)
     with pytest.raises(AnyquantError, match="written twice"):

@@ -6,11 +6,14 @@
 
 Why not safetensors' own writer: `save_file` takes the whole shard as one dict in memory and
 writes the header (which lists every tensor's offsets) first. A streamed quantization has one
-block in memory at a time, so each tensor's bytes are appended to the shard's data file as they
-come, and the header is written in front when the shard is full (one sequential copy of the
-data on disk). The layout is the format's: an 8-byte little-endian header length, the JSON
-header padded with spaces to a multiple of 8, then the tensors back to back in offset order
-(safetensors' format documentation); files are read back with safetensors in the tests.
+block in memory at a time, so each tensor's bytes are written as they come after room left for
+the header at the start of the shard's file, and the header goes into that room when the shard
+is full, padded with spaces to fill it (the format allows trailing spaces in the header): the
+data is written once. A header larger than the room (a shard of tens of thousands of tensors)
+is written in front of a copy of the data instead. The layout is the format's: an 8-byte
+little-endian header length, the JSON header padded with spaces to a multiple of 8, then the
+tensors back to back in offset order (safetensors' format documentation); files are read back
+with safetensors in the tests.
 """
 
 from __future__ import annotations
@@ -60,10 +63,14 @@ class ShardWriter:
         self._header: dict = {}
         self._size = 0
         self._names: set[str] = set()
+        # room for the header at the start of each shard: about 150 bytes a tensor, so 1 MiB
+        # holds some 7,000 tensors; smaller for small shards (a multiple of 8: data stays aligned)
+        self.header_room = min(1 << 20, max(4096, self.limit // 64)) // 8 * 8
 
     def _open(self) -> None:
         path = self.directory / f".shard-{len(self.shards) + 1:05d}.data"
         self._data = open(path, "wb")
+        self._data.seek(self.header_room)
         self._data_path = path
         self._header = {}
         self._size = 0
@@ -105,12 +112,20 @@ class ShardWriter:
         weight_map: dict[str, str] = {}
         for (data_path, header), fname in zip(self.shards, names):
             head = json.dumps({"__metadata__": self.metadata, **header}, separators=(",", ":")).encode()
-            head += b" " * (-len(head) % 8)
-            with open(self.directory / fname, "wb") as out, open(data_path, "rb") as data:
-                out.write(struct.pack("<Q", len(head)))
-                out.write(head)
-                shutil.copyfileobj(data, out, 16 << 20)
-            os.unlink(data_path)
+            if 8 + len(head) <= self.header_room:   # into the room left for it: no copy
+                head += b" " * (self.header_room - 8 - len(head))
+                with open(data_path, "r+b") as f:
+                    f.write(struct.pack("<Q", len(head)))
+                    f.write(head)
+                os.replace(data_path, self.directory / fname)
+            else:
+                head += b" " * (-len(head) % 8)
+                with open(self.directory / fname, "wb") as out, open(data_path, "rb") as data:
+                    out.write(struct.pack("<Q", len(head)))
+                    out.write(head)
+                    data.seek(self.header_room)
+                    shutil.copyfileobj(data, out, 16 << 20)
+                os.unlink(data_path)
             weight_map.update(dict.fromkeys(header, fname))
         if n > 1:
             index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
