@@ -439,3 +439,18 @@ def test_eval_with_source_gone_does_not_blame_an_unpassed_baseline(saved, tmp_pa
     line = one_line(run("eval", out, "--text", number_text(tmp_path), "--max-tokens", "256"),
                     str(src.resolve()), "is not there", "pass --baseline PATH")
     assert not line.startswith("anyquant: error: --baseline")
+
+
+def test_files_hashed_together_match_one_by_one(tmp_path):
+    """files_sha256 hashes several files at once (threads): the same digests as one at a time."""
+    from anyquant.model.integrity import file_sha256, files_sha256
+
+    files = []
+    for i in range(5):
+        f = tmp_path / f"part-{i}.bin"
+        f.write_bytes(bytes(range(256)) * (1000 * (i + 1)) + bytes([i]))
+        files.append(f)
+    together = files_sha256(files)
+    assert list(together) == files
+    assert together == {f: file_sha256(f) for f in files}
+    assert len(set(together.values())) == len(files)

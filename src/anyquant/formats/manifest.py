@@ -14,7 +14,7 @@ from typing import Any
 
 from anyquant import __version__
 from anyquant.errors import AnyquantError
-from anyquant.model.integrity import file_sha256
+from anyquant.model.integrity import files_sha256
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def seal_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     once every other file is written. Round-tripped through JSON first, so the hash is over
     exactly what read_manifest will return."""
     sealed = json.loads(json.dumps(manifest, default=str))
-    sealed["files"] = {p.relative_to(directory).as_posix(): "sha256:" + file_sha256(p)
-                       for p in output_files(directory)}
+    sealed["files"] = {p.relative_to(directory).as_posix(): "sha256:" + digest
+                       for p, digest in files_sha256(output_files(directory)).items()}
     sealed[SELF_HASH] = canonical_sha256(sealed)
     return sealed
 
@@ -90,11 +90,12 @@ def verify_output(directory: Path, manifest: dict[str, Any]) -> None:
                             f"matches its {SELF_HASH} {str(manifest.get(SELF_HASH))[:19]}); {NO_VERIFY}")
     if not isinstance(files, dict):
         raise AnyquantError(f"{directory / MANIFEST} has no file list; {NO_VERIFY}")
-    for name, want in sorted(files.items()):
-        f = directory / name
-        if not f.is_file():
+    for name in sorted(files):
+        if not (directory / name).is_file():
             raise AnyquantError(f"{directory}: {name} is missing (it was saved with the output); {NO_VERIFY}")
-        got = "sha256:" + file_sha256(f)
+    digests = files_sha256([directory / name for name in sorted(files)])
+    for name, want in sorted(files.items()):
+        got = "sha256:" + digests[directory / name]
         if got != want:
             raise AnyquantError(f"{directory}: {name} changed since it was saved (sha256 {got[7:19]}..., "
                                 f"saved as {str(want)[7:19]}...); {NO_VERIFY}")
