@@ -28,23 +28,23 @@ BLOCK_BOUND = {"int4": 0.20, "hqq": 0.20, "nf4": 0.21, "int8": 0.014}
 EXPERT_TYPE = {"int4": "Int4Experts", "hqq": "Int4Experts", "nf4": "Bnb4Experts", "int8": "Int8Experts"}
 
 
-def _mixtral():
-    from transformers import AutoModelForCausalLM, MixtralConfig
+def _tiny(config_class: str, **fields):
+    """A seeded random causal LM of transformers' own `config_class` with these fields."""
+    import transformers
 
-    cfg = MixtralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=128, num_local_experts=4, num_experts_per_tok=2)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg)
+    return transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**fields))
+
+
+def _mixtral():
+    return _tiny("MixtralConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=128, num_local_experts=4, num_experts_per_tok=2)
 
 
 def _qwen3_moe():
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-
-    cfg = Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_experts=4,
-                         num_experts_per_tok=2, head_dim=16)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg)
+    return _tiny("Qwen3MoeConfig", hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128, num_experts=4,
+                                   num_experts_per_tok=2, head_dim=16)
 
 
 def _fused(m) -> dict[str, int]:
@@ -172,35 +172,23 @@ def test_keep_override_leaves_experts_float():
 
 
 def _jetmoe():
-    from transformers import AutoModelForCausalLM, JetMoeConfig
-
-    cfg = JetMoeConfig(hidden_size=64, num_hidden_layers=2, num_key_value_heads=4, kv_channels=16,
-                       intermediate_size=128, num_local_experts=4, num_experts_per_tok=2, vocab_size=256,
-                       max_position_embeddings=64)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg)
+    return _tiny("JetMoeConfig", hidden_size=64, num_hidden_layers=2, num_key_value_heads=4, kv_channels=16,
+                                 intermediate_size=128, num_local_experts=4, num_experts_per_tok=2, vocab_size=256,
+                                 max_position_embeddings=64)
 
 
 def _ergo():
-    from transformers import AutoModelForCausalLM, ErgoConfig
-
-    cfg = ErgoConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                     moe_intermediate_size=64, first_dense_intermediate_size=128, shared_intermediate_size=64,
-                     num_experts=4, num_experts_per_tok=2, vocab_size=256, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg)
+    return _tiny("ErgoConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                               moe_intermediate_size=64, first_dense_intermediate_size=128, shared_intermediate_size=64,
+                               num_experts=4, num_experts_per_tok=2, vocab_size=256, max_position_embeddings=64)
 
 
 def _inkling():
-    from transformers import AutoModelForCausalLM, InklingTextConfig
-
-    cfg = InklingTextConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
-                            rel_extent=64, moe_intermediate_size=32,
-                            intermediate_size=128, n_routed_experts=4, n_shared_experts=2, num_experts_per_tok=2,
-                            vocab_size=256, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg)
+    return _tiny("InklingTextConfig", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16,
+                                      rel_extent=64, moe_intermediate_size=32,
+                                      intermediate_size=128, n_routed_experts=4, n_shared_experts=2, num_experts_per_tok=2,
+                                      vocab_size=256, max_position_embeddings=64)
 
 
 # how each of these experts classes multiplies its tensors in its own forward (read in transformers'

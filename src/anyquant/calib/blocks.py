@@ -243,9 +243,7 @@ class Activations(Sequence):
     def __len__(self) -> int:
         return len(self._items)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
+    def __getitem__(self, i: int) -> torch.Tensor:
         item = self._items[i]
         t = torch.load(item, map_location="cpu", weights_only=True) if self.home == "disk" else item
         return t.to(self.device, non_blocking=self.device.type == "cuda")
@@ -269,9 +267,7 @@ class SpilledBatches(Sequence):
     def __len__(self) -> int:
         return len(self.skeletons)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
+    def __getitem__(self, i: int) -> Batch:
         return with_hidden(self.skeletons[i], self.hidden[i])
 
 

@@ -159,7 +159,8 @@ def run(
     pin_mmap_threshold()
     batches = capture_inputs(model, blocks[0], calib_ids, batch_size)
     home = spill_home(getattr(config, "activations", "auto"), batches)
-    if home == "disk" or home == "host" and hidden_of(batches[0]).device.type != "cpu":
+    # (on a CPU, host memory is where the activations already are)
+    if home == "disk" or (home == "host" and hidden_of(batches[0]).device.type != "cpu"):
         root = (ckdir if ckdir is not None else cache_dir() / "spill") / "activations"
         batches = SpilledBatches.spill(batches, home, root)
     model_targets = config.tune_steps > 0 and config.tune_target == "model"

@@ -6,6 +6,7 @@ from anyquant.config import MethodConfig, resolve_method
 from anyquant.errors import AnyquantError
 from anyquant.methods import handler_for
 from anyquant.model.modelmap import LINEAR, ModelMap
+from anyquant.patterns import matches
 from anyquant.planning.plan import (
     FUSED_EXPERTS,
     KEEP,
@@ -13,7 +14,6 @@ from anyquant.planning.plan import (
     Decision,
     Plan,
     check_patterns,
-    matches,
 )
 from anyquant.planning.rules import RULES, PlanContext
 

@@ -21,11 +21,11 @@ from anyquant.methods import handler_for
 from anyquant.model.modelmap import LINEAR, ModelMap, build_model_map
 from anyquant.model.tree import device_of, not_reloadable, probe_logits
 from anyquant.numerics.capabilities import DeviceCapabilities, detect_capabilities
+from anyquant.numerics.casts import recording_dtype_mismatches, unique_mismatches
 from anyquant.numerics.declared import declared_dtype
 from anyquant.numerics.dtype import dtype_name
 from anyquant.numerics.inputs import probe_inputs_and_notes
 from anyquant.numerics.policy import DtypePolicy, buffers_keeping_dtype, choose_policy
-from anyquant.numerics.casts import recording_dtype_mismatches, unique_mismatches
 from anyquant.numerics.probe import ProbeFacts, probe_weight_reads, run_probe
 from anyquant.planning import build_plan
 from anyquant.planning.experts import expert_decisions, experts_note
