@@ -117,7 +117,8 @@ def child(spec: dict) -> dict:
         if spec["method"] in CALIBRATED:
             g = torch.Generator().manual_seed(1)
             opts.update(calib=torch.randint(0, vocab, (spec["n_samples"], spec["seq_len"]), generator=g),
-                        n_samples=spec["n_samples"], seq_len=spec["seq_len"], checkpoint_dir=None)
+                        n_samples=spec["n_samples"], seq_len=spec["seq_len"], checkpoint_dir=None,
+                        activations=spec.get("activations", "auto"))
         if spec["path"] == "stream":
             r = anyquant.quantize_to_disk(source, spec["method"], out, force=True, verify=spec["verify"], **opts)
         else:
@@ -190,6 +191,9 @@ def main() -> None:
     ap.add_argument("--layers", help="depths, comma-separated (default: the shape's two)")
     ap.add_argument("--methods", default="int4,nf4,gptq")
     ap.add_argument("--n-samples", type=int)
+    ap.add_argument("--activations", default="auto",
+                    help="where gptq/awq keep calibration activations, comma-separated settings to run each "
+                         "with (auto, device, host, disk)")
     ap.add_argument("--seq-len", type=int)
     ap.add_argument("--no-in-memory", action="store_true", help="skip the in-memory comparison")
     ap.add_argument("--in-memory-max-layers", type=int, default=None,
@@ -242,6 +246,8 @@ def main() -> None:
                                        "context), sampled every 20 ms",
             "verify": "the save-time reload check (verify=) of both paths; off unless --verify: it loads the whole "
                       "output, which is not the quantization's memory",
+            "gpu_bound_bytes": "gptq/awq: 2 x a block's float size + calibration activations (as in bound_bytes)",
+            "hessian_bytes": "one float32 Hessian of the widest Linear input (gptq holds it and one factor of it)",
             "bound_bytes": "2 x the largest unit's float size (a block, or the embedding/head if larger) + "
                            "calibration activations (n_samples x seq_len x hidden x compute element size x 2: a "
                            "block's inputs and outputs) + 1 GB",
@@ -279,19 +285,25 @@ def main() -> None:
         for method in methods:
             acts = n_samples * seq_len * s["hidden"] * compute_elem * 2 if method in CALIBRATED else 0
             bound = 2 * unit_bytes + acts + GB
-            paths = ["stream"]
+            runs = [("stream", a) for a in (args.activations.split(",") if method in CALIBRATED else ["auto"])]
             if not args.no_in_memory and (args.in_memory_max_layers is None or layers <= args.in_memory_max_layers):
-                paths.append("in-memory")
-            for path in paths:
+                runs.append(("in-memory", "auto"))
+            for path, activations in runs:
                 spec = {"path": path, "method": method, "source": str(src), "out": str(work / f"out-{method}"),
                         "dtype": s["dtype"], "torch_dtype": s["dtype"], "vocab": s["vocab"],
-                        "n_samples": n_samples, "seq_len": seq_len, "verify": args.verify}
-                print(f"{layers} layers, {method}, {path} ...", flush=True)
+                        "n_samples": n_samples, "seq_len": seq_len, "verify": args.verify, "activations": activations}
+                print(f"{layers} layers, {method}, {path}, activations {activations} ...", flush=True)
                 got = run_child(spec, args.timeout)
                 shutil.rmtree(work / f"out-{method}", ignore_errors=True)
                 row = {"layers": layers, "method": method, "path": path, "checkpoint_bytes": size,
                        "block_float_bytes": block_bytes, "largest_unit_float_bytes": unit_bytes,
                        "calibration_activation_bytes": acts, "bound_bytes": bound, **got}
+                if method in CALIBRATED:
+                    row["activations"] = activations
+                    row["gpu_bound_bytes"] = 2 * block_bytes + acts
+                    row["hessian_bytes"] = 4 * max(s["hidden"], s["inter"]) ** 2
+                    if got.get("peak_gpu_bytes"):
+                        row["gpu_within_bound"] = got["peak_gpu_bytes"] <= row["gpu_bound_bytes"]
                 if "peak_rss_above_baseline_bytes" in got and path == "stream":
                     row["within_bound"] = got["peak_rss_above_baseline_bytes"] <= bound
                     row["peak_rss_share_of_checkpoint"] = got["peak_rss_above_baseline_bytes"] / size
@@ -317,7 +329,8 @@ def main() -> None:
 
 def _summarise(result: dict, depths: list[int]) -> None:
     """Depth ratio per method (deepest / shallowest, streamed) and the 80-layer x 8192 extrapolation."""
-    rows = [r for r in result["rows"] if r["path"] == "stream" and "peak_rss_above_baseline_bytes" in r]
+    rows = [r for r in result["rows"] if r["path"] == "stream" and "peak_rss_above_baseline_bytes" in r
+            and r.get("activations", "auto") == "auto"]
     checks = {}
     extra = {}
     s = result["shape"]
@@ -348,16 +361,20 @@ def _summarise(result: dict, depths: list[int]) -> None:
 
 def _table(result: dict) -> None:
     print()
-    print("| layers | method | path | checkpoint GB | wall s | peak RSS above baseline GB | bound GB | peak GPU GB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| layers | method | path | activations | checkpoint GB | wall s | peak RSS above baseline GB | bound GB "
+          "| peak GPU GB | GPU bound GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         if "error" in r:
-            print(f"| {r['layers']} | {r['method']} | {r['path']} | {r['checkpoint_bytes'] / GB:.2f} | error | | | |")
+            print(f"| {r['layers']} | {r['method']} | {r['path']} | {r.get('activations', '')} | "
+                  f"{r['checkpoint_bytes'] / GB:.2f} | error | | | | |")
             continue
         gpu = r.get("peak_gpu_bytes")
-        print(f"| {r['layers']} | {r['method']} | {r['path']} | {r['checkpoint_bytes'] / GB:.2f} | {r['wall_s']:.1f} | "
+        gb = r.get("gpu_bound_bytes")
+        print(f"| {r['layers']} | {r['method']} | {r['path']} | {r.get('activations', '')} | "
+              f"{r['checkpoint_bytes'] / GB:.2f} | {r['wall_s']:.1f} | "
               f"{r['peak_rss_above_baseline_bytes'] / GB:.3f} | {r['bound_bytes'] / GB:.2f} | "
-              f"{'' if gpu is None else f'{gpu / GB:.2f}'} |")
+              f"{'' if gpu is None else f'{gpu / GB:.2f}'} | {'' if gb is None else f'{gb / GB:.2f}'} |")
     for m, c in result.get("depth_checks", {}).items():
         print(f"{m}: deep/shallow peak RSS {c['deep_over_shallow_peak_rss']:.3f} "
               f"(within 10%: {c['within_10_percent']}; every streamed run within its bound: {c['all_within_bound']})")

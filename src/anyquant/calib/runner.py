@@ -42,6 +42,7 @@ from anyquant.calib.blocks import (
     hidden_of,
     next_batches,
     relative_error,
+    run_block,
     spill_home,
 )
 from anyquant.calib.checkpoint import (
@@ -234,7 +235,9 @@ def _one_block(i, bname, block, linears, batches, float_batches, ckdir, config, 
         if linears:
             rtn = copy.deepcopy(block)
             rtn_block(rtn, linears, config.group_size, config.symmetric, compute_dtype)
-            before = relative_error(ref, block_outputs(rtn, batches))
+            # batch by batch: the round-to-nearest block's outputs are compared, not kept (one
+            # more set of activations on the device otherwise)
+            before = relative_error(ref, (run_block(rtn, b) for b in batches))
             del rtn
             ctx = BlockContext(block, bname, linears, batches, config, compute_dtype,
                                float_batches=float_batches)
@@ -249,7 +252,7 @@ def _one_block(i, bname, block, linears, batches, float_batches, ckdir, config, 
                 targets = float_outs if model_targets and float_outs is not None else ref
                 # the block's own error (against the float block on the same inputs), not the
                 # error earlier blocks left, which grows with depth and would pick every block
-                error = token_error(ref, block_outputs(block, batches)) if config.tune_blocks < 1 else None
+                error = token_error(ref, (run_block(block, b) for b in batches)) if config.tune_blocks < 1 else None
                 if error is None or select_for_tuning(error, tune_errors, config.tune_blocks):
                     entry["tune"], tuned_outs = tune_block(
                         block, [r for r in linears if isinstance(block.get_submodule(r), Int4Linear)],
