@@ -159,7 +159,9 @@ def child(spec: dict) -> dict:
         # streamed runs hash the source in the background (its fingerprint, for the manifest and resumable
         # checkpoints); the in-memory runs here quantize a loaded nn.Module, which has none
         "fingerprint_seconds": fingerprint_s,
-        "phase_seconds": phases,   # streamed runs: probes and plan, calibration, quantize and write
+        "phase_seconds": phases,   # streamed runs: open, probes and plan, calibration, quantize and write, report
+        # streamed runs: the rest of the wall time, after the report: the output's manifest, hashes, atomic move
+        "finish_s": round(wall - sum(phases.values()), 2) if phases else None,
         "sampled": mem.sampled,
     }
 
