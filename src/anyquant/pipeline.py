@@ -23,7 +23,7 @@ from anyquant.errors import AlreadyQuantizedError, AnyquantError
 from anyquant.formats.io import load_source
 from anyquant.methods import handler_for
 from anyquant.methods.experts import quantize_planned_experts
-from anyquant.model.dequant import dequantize_linear, dequantize_modules
+from anyquant.model.dequant import dequantize_modules, dequantized_weight
 from anyquant.model.load import SourceInfo, check_finite, load_tokenizer
 from anyquant.model.modelmap import (
     VISION,
@@ -200,8 +200,8 @@ def quantize_linear_at(model: nn.Module, d, handler, config: MethodConfig, polic
     if not isinstance(linear, nn.Linear):
         raise AnyquantError(f"plan says quantize {d.name}, but it is a {type(linear).__name__}, not nn.Linear")
     q = handler.quantize_linear(linear, d.options, config, policy.dtype_for(d.name))
-    deq = dequantize_linear(q)
-    per_layer[d.name] = P.relative_error(linear.weight.detach(), deq.weight.to(linear.weight.device))
+    deq, _ = dequantized_weight(q)
+    per_layer[d.name] = P.relative_error(linear.weight.detach(), deq.to(linear.weight.device))
     n = linear.weight.numel()
     set_submodule(model, d.name, q)
     return handler.bits_per_weight(mmap.modules[d.name], d.options, config) * n, n

@@ -145,28 +145,26 @@ def pack_int4(q: torch.Tensor, dim: int = 1) -> torch.Tensor:
         raise TypeError(f"pack_int4 expects int8 codes, got {q.dtype}")
     if int(q.min()) < -8 or int(q.max()) > 7:
         raise ValueError(f"int4 codes must lie in [-8, 7], got [{int(q.min())}, {int(q.max())}]")
-    u = (q.to(torch.int32) + 8)
+    u = (q + 8).to(torch.uint8)
     if dim == 0:
         u = u.t()
     rows, cols = u.shape
     pad = (-cols) % 8
     if pad:
         u = torch.nn.functional.pad(u, (0, pad))
-    u = u.reshape(rows, -1, 8)
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
-    packed = (u << shifts).sum(dim=-1, dtype=torch.int64)
-    # Values above 2^31 wrap to negative int32, which is the same bit pattern.
-    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    # code i of a word sits at bits 4i: in little-endian bytes (every platform torch runs on), byte
+    # i // 2, low nibble for even i
+    u = u.reshape(rows, -1, 2)
+    packed = (u[..., 0] | (u[..., 1] << 4)).contiguous().view(torch.int32)
     return packed.t().contiguous() if dim == 0 else packed.contiguous()
 
 
 def unpack_int4(packed: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
     """Inverse of pack_int4: int8 codes in [-8, 7], `length` entries along `dim`."""
     p = packed.t() if dim == 0 else packed
-    p = p.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=packed.device)
-    u = (p.unsqueeze(-1) >> shifts) & 0xF
-    q = (u.reshape(p.shape[0], -1)[:, :length] - 8).to(torch.int8)
+    b = p.contiguous().view(torch.uint8)   # little-endian bytes: codes 2j (low nibble), 2j + 1 (high)
+    u = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(p.shape[0], -1)[:, :length]
+    q = u.to(torch.int8) - 8
     return q.t().contiguous() if dim == 0 else q.contiguous()
 
 

@@ -11,32 +11,37 @@ from anyquant.runtime.experts import QuantizedExperts
 from anyquant.runtime.int4_linear import Int4Linear
 
 
+def dequantized_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(float32 weight [out, in], bias) equal to what a quantized module computes, or None if
+    not quantized."""
+    if isinstance(module, Int4Linear):
+        return module.dequantized_weight(torch.float32), module.bias
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        return None
+    if isinstance(module, bnb.nn.Linear4bit):
+        return bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float(), module.bias
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        cb, scb = module.weight.data, module.weight.SCB
+        if cb.dtype != torch.int8:
+            return None
+        return cb.float() * scb.float().unsqueeze(1) / 127.0, module.bias
+    return None
+
+
 def dequantize_linear(module: nn.Module) -> nn.Linear | None:
     """A float nn.Linear equal to what a quantized module computes, or None if not quantized."""
-    if isinstance(module, Int4Linear):
-        w = module.dequantized_weight(torch.float32)
-        bias = module.bias
-    else:
-        try:
-            import bitsandbytes as bnb
-            import bitsandbytes.functional as bnbf
-        except ImportError:
-            return None
-        if isinstance(module, bnb.nn.Linear4bit):
-            w = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
-            bias = module.bias
-        elif isinstance(module, bnb.nn.Linear8bitLt):
-            cb, scb = module.weight.data, module.weight.SCB
-            if cb.dtype != torch.int8:
-                return None
-            w = cb.float() * scb.float().unsqueeze(1) / 127.0
-            bias = module.bias
-        else:
-            return None
-    out = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=torch.float32)
-    out.weight.data.copy_(w)
+    got = dequantized_weight(module)
+    if got is None:
+        return None
+    w, bias = got
+    # built on the meta device and given the tensors: no random initialisation to overwrite
+    out = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta", dtype=torch.float32)
+    out.weight = nn.Parameter(w)
     if bias is not None:
-        out.bias.data.copy_(bias.detach().float())
+        out.bias = nn.Parameter(bias.detach().float().clone())
     return out
 
 
