@@ -357,6 +357,15 @@ def _summarise(result: dict, depths: list[int]) -> None:
             "checkpoint_bytes_bf16": big_ckpt,
             "largest_unit_bytes_bf16": big_unit,
         }
+        if deep.get("peak_gpu_bytes"):
+            # a block's weights scale with hidden x intermediate, the Hessians with the widest
+            # input squared, the activations with hidden: the largest of the three ratios bounds all
+            ratio = max(block_params(BIG) / block_params(s),
+                        (max(BIG["hidden"], BIG["inter"]) / max(s["hidden"], s["inter"])) ** 2,
+                        BIG["hidden"] / s["hidden"])
+            extra[method]["predicted_peak_gpu_bytes"] = int(deep["peak_gpu_bytes"] * ratio)
+            extra[method]["peak_gpu_method"] = (f"the deepest run's peak GPU memory x {ratio:.2f}, the largest of the "
+                                                "block-weight, Hessian and activation growth ratios: an upper estimate")
     result["depth_checks"] = checks
     result["extrapolation_80_layers_8192"] = extra
 
