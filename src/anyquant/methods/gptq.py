@@ -36,10 +36,51 @@ def damped(H: torch.Tensor, damp: float) -> torch.Tensor:
     return Hd
 
 
+class Owned:
+    """A Hessian handed over to gptq_grid, which may overwrite it and drops the last reference to
+    it once factored: the caller keeps none (a tensor passed as an argument stays referenced by
+    the caller's frame until the call returns, so the hand-over goes through this box)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._tensor: torch.Tensor | None = tensor
+
+    def take(self) -> torch.Tensor:
+        t, self._tensor = self._tensor, None
+        if t is None:
+            raise RuntimeError("gptq: a handed-over Hessian was taken twice")
+        return t
+
+
+def permute_square_(A: torch.Tensor, perm: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """A[perm][:, perm], computed in A itself with temporaries of `chunk` rows: columns permuted
+    one row chunk at a time, then a blockwise transpose, twice (values only move: exact)."""
+    n = A.shape[0]
+
+    def columns_() -> None:
+        for r in range(0, n, chunk):
+            A[r:r + chunk] = A[r:r + chunk][:, perm]
+
+    def transpose_() -> None:
+        for i in range(0, n, chunk):
+            i2 = min(i + chunk, n)
+            A[i:i2, i:i2] = A[i:i2, i:i2].t().clone()
+            for j in range(i2, n, chunk):
+                j2 = min(j + chunk, n)
+                upper = A[i:i2, j:j2].clone()
+                A[i:i2, j:j2] = A[j:j2, i:i2].t()
+                A[j:j2, i:i2] = upper.t()
+
+    columns_()     # A P^T
+    transpose_()   # P A^T
+    columns_()     # P A^T P^T
+    transpose_()   # P A P^T: row i is A's row perm[i], column j its column perm[j]
+    return A
+
+
 @torch.no_grad()
 def gptq_grid(
     w: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | Owned,
     group_size: int,
     symmetric: bool = False,
     damp: float = 0.01,
@@ -49,11 +90,13 @@ def gptq_grid(
     clip_search: bool = False,
     grids: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes int8 [out, in], scale [out, in/g], zero int8 [out, in/g]) for weight `w`, Hessian `H`.
+    """(codes int8 [out, in], scale [out, in/g], zero int8 [out, in/g]) for weight `w`, Hessian `H`
+    (left as it is, unless handed over as Owned(H): then factored in place, or freed once permuted).
     `grids`: (scale, zero) to use as they are instead of choosing each group's grid."""
     qmin, qmax = P.qrange(4)
     W = w.detach().to(torch.float32, copy=True)
-    H = H.detach().float()
+    owned = isinstance(H, Owned)
+    H = H.take().float() if owned else H.detach().float()
     rows, cols = W.shape
     ngroups = cols // group_size
     dead = torch.diag(H) == 0
@@ -82,18 +125,19 @@ def gptq_grid(
             set_group(gi, W[:, gi * group_size:(gi + 1) * group_size])
         perm = torch.argsort(hdiag, descending=True)
         W = W[:, perm]
-        Hd = H[perm[:, None], perm]
+        Hd = permute_square_(H, perm) if owned else H[perm[:, None], perm]
         dead = dead[perm]
         col_group = perm // group_size
     else:
-        Hd = H.clone()
+        Hd = H if owned else H.clone()
         col_group = torch.arange(cols, device=W.device) // group_size
         # lazy-update blocks hold whole groups, so a group's grid sees all earlier updates
         block = max(group_size, (block // group_size) * group_size)
 
-    # One [cols, cols] matrix beside the caller's H (0.8 GB for a 14336-wide down_proj): the
-    # dampened Hessian becomes its Cholesky factor, then H^-1, then H^-1's upper factor, each
-    # in place (the same LAPACK / cuSOLVER calls, the same values as out of place).
+    del H   # a handed-over Hessian is gone now (or is Hd itself)
+    # One [cols, cols] matrix (0.8 GB for a 14336-wide down_proj; beside the caller's H unless
+    # handed over): the dampened Hessian becomes its Cholesky factor, then H^-1, then H^-1's
+    # upper factor, each in place (the same LAPACK / cuSOLVER calls and values as out of place).
     Hd[dead, dead] = 1
     Hd.diagonal().add_(damp * torch.mean(torch.diag(Hd)))
     Hinv = torch.linalg.cholesky(Hd, out=Hd)
@@ -285,8 +329,16 @@ def gptq_block(ctx) -> None:
             result = None
         else:
             try:
-                result = gptq_refined(torch.cat(weights), H, gsizes.pop(), cfg.symmetric, cfg.damp, cfg.act_order,
-                                      ctx.compute_dtype, cfg.clip_search, cfg.refits)
+                if cfg.refits == 0:
+                    # nothing needs H after this sweep (its finiteness is checked above): handed
+                    # over, so the sweep holds one [cols, cols] matrix, not two
+                    hand, H = Owned(H), None
+                    result = gptq_grid(torch.cat(weights), hand, gsizes.pop(), cfg.symmetric, cfg.damp,
+                                       cfg.act_order, ctx.compute_dtype, clip_search=cfg.clip_search)
+                    del hand
+                else:
+                    result = gptq_refined(torch.cat(weights), H, gsizes.pop(), cfg.symmetric, cfg.damp,
+                                          cfg.act_order, ctx.compute_dtype, cfg.clip_search, cfg.refits)
             except (torch.linalg.LinAlgError, FloatingPointError, RuntimeError) as e:
                 result = e
         row = 0
