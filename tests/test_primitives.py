@@ -202,3 +202,58 @@ def test_float_target_weight_is_the_asymmetric_least_squares_solution():
         sym = ((X @ Wstar.T - X @ Q.T) ** 2).sum()
         gaps.append(float(asym - sym))
     assert max(gaps) - min(gaps) < 1e-6 * abs(gaps[0])
+
+
+def test_permute_square_in_place_equals_indexing():
+    from anyquant.methods.gptq import permute_square_
+
+    gen = torch.Generator().manual_seed(5)
+    A = torch.randn(301, 301, generator=gen)   # not symmetric: every entry must land where indexing puts it
+    perm = torch.randperm(301, generator=gen)
+    for chunk in (1, 64, 1024):
+        B = A.clone()
+        ptr = B.data_ptr()
+        out = permute_square_(B, perm, chunk=chunk)
+        assert out.data_ptr() == ptr and torch.equal(out, A[perm][:, perm])
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_a_handed_over_hessian_gives_the_same_codes_and_consumes_it(act_order):
+    """The sweep may overwrite a Hessian handed over as Owned (streamed gptq's memory): the result
+    must not change, and the box must not be usable twice."""
+    from anyquant.methods.gptq import Owned, gptq_grid
+
+    X, H = _outlier_hessian(256, seed=6)
+    X[:, 9] = 0   # a dead column: its Hessian row and column are zero
+    H = 2 * X.T @ X / X.shape[0]
+    W = torch.randn(48, 256, generator=torch.Generator().manual_seed(7)) * 0.02
+    kept = gptq_grid(W, H, 64, act_order=act_order, clip_search=True)
+    H_before = H.clone()
+    box = Owned(H.clone())
+    handed = gptq_grid(W, box, 64, act_order=act_order, clip_search=True)
+    assert all(torch.equal(a, b) for a, b in zip(kept, handed))
+    assert torch.equal(H, H_before)   # not handed over: left as it was
+    with pytest.raises(RuntimeError, match="taken twice"):
+        box.take()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gptq_sweep_on_a_handed_over_hessian_holds_one_square_matrix():
+    from anyquant.methods.gptq import Owned, gptq_grid
+
+    cols, rows = 4096, 256
+    dev = torch.device("cuda")
+    X = torch.randn(8192, cols, device=dev)
+    H = 2 * X.T @ X / X.shape[0]
+    W = torch.randn(rows, cols, device=dev) * 0.02
+    del X
+    square = H.numel() * 4
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(dev)    # H itself and W
+    torch.cuda.reset_peak_memory_stats(dev)
+    gptq_grid(W, Owned(H), 64, act_order=True, clip_search=True)
+    extra = torch.cuda.max_memory_allocated(dev) - base
+    # beside the handed-over H: the weight's float copy and codes, chunk temporaries; no second
+    # [cols, cols] matrix (a copy of H would alone be `square`)
+    assert extra < 0.5 * square, (extra, square)
