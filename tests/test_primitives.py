@@ -75,12 +75,17 @@ def test_pack_roundtrip_exact_and_matches_compressed_tensors():
     )
 
     g = torch.Generator().manual_seed(0)
-    for shape in [(8, 64), (24, 40), (3, 8)]:
+    # size-1 dimensions too: a packed [1, n] or [n, 1] counts as contiguous with any stride there
+    for shape in [(8, 64), (24, 40), (3, 8), (8, 1), (1, 8), (1, 1), (9, 7), (8, 2), (2, 16)]:
         q = torch.randint(-8, 8, shape, dtype=torch.int8, generator=g)
         for dim in (0, 1):
             packed = P.pack_int4(q, dim)
             assert torch.equal(packed, pack_to_int32(q, 4, packed_dim=dim))
             assert torch.equal(P.unpack_int4(packed, shape[dim], dim), q)
+            r, c = packed.shape
+            for strides in ((c, 1), (1, r)):   # row- and column-major storage of the same values
+                stored = torch.empty_strided((r, c), strides, dtype=packed.dtype).copy_(packed)
+                assert torch.equal(P.unpack_int4(stored, shape[dim], dim), q)
             assert torch.equal(unpack_from_int32(packed, 4, torch.Size(shape), packed_dim=dim), q)
 
 

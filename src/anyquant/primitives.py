@@ -155,14 +155,17 @@ def pack_int4(q: torch.Tensor, dim: int = 1) -> torch.Tensor:
     # code i of a word sits at bits 4i: in little-endian bytes (every platform torch runs on), byte
     # i // 2, low nibble for even i
     u = u.reshape(rows, -1, 2)
-    packed = (u[..., 0] | (u[..., 1] << 4)).contiguous().view(torch.int32)
+    # (through a flat view: a dtype view needs a unit stride in the last dimension, which a
+    # tensor with a size-1 dimension may lack while counting as contiguous)
+    packed = (u[..., 0] | (u[..., 1] << 4)).reshape(-1).view(torch.int32).view(rows, -1)
     return packed.t().contiguous() if dim == 0 else packed.contiguous()
 
 
 def unpack_int4(packed: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
     """Inverse of pack_int4: int8 codes in [-8, 7], `length` entries along `dim`."""
     p = packed.t() if dim == 0 else packed
-    b = p.contiguous().view(torch.uint8)   # little-endian bytes: codes 2j (low nibble), 2j + 1 (high)
+    # little-endian bytes: codes 2j (low nibble), 2j + 1 (high); through a flat view, as in pack_int4
+    b = p.reshape(-1).view(torch.uint8).view(p.shape[0], -1)
     u = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(p.shape[0], -1)[:, :length]
     q = u.to(torch.int8) - 8
     return q.t().contiguous() if dim == 0 else q.contiguous()
