@@ -11,6 +11,7 @@ taken after the same run on a one-layer, width-64 model, so that imports, kernel
 context (a few hundred MB, whatever the model) are in it.
 
   python benchmarks/scale.py                                   # CPU: hidden 512, 4 and 8 layers, float32
+  python benchmarks/scale.py --shape wide --methods gptq       # CPU: hidden 1024, MLP 8192 (gptq's Hessians dominate)
   python benchmarks/scale.py --shape 8b                        # GPU: Llama-3-8B shape, 32 and 64 layers, bf16
   python benchmarks/scale.py --shape 8b --layers 32 --methods gptq --no-in-memory
   (under a per-command time limit: one depth / method per call, same --workdir (the checkpoint is
@@ -51,6 +52,10 @@ SHAPES = {
     # hidden, intermediate, heads, kv heads, vocab, dtype, default depths
     "small": dict(hidden=512, inter=1536, heads=8, kv=4, vocab=32000, dtype="float32", layers=(4, 8),
                   n_samples=16, seq_len=128),
+    # a CPU shape whose MLP is wide: gptq's per-layer Hessian (intermediate^2 float32, 268 MB)
+    # outweighs a block's weights, as on the 8b shape
+    "wide": dict(hidden=1024, inter=8192, heads=8, kv=4, vocab=32000, dtype="float32", layers=(2, 4),
+                 n_samples=16, seq_len=128),
     "8b": dict(hidden=4096, inter=14336, heads=32, kv=8, vocab=128256, dtype="bfloat16", layers=(32, 64),
                n_samples=128, seq_len=512),
 }
