@@ -244,7 +244,10 @@ def test_gptq_with_a_handed_over_hessian_gives_the_same_codes_and_consumes_it(ac
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gptq_sweep_on_a_handed_over_hessian_holds_one_square_matrix():
+def test_gptq_sweep_on_a_handed_over_hessian_holds_one_square_matrix_less():
+    """cuSOLVER works on copies of its own (an H100 showed two [cols, cols] matrices beside a
+    handed-over Hessian at the sweep's peak), so the claim is relative: handing the Hessian
+    over saves the copy the sweep otherwise makes."""
     from anyquant.methods.gptq import Owned, gptq_grid
 
     cols, rows = 4096, 256
@@ -254,11 +257,15 @@ def test_gptq_sweep_on_a_handed_over_hessian_holds_one_square_matrix():
     W = torch.randn(rows, cols, device=dev) * 0.02
     del X
     square = H.numel() * 4
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated(dev)    # H itself and W
-    torch.cuda.reset_peak_memory_stats(dev)
-    gptq_grid(W, Owned(H), 64, act_order=True, clip_search=True)
-    extra = torch.cuda.max_memory_allocated(dev) - base
-    # beside the handed-over H: the weight's float copy and codes, chunk temporaries; no second
-    # [cols, cols] matrix (a copy of H would alone be `square`)
-    assert extra < 0.5 * square, (extra, square)
+
+    def peak_above_start(hessian) -> int:
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        gptq_grid(W, hessian, 64, act_order=True, clip_search=True)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(dev) - start
+
+    kept = peak_above_start(H)
+    handed = peak_above_start(Owned(H.clone()))   # the clone is counted in `start`, then freed inside
+    assert handed <= kept - 0.9 * square, (handed, kept, square)
