@@ -135,9 +135,10 @@ def gptq_grid(
         block = max(group_size, (block // group_size) * group_size)
 
     del H   # a handed-over Hessian is gone now (or is Hd itself)
-    # One [cols, cols] matrix (0.8 GB for a 14336-wide down_proj; beside the caller's H unless
-    # handed over): the dampened Hessian becomes its Cholesky factor, then H^-1, then H^-1's
-    # upper factor, each in place (the same LAPACK / cuSOLVER calls and values as out of place).
+    # One [cols, cols] matrix of ours (0.8 GB for a 14336-wide down_proj; beside the caller's H
+    # unless handed over): the dampened Hessian becomes its Cholesky factor, then H^-1, then
+    # H^-1's upper factor, each in place (the same calls and values as out of place; LAPACK and
+    # cuSOLVER may still work on copies of their own)
     Hd[dead, dead] = 1
     Hd.diagonal().add_(damp * torch.mean(torch.diag(Hd)))
     Hinv = torch.linalg.cholesky(Hd, out=Hd)
@@ -331,7 +332,7 @@ def gptq_block(ctx) -> None:
             try:
                 if cfg.refits == 0:
                     # nothing needs H after this sweep (its finiteness is checked above): handed
-                    # over, so the sweep holds one [cols, cols] matrix, not two
+                    # over, so the sweep works in it instead of beside a copy of it
                     hand, H = Owned(H), None
                     result = gptq_grid(torch.cat(weights), hand, gsizes.pop(), cfg.symmetric, cfg.damp,
                                        cfg.act_order, ctx.compute_dtype, clip_search=cfg.clip_search)
