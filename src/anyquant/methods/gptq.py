@@ -313,10 +313,12 @@ def gptq_block(ctx) -> None:
         H, C = hess.H, hess.C
         del hess
         weights = [ctx.block.get_submodule(n).weight.detach() for n in group]
+        # the group as one matrix (rows are independent given H and C): one float-target solve
+        # and one sweep for all of it
+        stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
         if C is not None and nonfinite(hessian=H, cross=C) is None:
             try:
-                # one factorisation for the group: rows are independent given H and C
-                stacked = float_target_weight(torch.cat(weights), H, C, cfg.damp)
+                stacked = float_target_weight(stacked, H, C, cfg.damp)
                 weights = list(stacked.split([w.shape[0] for w in weights]))
             except torch.linalg.LinAlgError as e:  # plain GPTQ for this group, said in the report
                 ctx.notes.append(f"{group}: float targets skipped ({e})")
@@ -334,11 +336,11 @@ def gptq_block(ctx) -> None:
                     # nothing needs H after this sweep (its finiteness is checked above): handed
                     # over, so the sweep works in it instead of beside a copy of it
                     hand, H = Owned(H), None
-                    result = gptq_grid(torch.cat(weights), hand, gsizes.pop(), cfg.symmetric, cfg.damp,
+                    result = gptq_grid(stacked, hand, gsizes.pop(), cfg.symmetric, cfg.damp,
                                        cfg.act_order, ctx.compute_dtype, clip_search=cfg.clip_search)
                     del hand
                 else:
-                    result = gptq_refined(torch.cat(weights), H, gsizes.pop(), cfg.symmetric, cfg.damp,
+                    result = gptq_refined(stacked, H, gsizes.pop(), cfg.symmetric, cfg.damp,
                                           cfg.act_order, ctx.compute_dtype, cfg.clip_search, cfg.refits)
             except (torch.linalg.LinAlgError, FloatingPointError, RuntimeError) as e:
                 result = e
@@ -357,7 +359,7 @@ def gptq_block(ctx) -> None:
                 return codes[r0:r1], scale[r0:r1], zero[r0:r1]
 
             ctx.install(n, algorithm, inputs={"hessian": H})
-        del H, result
+        del H, result, stacked
     del float_block
 
 
